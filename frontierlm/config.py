@@ -1,0 +1,185 @@
+"""Engine configuration (validated on construction) and the normalized model configuration."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {"auto": None, "float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    kv_cache_memory_gb: float | None = None
+    gpu_memory_utilization: float = 0.9
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+    tokenizer: str | None = None
+
+    def __post_init__(self):
+        def positive(name):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            positive(name)
+        if self.max_model_len is not None:
+            positive("max_model_len")
+        if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
+            raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            torch.device(self.device)
+        except RuntimeError as e:
+            raise ValueError(f"device {self.device!r} is not a valid torch device: {e}") from None
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        """The requested dtype, or None for 'auto' (take the checkpoint's)."""
+        return _DTYPES[self.dtype]
+
+
+def _resolve_dtype(value) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    name = str(value).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or a torch.dtype, got {value!r}")
+    return _DTYPES[name]
+
+
+def _as_id_list(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def _weight_files(model_dir) -> list:
+    """The safetensors files to load, checked to exist (index first, then single/glob)."""
+    import json
+    from pathlib import Path
+
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index (need a 'weight_map'): {e}") from None
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (model_dir / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that are missing from {model_dir}: {missing}")
+        return [model_dir / n for n in names]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {model_dir} (only safetensors checkpoints are supported)")
+    return files
+
+
+class ModelConfig:
+    """The HF config.json normalized to the few fields the engine needs; `hf_config` keeps everything else."""
+
+    def __init__(self, model_dir: str, hf_config, dtype: torch.dtype, eos_token_ids: list[int],
+                 bos_token_id: int | None, weight_files: list):
+        self.model_dir = str(model_dir)
+        self.hf_config = hf_config
+        self.architecture: str = hf_config.architectures[0]
+        self.dtype = dtype
+        self.eos_token_ids = eos_token_ids
+        self.bos_token_id = bos_token_id
+        self.weight_files = [str(f) for f in weight_files]
+        c = hf_config
+        self.vocab_size: int = c.vocab_size
+        self.hidden_size: int = c.hidden_size
+        self.num_layers: int = c.num_hidden_layers
+        self.num_heads: int = c.num_attention_heads
+        self.num_kv_heads: int = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        self.head_dim: int = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.max_model_len: int = c.max_position_embeddings
+        self.tie_word_embeddings: bool = bool(getattr(c, "tie_word_embeddings", False))
+        windows = [self.layer_sliding_window(i) for i in range(self.num_layers)]
+        self.sliding_window: int | None = next((w for w in windows if w is not None), None)
+
+    def layer_sliding_window(self, layer_idx: int) -> int | None:
+        """Window of one layer: Qwen-style configs mark layers in `layer_types`, Mistral applies it to all."""
+        window = getattr(self.hf_config, "sliding_window", None)
+        layer_types = getattr(self.hf_config, "layer_types", None)
+        if window is None or (layer_types is not None and layer_types[layer_idx] != "sliding_attention"):
+            return None
+        return int(window)
+
+    def kv_cache_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
+        elem = torch.empty((), dtype=dtype or self.dtype).element_size()
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * elem
+
+    def __repr__(self) -> str:
+        return (f"ModelConfig({self.architecture}, layers={self.num_layers}, hidden={self.hidden_size}, "
+                f"heads={self.num_heads}/{self.num_kv_heads}x{self.head_dim}, vocab={self.vocab_size}, "
+                f"dtype={self.dtype}, max_model_len={self.max_model_len}, sliding_window={self.sliding_window})")
+
+    @classmethod
+    def from_pretrained(cls, model_dir, dtype: torch.dtype | str | None = None) -> "ModelConfig":
+        import json
+        from pathlib import Path
+
+        from frontierlm.models.registry import supported_architectures
+
+        path = Path(model_dir)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{str(path)!r} has no config.json (not a Hugging Face model directory)")
+        try:
+            raw = json.loads(cfg_file.read_text())
+        except ValueError as e:
+            raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{cfg_file} must hold a JSON object")
+        archs = raw.get("architectures") or []
+        supported = supported_architectures()
+        arch = next((a for a in archs if a in supported), None)
+        if arch is None:
+            raise ValueError(f"unsupported architecture {archs or '(none given in config.json)'}; "
+                             f"supported architectures: {', '.join(supported)}")
+        files = _weight_files(path)
+
+        from transformers import AutoConfig
+
+        try:
+            hf_config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        except Exception as e:  # transformers raises many types for a bad config
+            raise ValueError(f"transformers could not parse {cfg_file}: {e}") from None
+        hf_config.architectures = [arch]
+
+        gen = {}
+        gen_file = path / "generation_config.json"
+        if gen_file.is_file():
+            try:
+                gen = json.loads(gen_file.read_text())
+            except ValueError as e:
+                raise ValueError(f"{gen_file} is not valid JSON: {e}") from None
+        eos = list(dict.fromkeys(_as_id_list(raw.get("eos_token_id")) + _as_id_list(gen.get("eos_token_id"))))
+        bos = raw.get("bos_token_id", gen.get("bos_token_id"))
+        if bos is None:
+            bos = gen.get("bos_token_id")
+
+        resolved = _resolve_dtype(dtype)
+        if resolved is None:
+            resolved = _resolve_dtype(raw.get("dtype") or raw.get("torch_dtype")) or torch.float32
+        return cls(path, hf_config, resolved, eos, bos, files)

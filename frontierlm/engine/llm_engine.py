@@ -1,0 +1,255 @@
+"""LLMEngine (add_request / step / abort) for streaming callers, and LLM for offline generate / chat."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+
+from frontierlm.config import EngineConfig, ModelConfig
+from frontierlm.engine.detokenizer import IncrementalDetokenizer
+from frontierlm.engine.kv_cache import KVCacheManager
+from frontierlm.engine.model_runner import ModelRunner
+from frontierlm.engine.request import Request, RequestStatus
+from frontierlm.engine.scheduler import Scheduler
+from frontierlm.engine.tokenizer import load_tokenizer
+from frontierlm.outputs import CompletionOutput, Logprob, RequestOutput
+from frontierlm.sampling_params import SamplingParams
+
+logger = logging.getLogger("frontierlm")
+
+CPU_DEFAULT_KV_BYTES = 2 * 2**30
+
+
+@dataclass
+class _Group:
+    """One user request: its n samples (child requests) and their detokenizers."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[Request]
+    detoks: list[IncrementalDetokenizer]
+    logprobs: list[list[dict[int, Logprob]]] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(c.is_finished for c in self.children)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        t0 = time.perf_counter()
+        self.config = config
+        self.model_config = ModelConfig.from_pretrained(config.model, config.torch_dtype)
+        mc = self.model_config
+        self.tokenizer = load_tokenizer(config.tokenizer or config.model)
+        if config.max_model_len is not None and config.max_model_len > mc.max_model_len:
+            raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's context "
+                             f"({mc.max_model_len} tokens, max_position_embeddings)")
+        self.max_model_len = config.max_model_len or mc.max_model_len
+        self.runner = ModelRunner(config, mc)
+        num_blocks = self._num_kv_blocks()
+        self.runner.allocate_kv_cache(num_blocks)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
+        self.groups: dict[str, _Group] = {}
+        self._child_to_group: dict[str, _Group] = {}
+        self._counter = 0
+        bpt = mc.kv_cache_bytes_per_token()
+        self.startup_report = (
+            f"FrontierLM: {mc.architecture} ({mc.dtype}, {self.runner.device}) | KV cache: {num_blocks} blocks x "
+            f"{config.block_size} tokens = {num_blocks * config.block_size} tokens, {bpt} bytes/token, "
+            f"{num_blocks * config.block_size * bpt / 2**30:.2f} GiB | loaded in {time.perf_counter() - t0:.1f}s")
+        logger.info(self.startup_report)
+
+    @classmethod
+    def from_engine_args(cls, model: str, **kwargs) -> "LLMEngine":
+        return cls(EngineConfig(model=model, **kwargs))
+
+    def _num_kv_blocks(self) -> int:
+        cfg, mc = self.config, self.model_config
+        bytes_per_block = mc.kv_cache_bytes_per_token() * cfg.block_size
+        if cfg.kv_cache_memory_gb is not None:
+            budget = cfg.kv_cache_memory_gb * 2**30
+        elif self.runner.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.runner.device)
+            # leave room for activations of the largest step (hidden states + logits, generously)
+            reserve = cfg.max_num_batched_tokens * (mc.hidden_size * 64 + mc.vocab_size * 8)
+            budget = total * cfg.gpu_memory_utilization - (total - free) - reserve
+        else:
+            wanted = cfg.max_num_seqs * self.max_model_len * bytes_per_block / cfg.block_size
+            budget = min(CPU_DEFAULT_KV_BYTES, wanted)
+        num_blocks = int(budget // bytes_per_block)
+        if num_blocks < 1:
+            raise ValueError(f"the KV-cache budget ({budget / 2**30:.3f} GiB) holds no block of "
+                             f"{bytes_per_block} bytes; raise kv_cache_memory_gb or gpu_memory_utilization")
+        return num_blocks
+
+    # ---- requests ----------------------------------------------------------------------------------
+    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt.get("prompt")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model directory has no tokenizer; pass prompts as token ids")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return None, list(prompt)
+        raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+    def _resolve_max_tokens(self, num_prompt: int, params: SamplingParams) -> int:
+        capacity = self.kv.num_blocks * self.kv.block_size
+        limit = min(self.max_model_len, capacity)
+        if params.max_tokens is None:
+            if num_prompt >= limit:
+                raise ValueError(f"prompt has {num_prompt} tokens; the context holds {limit}")
+            return limit - num_prompt
+        total = num_prompt + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"prompt ({num_prompt} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
+                             f"max_model_len ({self.max_model_len})")
+        if total > capacity:
+            raise ValueError(f"prompt ({num_prompt} tokens) + max_tokens ({params.max_tokens}) = {total} can never "
+                             f"fit in the KV cache ({capacity} tokens); raise kv_cache_memory_gb")
+        return params.max_tokens
+
+    def _bad_words_ids(self, params: SamplingParams) -> list[list[int]]:
+        out = []
+        for word in params.bad_words or ():
+            for text in (word, " " + word.lstrip()):
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                if ids and ids not in out:
+                    out.append(ids)
+        return out
+
+    def add_request(self, request_id: str | None, prompt, params: SamplingParams | None = None,
+                    priority: int = 0, arrival_time: float | None = None) -> str:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        if request_id is None:
+            request_id = f"req-{self._counter}"
+            self._counter += 1
+        if request_id in self.groups:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, ids = self._tokenize(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        max_tokens = self._resolve_max_tokens(len(ids), params)
+        bad_words = self._bad_words_ids(params) if params.bad_words else []
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        children, detoks = [], []
+        for i in range(params.n):
+            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            generator = None
+            if params.seed is not None:
+                # sample i of a seeded request gets its own stream, derived from the seed
+                generator = torch.Generator(self.runner.device).manual_seed(params.seed + i * 1_000_003)
+            req = Request(child_id, ids, params, max_tokens, tuple(self.model_config.eos_token_ids), priority,
+                          arrival, generator=generator,
+                          mirostat_mu=2.0 * params.mirostat_tau if params.mirostat_mode else None,
+                          bad_words_token_ids=bad_words)
+            children.append(req)
+            detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop,
+                                                 params.include_stop_str_in_output))
+        group = _Group(request_id, text, ids, children, detoks, [[] for _ in children])
+        self.groups[request_id] = group
+        for req in children:
+            self._child_to_group[req.request_id] = group
+            self.scheduler.add_request(req)
+        return request_id
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        for rid in [request_ids] if isinstance(request_ids, str) else list(request_ids):
+            group = self.groups.pop(rid, None)
+            if group is None:
+                continue
+            for req in group.children:
+                self._child_to_group.pop(req.request_id, None)
+                if not req.is_finished:
+                    self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.groups)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.groups)
+
+    # ---- the step ------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        result = self.runner.execute(sched)
+        updated = self.scheduler.update_from_output(sched, result)
+        touched: dict[str, _Group] = {}
+        for req in updated:
+            group = self._child_to_group.get(req.request_id)
+            if group is None:
+                continue
+            idx = group.children.index(req)
+            self._detokenize(group, idx, req)
+            touched[group.request_id] = group
+        outputs = []
+        for group in touched.values():
+            outputs.append(self._make_output(group))
+            if group.finished:
+                del self.groups[group.request_id]
+                for c in group.children:
+                    self._child_to_group.pop(c.request_id, None)
+        return outputs
+
+    def _detokenize(self, group: _Group, idx: int, req: Request) -> None:
+        detok = group.detoks[idx]
+        stop = detok.update(req.output_token_ids[-1:])
+        if stop is not None and not req.is_finished:
+            req.stop_reason = stop
+            self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
+        if req.is_finished:
+            detok.finish()
+        if req.sampling_params.logprobs is not None and req.logprobs:
+            ids, lps, rank = req.logprobs[-1]
+            entry = {ids[0]: Logprob(lps[0], rank, self._decode_one(ids[0]))}
+            for r, (t, lp) in enumerate(zip(ids[1:], lps[1:]), start=1):
+                entry.setdefault(t, Logprob(lp, r, self._decode_one(t)))
+            group.logprobs[idx].append(entry)
+
+    def _decode_one(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""
+
+    def _make_output(self, group: _Group) -> RequestOutput:
+        outs = []
+        for i, (req, detok) in enumerate(zip(group.children, group.detoks)):
+            params = req.sampling_params
+            outs.append(CompletionOutput(
+                index=i, text=detok.output_text, token_ids=list(req.output_token_ids),
+                cumulative_logprob=req.cumulative_logprob if params.logprobs is not None else None,
+                logprobs=list(group.logprobs[i]) if params.logprobs is not None else None,
+                finish_reason=req.status.value if req.is_finished else None,
+                stop_reason=req.stop_reason))
+        first = group.children[0]
+        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outs, group.finished,
+                             num_cached_tokens=max(first.num_cached_tokens, 0))
+
+    def get_stats(self) -> dict:
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_cache_usage": self.kv.usage,
+            "num_blocks": self.kv.num_blocks,
+            "num_free_blocks": self.kv.pool.num_free_blocks,
+            "prefix_cache_queries": self.kv.prefix_queries,
+            "prefix_cache_hits": self.kv.prefix_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }
+

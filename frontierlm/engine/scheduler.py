@@ -1,0 +1,167 @@
+"""Token-budget scheduler (the vLLM v1 rule). There is no prefill or decode phase: every request has
+num_computed_tokens catching up with num_tokens, and each step spends max_num_batched_tokens on running requests
+first, then on waiting ones. Chunked prefill, mixed batches and prefix hits all fall out of that one rule."""
+from __future__ import annotations
+
+import bisect
+import time
+from dataclasses import dataclass, field
+
+from frontierlm.engine.kv_cache import KVCacheManager
+from frontierlm.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+    block_ids: list[int]
+    samples: bool = False  # this step reaches the request's last token, so its logits yield a new token
+
+    def __post_init__(self):
+        self.samples = self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class RunnerOutput:
+    """What the model runner returns for the requests that sampled (in scheduled order)."""
+    sampled: dict[str, int]  # request id -> new token
+    logprobs: dict[str, tuple[list[int], list[float], int]] = field(default_factory=dict)
+    mirostat_mu: dict[str, float] = field(default_factory=dict)
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int):
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        # Both queues stay sorted by (priority, arrival): the front is served first, the back is preempted first.
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # ---- queue management -------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        bisect.insort(self.waiting, request, key=Request.sort_key)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        queue = self.running if request.status == RequestStatus.RUNNING else self.waiting
+        queue.remove(request)
+        request.status = status
+        self.kv.free(request)
+        return request
+
+    # ---- one step --------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            block_ids = self.kv.allocate_slots(request, num_new)
+            while block_ids is None:  # out of blocks: preempt from the back until this one fits
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is request:
+                    break
+                block_ids = self.kv.allocate_slots(request, num_new)
+            if block_ids is None:
+                break
+            out.scheduled.append(ScheduledRequest(request, num_new, block_ids))
+            budget -= num_new
+            i += 1
+
+        # Admit waiting requests only when nothing had to be preempted this step.
+        while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            hit_blocks, num_hit = self.kv.get_computed_blocks(request)
+            num_new = min(request.num_tokens - num_hit, budget)
+            block_ids = self.kv.allocate_slots(request, num_new, hit_blocks)
+            if block_ids is None:
+                break
+            self.waiting.pop(0)
+            request.num_computed_tokens = num_hit  # before ScheduledRequest, which derives `samples` from it
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit
+            request.status = RequestStatus.RUNNING
+            bisect.insort(self.running, request, key=Request.sort_key)
+            out.scheduled.append(ScheduledRequest(request, num_new, block_ids))
+            budget -= num_new
+        return out
+
+    def _preempt(self, request: Request) -> None:
+        """Preempt by recompute: drop the blocks, keep the tokens, requeue in priority order."""
+        self.running.remove(request)
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        bisect.insort(self.waiting, request, key=Request.sort_key)
+
+    def update_from_output(self, sched: SchedulerOutput, result: RunnerOutput) -> list[Request]:
+        """Advance counters, append sampled tokens, apply token-level stop rules. Returns the requests that
+        received a token this step (finished ones included, already released)."""
+        now = time.monotonic()
+        updated = []
+        for s in sched.scheduled:
+            request = s.request
+            if request.is_finished:  # aborted while the step ran
+                continue
+            request.num_computed_tokens += s.num_new_tokens
+            token = result.sampled.get(request.request_id)
+            if token is None:
+                continue
+            request.append_token(token)
+            if request.first_token_time is None:
+                request.first_token_time = now
+            if request.request_id in result.logprobs:
+                entry = result.logprobs[request.request_id]
+                request.logprobs.append(entry)
+                request.cumulative_logprob += entry[1][0]
+            if request.request_id in result.mirostat_mu:
+                request.mirostat_mu = result.mirostat_mu[request.request_id]
+            status = self._check_stop(request, token)
+            if status is not None:
+                self.finish_request(request.request_id, status)
+            updated.append(request)
+        return updated
+
+    def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token in request.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if params.stop_token_ids and token in params.stop_token_ids:
+                request.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
