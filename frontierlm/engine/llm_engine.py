@@ -32,10 +32,25 @@ class _Group:
     children: list[Request]
     detoks: list[IncrementalDetokenizer]
     logprobs: list[list[dict[int, Logprob]]] = field(default_factory=list)
+    # streamed text per sample: grows monotonically and never shows a prefix of a stop string that is cut later
+    texts: list[str] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
         return all(c.is_finished for c in self.children)
+
+
+class _NoText:
+    """Stands in for the detokenizer when the model directory has no tokenizer: token ids only."""
+    stop_str = None
+
+    def update(self, new_token_ids):
+        return None
+
+    def get_new_text(self) -> str:
+        return ""
+
+    finish = get_new_text
 
 
 class LLMEngine:
@@ -161,8 +176,9 @@ class LLMEngine:
                           bad_words_token_ids=bad_words)
             children.append(req)
             detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop,
-                                                 params.include_stop_str_in_output))
-        group = _Group(request_id, text, ids, children, detoks, [[] for _ in children])
+                                                 params.include_stop_str_in_output)
+                          if self.tokenizer is not None else _NoText())
+        group = _Group(request_id, text, ids, children, detoks, [[] for _ in children], [""] * len(children))
         self.groups[request_id] = group
         for req in children:
             self._child_to_group[req.request_id] = group
@@ -215,8 +231,13 @@ class LLMEngine:
         if stop is not None and not req.is_finished:
             req.stop_reason = stop
             self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
-        if req.is_finished:
-            detok.finish()
+        if not req.is_finished:
+            group.texts[idx] += detok.get_new_text()
+        else:
+            group.texts[idx] += detok.finish()
+            if detok.stop_str is not None and req.stop_reason is None:  # flushed text completed a stop string
+                req.stop_reason = detok.stop_str
+                req.status = RequestStatus.FINISHED_STOPPED
         if req.sampling_params.logprobs is not None and req.logprobs:
             ids, lps, rank = req.logprobs[-1]
             entry = {ids[0]: Logprob(lps[0], rank, self._decode_one(ids[0]))}
@@ -229,10 +250,10 @@ class LLMEngine:
 
     def _make_output(self, group: _Group) -> RequestOutput:
         outs = []
-        for i, (req, detok) in enumerate(zip(group.children, group.detoks)):
+        for i, req in enumerate(group.children):
             params = req.sampling_params
             outs.append(CompletionOutput(
-                index=i, text=detok.output_text, token_ids=list(req.output_token_ids),
+                index=i, text=group.texts[i], token_ids=list(req.output_token_ids),
                 cumulative_logprob=req.cumulative_logprob if params.logprobs is not None else None,
                 logprobs=list(group.logprobs[i]) if params.logprobs is not None else None,
                 finish_reason=req.status.value if req.is_finished else None,
