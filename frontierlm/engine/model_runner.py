@@ -18,7 +18,7 @@ class ModelRunner:
         self.model_config = model_config
         self.device = torch.device(config.device)
         self.model = load_model(model_config, self.device)
-        self.sampler = Sampler(model_config.vocab_size)
+        self.sampler = Sampler(model_config.vocab_size, seed=config.seed)
         self.kv_caches: list[torch.Tensor] = []
         self.block_size = config.block_size
         # Persistent device buffers sized for the largest step, so decode shapes can later be CUDA-graphed.

@@ -1,0 +1,122 @@
+"""`frontierlm` command line: generate and chat (serve, bench, plan, sim and train come with their issues)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from frontierlm import cli_args
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="frontierlm", description="FrontierLM: LLM inference and serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate completions for one or more prompts")
+    gen.add_argument("model", help="HF-format model directory")
+    gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    cli_args.add_engine_args(gen)
+    cli_args.add_sampling_args(gen)
+
+    chat = sub.add_parser("chat", help="interactive chat that streams tokens to the terminal")
+    chat.add_argument("model", help="HF-format model directory")
+    chat.add_argument("--system", default=None, help="system prompt")
+    cli_args.add_engine_args(chat)
+    cli_args.add_sampling_args(chat)
+    return parser
+
+
+def _load_engine(args):
+    from frontierlm.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(cli_args.engine_config(args))
+    print(engine.startup_report, file=sys.stderr)
+    return engine
+
+
+def cmd_generate(args) -> int:
+    from frontierlm.engine.llm import LLM
+
+    params = cli_args.sampling_params(args)
+    llm = LLM(args.model, **cli_args.engine_kwargs(args))
+    print(llm.llm_engine.startup_report, file=sys.stderr)
+    outputs = llm.generate(args.prompt, params, use_tqdm=sys.stderr.isatty())
+    for out in outputs:
+        if args.json:
+            print(json.dumps({"prompt": out.prompt, "outputs": [
+                {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason} for c in out.outputs]}))
+            continue
+        for c in out.outputs:
+            print(f"{out.prompt}{c.text}")
+            print(f"[finish_reason={c.finish_reason}, {len(c.token_ids)} tokens]", file=sys.stderr)
+    return 0
+
+
+def stream_reply(engine, prompt_ids: list[int], params, out=sys.stdout) -> str:
+    """Generate one reply, writing text to `out` as it arrives; returns the whole reply."""
+    rid = engine.add_request(None, prompt_ids, params)
+    printed = ""
+    try:
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.request_id != rid:
+                    continue
+                text = o.outputs[0].text
+                out.write(text[len(printed):])
+                out.flush()
+                printed = text
+    except KeyboardInterrupt:
+        engine.abort_request(rid)
+        out.write(" [interrupted]")
+    out.write("\n")
+    return printed
+
+
+def cmd_chat(args) -> int:
+    engine = _load_engine(args)
+    tok = engine.tokenizer
+    if tok is None or not getattr(tok, "chat_template", None):
+        print("error: this model has no tokenizer chat template", file=sys.stderr)
+        return 2
+    params = cli_args.sampling_params(args, max_tokens=256)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("Type a message; /reset clears the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tok.encode(text, add_special_tokens=False)
+        try:
+            reply = stream_reply(engine, ids, params)
+        except ValueError as e:  # e.g. the conversation outgrew the context
+            print(f"error: {e}", file=sys.stderr)
+            messages.pop()
+            continue
+        messages.append({"role": "assistant", "content": reply})
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = _build_parser().parse_args(argv)
+    try:
+        return {"generate": cmd_generate, "chat": cmd_chat}[args.command](args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

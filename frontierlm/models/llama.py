@@ -1,0 +1,174 @@
+"""Llama-family decoder: Llama, Mistral (sliding window), Qwen2 (q/k/v bias), Qwen3 (per-head q/k RMSNorm).
+
+One implementation; the differences are three flags read from the config. GQA / MQA / MHA come from
+num_key_value_heads.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from frontierlm.config import ModelConfig
+from frontierlm.layers.activation import GatedActivation
+from frontierlm.layers.attention import Attention, AttentionBackend, AttentionMetadata, get_attn_backend
+from frontierlm.layers.embedding import LMHead, VocabEmbedding
+from frontierlm.layers.linear import Linear, MergedLinear, QKVLinear
+from frontierlm.layers.norm import RMSNorm
+from frontierlm.layers.rotary import RotaryEmbedding, rope_parameters
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, mc: ModelConfig, layer_idx: int, backend: AttentionBackend, qkv_bias: bool, qk_norm: bool):
+        super().__init__()
+        c = mc.hf_config
+        self.num_heads, self.num_kv_heads, self.head_dim = mc.num_heads, mc.num_kv_heads, mc.head_dim
+        out_bias = bool(getattr(c, "attention_bias", False))
+        self.qkv_proj = QKVLinear(mc.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, bias=qkv_bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, mc.hidden_size, bias=out_bias)
+        if qk_norm:  # Qwen3: RMSNorm over each head's dims, before RoPE
+            self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
+        self.qk_norm = qk_norm
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5,
+                              mc.layer_sliding_window(layer_idx), backend)
+
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, rotary: RotaryEmbedding, plan) -> torch.Tensor:
+        lead = x.shape[:-1]
+        q, k, v = self.qkv_proj(x)
+        q = q.view(*lead, self.num_heads, self.head_dim)
+        k = k.view(*lead, self.num_kv_heads, self.head_dim)
+        v = v.view(*lead, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(q, k, cos_sin)
+        o = self.attn(q, k, v, plan)
+        return self.o_proj(o.reshape(*lead, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, mc: ModelConfig):
+        super().__init__()
+        c = mc.hf_config
+        bias = bool(getattr(c, "mlp_bias", False))
+        self.gate_up_proj = MergedLinear(mc.hidden_size, [c.intermediate_size] * 2, bias=bias)
+        self.down_proj = Linear(c.intermediate_size, mc.hidden_size, bias=bias)
+        self.act = GatedActivation(getattr(c, "hidden_act", "silu"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, mc: ModelConfig, layer_idx: int, backend: AttentionBackend, qkv_bias: bool, qk_norm: bool):
+        super().__init__()
+        eps = mc.hf_config.rms_norm_eps
+        self.self_attn = LlamaAttention(mc, layer_idx, backend, qkv_bias, qk_norm)
+        self.mlp = LlamaMLP(mc)
+        self.input_layernorm = RMSNorm(mc.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(mc.hidden_size, eps)
+
+    def forward(self, x, residual, cos_sin, rotary, plan):
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos_sin, rotary, plan)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, mc: ModelConfig, backend: AttentionBackend, qkv_bias: bool, qk_norm: bool):
+        super().__init__()
+        c = mc.hf_config
+        self.embed_tokens = VocabEmbedding(mc.vocab_size, mc.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(mc, i, backend, qkv_bias, qk_norm)
+                                    for i in range(mc.num_layers))
+        self.norm = RMSNorm(mc.hidden_size, c.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(mc.head_dim, mc.max_model_len, rope_parameters(c))
+
+    def forward(self, input_ids, positions, attn_meta, plan):
+        dynamic = self.rotary_emb.rope_type == "dynamic"  # needs each token's sequence length
+        seq_lens = None
+        if attn_meta is None:
+            # Contiguous sequences: the context length is the largest position + 1 (transformers' rule).
+            max_len = int(positions.max()) + 1 if positions.numel() else 0
+            if dynamic:
+                seq_lens = torch.full_like(positions, max_len)
+        else:
+            max_len = attn_meta.max_seq_len
+            if dynamic:
+                seq_lens = _token_seq_lens(attn_meta, positions.shape[0])
+        cos_sin = self.rotary_emb.cos_sin_for(positions, seq_lens, max_len).to(self.norm.weight.dtype)
+        x, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            x, residual = layer(x, residual, cos_sin, self.rotary_emb, plan)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+def _token_seq_lens(meta: AttentionMetadata, num_tokens: int) -> torch.Tensor:
+    lens = meta.seq_lens.long().repeat_interleave(torch.tensor(meta.query_lens_cpu, device=meta.seq_lens.device))
+    if lens.shape[0] < num_tokens:  # padding rows
+        lens = torch.cat([lens, lens.new_ones(num_tokens - lens.shape[0])])
+    return lens
+
+
+class LlamaForCausalLM(nn.Module):
+    # checkpoint name -> (our parameter name, shard id): one loader serves every architecture.
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+    qkv_bias_always = False  # Qwen2 has q/k/v bias whatever attention_bias says
+    qk_norm = False
+
+    def __init__(self, model_config: ModelConfig, attn_backend: AttentionBackend | None = None):
+        super().__init__()
+        self.config = model_config
+        self.attn_backend = attn_backend or get_attn_backend()
+        qkv_bias = self.qkv_bias_always or bool(getattr(model_config.hf_config, "attention_bias", False))
+        self.model = LlamaModel(model_config, self.attn_backend, qkv_bias, self.qk_norm)
+        self.lm_head = LMHead(model_config.vocab_size, model_config.hidden_size)
+        if model_config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                attn_meta: AttentionMetadata | None = None) -> torch.Tensor:
+        """input_ids/positions [num_tokens] (or [batch, seq] when attn_meta is None) -> hidden states."""
+        if attn_meta is not None and input_ids.dim() != 1:
+            raise ValueError(f"with attn_meta, input_ids must be flat [num_tokens], got {tuple(input_ids.shape)}")
+        plan = None if attn_meta is None else self.attn_backend.plan(attn_meta)
+        return self.model(input_ids, positions, attn_meta, plan)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden_states)
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+    def bind_kv_cache(self, kv_caches: list[torch.Tensor]) -> None:
+        """Give each layer its [2, num_blocks, block_size, num_kv_heads, head_dim] cache tensor."""
+        layers = self.attention_layers()
+        if len(kv_caches) != len(layers):
+            raise ValueError(f"got {len(kv_caches)} KV cache tensors for {len(layers)} layers")
+        for attn, cache in zip(layers, kv_caches):
+            if cache.dim() != 5 or cache.shape[0] != 2 or tuple(cache.shape[3:]) != (attn.num_kv_heads, attn.head_dim):
+                raise ValueError(f"KV cache must be [2, num_blocks, block_size, {attn.num_kv_heads}, "
+                                 f"{attn.head_dim}], got {tuple(cache.shape)}")
+            attn.kv_cache = cache
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    pass
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    qkv_bias_always = True
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    qk_norm = True

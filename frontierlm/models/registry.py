@@ -1,0 +1,24 @@
+"""Architecture name (config.json "architectures") -> model class. Imports are lazy so that reading a
+config does not import every model."""
+from __future__ import annotations
+
+import importlib
+
+_MODELS = {
+    "LlamaForCausalLM": ("frontierlm.models.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("frontierlm.models.llama", "MistralForCausalLM"),
+    "Qwen2ForCausalLM": ("frontierlm.models.llama", "Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": ("frontierlm.models.llama", "Qwen3ForCausalLM"),
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_MODELS)
+
+
+def get_model_class(arch: str):
+    if arch not in _MODELS:
+        raise ValueError(f"unsupported architecture {arch!r}; supported architectures: "
+                         f"{', '.join(supported_architectures())}")
+    module, name = _MODELS[arch]
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,25 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests import factories.py and each other's helpers
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Cached factory: tiny_model_dir(arch, **config_overrides) -> path of a random-weight HF model dir."""
+    from factories import make_model_dir
+
+    cache = {}
+
+    def build(arch="llama", **overrides):
+        key = (arch, tuple(sorted(overrides.items())))
+        if key not in cache:
+            path = tmp_path_factory.mktemp(f"{arch}-model")
+            cache[key] = str(make_model_dir(path, arch, **overrides))
+        return cache[key]
+
+    return build
