@@ -31,9 +31,7 @@ def _build_parser() -> argparse.ArgumentParser:
 def _load_engine(args):
     from frontierlm.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(cli_args.engine_config(args))
-    print(engine.startup_report, file=sys.stderr)
-    return engine
+    return LLMEngine(cli_args.engine_config(args))
 
 
 def cmd_generate(args) -> int:
@@ -41,7 +39,6 @@ def cmd_generate(args) -> int:
 
     params = cli_args.sampling_params(args)
     llm = LLM(args.model, **cli_args.engine_kwargs(args))
-    print(llm.llm_engine.startup_report, file=sys.stderr)
     outputs = llm.generate(args.prompt, params, use_tqdm=sys.stderr.isatty())
     for out in outputs:
         if args.json:

@@ -1,7 +1,6 @@
 """LLMEngine (add_request / step / abort) for streaming callers, and LLM for offline generate / chat."""
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -15,10 +14,11 @@ from frontierlm.engine.model_runner import ModelRunner
 from frontierlm.engine.request import Request, RequestStatus
 from frontierlm.engine.scheduler import Scheduler
 from frontierlm.engine.tokenizer import load_tokenizer
+from frontierlm.logger import init_logger
 from frontierlm.outputs import CompletionOutput, Logprob, RequestOutput
 from frontierlm.sampling_params import SamplingParams
 
-logger = logging.getLogger("frontierlm")
+logger = init_logger(__name__)
 
 CPU_DEFAULT_KV_BYTES = 2 * 2**30
 

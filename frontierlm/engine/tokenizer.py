@@ -1,10 +1,11 @@
 """Tokenizer loading from a local HF-format directory (never from a hub)."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-logger = logging.getLogger("frontierlm")
+from frontierlm.logger import init_logger
+
+logger = init_logger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
