@@ -134,7 +134,7 @@ class _TorchPlan:
             mask = pos < lens
             if window is not None:
                 mask &= pos > lens - 1 - window
-            masks[window] = mask[:, None, None, :]
+            masks[window] = _additive(mask[:, None, None, :])
         return masks[window]
 
     def extend_mask(self, j: int, window: int | None) -> torch.Tensor:
@@ -143,8 +143,13 @@ class _TorchPlan:
             _, n, slen, _ = self.extends[j]
             device = self.meta.slot_mapping.device
             k_pos = torch.arange(slen, device=device)
-            self._masks[key] = sliding_window_mask(k_pos[slen - n:], k_pos, window)
+            self._masks[key] = _additive(sliding_window_mask(k_pos[slen - n:], k_pos, window))
         return self._masks[key]
+
+
+def _additive(mask: torch.Tensor) -> torch.Tensor:
+    """Bool mask -> float 0 / -inf, built once per forward: SDPA would otherwise convert it in every layer."""
+    return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -182,8 +187,8 @@ class TorchAttentionBackend(AttentionBackend):
             kd = _gather_blocks(kv_cache[0], blocks).view(nd, -1, num_kv_heads, head_dim)
             vd = _gather_blocks(kv_cache[1], blocks).view(nd, -1, num_kv_heads, head_dim)
             kd, vd = kd.transpose(1, 2).to(q.dtype), vd.transpose(1, 2).to(q.dtype)  # [n, Hkv, L, D]
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=plan.decode_mask(group, sliding_window),
-                                                scale=scale)
+            mask = plan.decode_mask(group, sliding_window).to(q.dtype)
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale)
             out[rows] = od.reshape(nd, num_heads, head_dim)
         for j, (start, n, slen, blocks) in enumerate(plan.extends):
             qs = q[start:start + n].transpose(0, 1)
@@ -196,7 +201,7 @@ class TorchAttentionBackend(AttentionBackend):
             if blocks is None and (sliding_window is None or n <= sliding_window):
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
             else:
-                mask = plan.extend_mask(j, sliding_window)
+                mask = plan.extend_mask(j, sliding_window).to(q.dtype)
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
             out[start:start + n] = o.transpose(0, 1)
         return out

@@ -75,7 +75,11 @@ class QKVLinear(PackedLinear):
         self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
 
     def forward(self, x: torch.Tensor):
-        return super().forward(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return self.packed(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+
+    def packed(self, x: torch.Tensor) -> torch.Tensor:
+        """The unsplit [..., q | k | v] output."""
+        return super().forward(x)
 
 
 class MergedLinear(PackedLinear):

@@ -130,17 +130,19 @@ class RotaryEmbedding(nn.Module):
             self.cos_sin = self._table(max(max_len, 2 * self.cos_sin.shape[0]))
         return self.cos_sin[positions]
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor):
-        """Rotate q [..., Hq, D] and k [..., Hkv, D] given cos_sin [..., rotary_dim] (half-split layout)."""
-        cos_sin = cos_sin.to(q.dtype).unsqueeze(-2)
-        cos, sin = cos_sin.chunk(2, dim=-1)
-        return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
+    @staticmethod
+    def expand(cos_sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-forward prep shared by every layer: cos_sin [..., rotary_dim] -> (cos, signed sin), each
+        [..., 1, rotary_dim] so that rotate(x) = x * cos + cat(x2, x1) * signed_sin (transformers' formula
+        with rotate_half's negation folded into the sine)."""
+        cos, sin = cos_sin.to(dtype).unsqueeze(-2).chunk(2, dim=-1)
+        return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
-    rot = x[..., :rotary_dim]
-    x1, x2 = rot.chunk(2, dim=-1)
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    if rotary_dim == x.shape[-1]:
-        return out
-    return torch.cat([out, x[..., rotary_dim:]], dim=-1)
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Rotate x [..., H, D] (q, k, or both stacked along H) with expand()'s output."""
+        cos, signed_sin = cos_sin
+        d = self.rotary_dim
+        rot = x[..., :d] if d != x.shape[-1] else x
+        x1, x2 = rot.chunk(2, dim=-1)
+        out = torch.addcmul(rot * cos, torch.cat([x2, x1], dim=-1), signed_sin)
+        return out if d == x.shape[-1] else torch.cat([out, x[..., d:]], dim=-1)

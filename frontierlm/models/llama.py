@@ -32,15 +32,17 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5,
                               mc.layer_sliding_window(layer_idx), backend)
 
-    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, rotary: RotaryEmbedding, plan) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos_sin, rotary: RotaryEmbedding, plan) -> torch.Tensor:
         lead = x.shape[:-1]
-        q, k, v = self.qkv_proj(x)
-        q = q.view(*lead, self.num_heads, self.head_dim)
-        k = k.view(*lead, self.num_kv_heads, self.head_dim)
-        v = v.view(*lead, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(q, k, cos_sin)
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj.packed(x)
+        qk, v = qkv.split([(hq + hkv) * d, hkv * d], dim=-1)
+        v = v.view(*lead, hkv, d)
+        if self.qk_norm:  # Qwen3: each of q and k gets its own RMSNorm first
+            q, k = qk.view(*lead, hq + hkv, d).split([hq, hkv], dim=-2)
+            q, k = rotary(self.q_norm(q), cos_sin), rotary(self.k_norm(k), cos_sin)
+        else:  # q and k sit side by side: rotate them as one tensor of Hq + Hkv heads
+            q, k = rotary(qk.view(*lead, hq + hkv, d), cos_sin).split([hq, hkv], dim=-2)
         o = self.attn(q, k, v, plan)
         return self.o_proj(o.reshape(*lead, self.num_heads * self.head_dim))
 
@@ -99,7 +101,8 @@ class LlamaModel(nn.Module):
             max_len = attn_meta.max_seq_len
             if dynamic:
                 seq_lens = _token_seq_lens(attn_meta, positions.shape[0])
-        cos_sin = self.rotary_emb.cos_sin_for(positions, seq_lens, max_len).to(self.norm.weight.dtype)
+        cos_sin = self.rotary_emb.expand(self.rotary_emb.cos_sin_for(positions, seq_lens, max_len),
+                                         self.norm.weight.dtype)
         x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             x, residual = layer(x, residual, cos_sin, self.rotary_emb, plan)
