@@ -22,13 +22,14 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.block_size = config.block_size
         # Persistent device buffers sized for the largest step, so decode shapes can later be CUDA-graphed.
-        n = config.max_num_batched_tokens
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=self.device)
-        self.positions = torch.zeros(n, dtype=torch.long, device=self.device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=self.device)
+        n, seqs = config.max_num_batched_tokens, config.max_num_seqs
+        max_blocks = -(-(config.max_model_len or model_config.max_model_len) // config.block_size)
+        shapes = {"input_ids": ((n,), torch.long), "positions": ((n,), torch.long),
+                  "slot_mapping": ((n,), torch.long), "query_start_loc": ((seqs + 1,), torch.int32),
+                  "seq_lens": ((seqs,), torch.int32), "block_tables": ((seqs, max_blocks), torch.int32)}
         pin = self.device.type == "cuda"
-        self._host = {name: torch.zeros(n, dtype=torch.long, pin_memory=pin)
-                      for name in ("input_ids", "positions", "slot_mapping")}
+        self._host = {k: torch.zeros(shape, dtype=dt, pin_memory=pin) for k, (shape, dt) in shapes.items()}
+        self._dev = {k: torch.zeros(shape, dtype=dt, device=self.device) for k, (shape, dt) in shapes.items()}
 
     # ---- KV cache --------------------------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -39,23 +40,23 @@ class ModelRunner:
 
     # ---- one step --------------------------------------------------------------------------------
     def _prepare(self, sched: SchedulerOutput) -> tuple[int, AttentionMetadata, list[int]]:
+        """Fill the pinned host buffers, then copy each used slice to its device buffer (non-blocking)."""
         bs = self.block_size
         num_seqs = len(sched.scheduled)
         query_lens = [s.num_new_tokens for s in sched.scheduled]
         seq_lens = [s.request.num_computed_tokens + s.num_new_tokens for s in sched.scheduled]
         num_tokens = sum(query_lens)
         max_blocks = max(len(s.block_ids) for s in sched.scheduled)
-        block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
-        ids = self._host["input_ids"].numpy()
-        pos = self._host["positions"].numpy()
-        slots = self._host["slot_mapping"].numpy()
+        host = {k: v.numpy() for k, v in self._host.items()}
+        ids, pos, slots, tables = host["input_ids"], host["positions"], host["slot_mapping"], host["block_tables"]
+        tables[:num_seqs, :max_blocks] = 0
         logits_index = []
         offset = 0
         for i, s in enumerate(sched.scheduled):
             req, q = s.request, s.num_new_tokens
             start = req.num_computed_tokens
             table = np.asarray(s.block_ids, dtype=np.int64)
-            block_tables[i, :len(table)] = table
+            tables[i, :len(table)] = table
             p = np.arange(start, start + q)
             ids[offset:offset + q] = req.all_token_ids[start:start + q]
             pos[offset:offset + q] = p
@@ -63,34 +64,39 @@ class ModelRunner:
             offset += q
             if s.samples:
                 logits_index.append(offset - 1)
+        host["query_start_loc"][0] = 0
+        np.cumsum(query_lens, out=host["query_start_loc"][1:num_seqs + 1])
+        host["seq_lens"][:num_seqs] = seq_lens
+        used = {"input_ids": num_tokens, "positions": num_tokens, "slot_mapping": num_tokens,
+                "query_start_loc": num_seqs + 1, "seq_lens": num_seqs, "block_tables": num_seqs}
         nb = self.device.type == "cuda"
-        self.input_ids[:num_tokens].copy_(self._host["input_ids"][:num_tokens], non_blocking=nb)
-        self.positions[:num_tokens].copy_(self._host["positions"][:num_tokens], non_blocking=nb)
-        self.slot_mapping[:num_tokens].copy_(self._host["slot_mapping"][:num_tokens], non_blocking=nb)
-        qsl = np.zeros(num_seqs + 1, dtype=np.int32)
-        np.cumsum(query_lens, out=qsl[1:])
+        dev = {}
+        for name, rows in used.items():
+            d = self._dev[name][:rows]
+            if name == "block_tables":
+                d = self._dev[name][:rows, :max_blocks]
+                d.copy_(self._host[name][:rows, :max_blocks], non_blocking=nb)
+            else:
+                d.copy_(self._host[name][:rows], non_blocking=nb)
+            dev[name] = d
         meta = AttentionMetadata(
-            slot_mapping=self.slot_mapping[:num_tokens],
-            query_start_loc=torch.from_numpy(qsl).to(self.device, non_blocking=nb),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(self.device, non_blocking=nb),
-            block_tables=torch.from_numpy(block_tables).to(self.device, non_blocking=nb),
-            query_lens_cpu=query_lens,
-            seq_lens_cpu=seq_lens,
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
-            block_size=bs,
-        )
+            slot_mapping=dev["slot_mapping"], query_start_loc=dev["query_start_loc"], seq_lens=dev["seq_lens"],
+            block_tables=dev["block_tables"], query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
+            max_query_len=max(query_lens), max_seq_len=max(seq_lens), block_size=bs)
         return num_tokens, meta, logits_index
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         num_tokens, meta, logits_index = self._prepare(sched)
-        hidden = self.model(self.input_ids[:num_tokens], self.positions[:num_tokens], meta)
+        hidden = self.model(self._dev["input_ids"][:num_tokens], self._dev["positions"][:num_tokens], meta)
         if not logits_index:
             return RunnerOutput(sampled={})
         rows = [s.request for s in sched.scheduled if s.samples]
-        index = torch.tensor(logits_index, dtype=torch.long).to(self.device, non_blocking=True)
-        logits = self.model.compute_logits(hidden.index_select(0, index))
+        if len(logits_index) == num_tokens:  # pure decode step: every row yields a token
+            logits = self.model.compute_logits(hidden)
+        else:
+            index = torch.tensor(logits_index, dtype=torch.long).to(self.device, non_blocking=True)
+            logits = self.model.compute_logits(hidden.index_select(0, index))
         out = self.sampler(logits, rows, self.model_config.eos_token_ids)
         tokens = out.sampled_token_ids.tolist()  # the one device-to-host copy of the step
         result = RunnerOutput(sampled={r.request_id: t for r, t in zip(rows, tokens)})
