@@ -176,3 +176,14 @@ def test_logprobs_include_sampled_token(llm):
         assert ranks[:3] == [1, 2, 3][:len(ranks)]
     assert out.cumulative_logprob == pytest.approx(sum(e[t].logprob for t, e in zip(out.token_ids, out.logprobs)),
                                                    abs=1e-4)
+
+
+def test_prefix_cache_stats_count_admitted_requests(tiny_model_dir):
+    llm = LLM(tiny_model_dir("llama"), block_size=4)
+    prompt = list(range(200, 218))  # 18 tokens: 4 full blocks may hit
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    llm.generate([prompt], params, use_tqdm=False)
+    out = llm.generate([prompt], params, use_tqdm=False)[0]
+    stats = llm.llm_engine.get_stats()
+    assert out.num_cached_tokens == 16
+    assert stats["prefix_cache_queries"] == 36 and stats["prefix_cache_hits"] == 16

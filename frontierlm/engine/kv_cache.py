@@ -97,7 +97,7 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.req_blocks: dict[str, list[Block]] = {}
         self.req_num_registered: dict[str, int] = {}  # leading blocks already registered in the cache
-        self.prefix_queries = 0  # tokens looked up / hit, for metrics
+        self.prefix_queries = 0  # tokens looked up / hit by admitted requests, for metrics
         self.prefix_hits = 0
 
     @property
@@ -128,8 +128,6 @@ class KVCacheManager:
             if block is None:
                 break
             hit.append(block)
-        self.prefix_queries += request.num_tokens
-        self.prefix_hits += len(hit) * self.block_size
         return hit, len(hit) * self.block_size
 
     def allocate_slots(self, request: Request, num_new_tokens: int,

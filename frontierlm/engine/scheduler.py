@@ -107,6 +107,8 @@ class Scheduler:
             if block_ids is None:
                 break
             self.waiting.pop(0)
+            self.kv.prefix_queries += request.num_tokens
+            self.kv.prefix_hits += num_hit
             request.num_computed_tokens = num_hit  # before ScheduledRequest, which derives `samples` from it
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit
