@@ -1,4 +1,4 @@
-"""`frontierlm` command line: generate and chat (serve, bench, plan, sim and train come with their issues)."""
+"""`frontierlm` command line: generate, chat, serve, bench serve (plan, sim and train come with their issues)."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +25,19 @@ def _build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system prompt")
     cli_args.add_engine_args(chat)
     cli_args.add_sampling_args(chat)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    serve.add_argument("model", help="HF-format model directory")
+    cli_args.add_engine_args(serve)
+    from frontierlm.server.args import add_serve_args
+
+    add_serve_args(serve)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    from frontierlm.bench.serve import add_bench_serve_args
+
+    add_bench_serve_args(bench_sub.add_parser("serve", help="load an OpenAI-compatible server; latency report"))
     return parser
 
 
@@ -105,11 +118,24 @@ def cmd_chat(args) -> int:
         messages.append({"role": "assistant", "content": reply})
 
 
+def cmd_serve(args) -> int:
+    from frontierlm.server.launch import run_server
+
+    return run_server(args)
+
+
+def cmd_bench(args) -> int:
+    from frontierlm.bench import serve
+
+    return {"serve": serve.main}[args.bench_command](args)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = _build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "chat": cmd_chat}[args.command](args)
+        commands = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "bench": cmd_bench}
+        return commands[args.command](args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

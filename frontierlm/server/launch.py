@@ -1,0 +1,71 @@
+"""`frontierlm serve`: uvicorn around the app, with a graceful shutdown on SIGTERM / Ctrl-C."""
+from __future__ import annotations
+
+import threading
+import time
+
+import uvicorn
+
+from frontierlm.engine.async_engine import AsyncEngine
+from frontierlm.logger import init_logger
+
+logger = init_logger(__name__)
+
+
+class GracefulServer(uvicorn.Server):
+    """First SIGTERM / Ctrl-C: refuse new requests (503), let running ones finish for `grace` seconds, abort
+    the rest, then stop uvicorn. A second signal stops at once."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, ctx, grace: float):
+        super().__init__(config)
+        self.engine, self.ctx, self.grace = engine, ctx, grace
+        self._draining = False
+
+    def handle_exit(self, sig, frame) -> None:
+        # not calling super(): uvicorn would re-raise the signal after serving, and the exit status must be 0
+        if self._draining:
+            self.engine.abort_all("shutdown")
+            self.should_exit = self.force_exit = True
+            return
+        self._draining = True
+        self.ctx.shutting_down = True
+        logger.info("shutting down: refusing new requests, %.0fs grace for %d running",
+                    self.grace, self.engine.num_unfinished)
+        threading.Thread(target=self._drain, name="frontierlm-drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + self.grace
+        while (self.engine.num_unfinished or self.engine.queue_depth) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.engine.num_unfinished:
+            logger.info("grace period over: aborting %d requests", self.engine.num_unfinished)
+            self.engine.abort_all("shutdown")
+            time.sleep(0.2)  # let the aborted streams write their last event
+        self.should_exit = True
+
+
+def run_server(args) -> int:
+    from frontierlm import cli_args
+    from frontierlm.engine.llm_engine import LLMEngine
+    from frontierlm.server.api import build_app
+    from frontierlm.server.metrics import ServerMetrics
+
+    config = cli_args.engine_config(args)  # validates the flags before anything starts
+    name = args.served_model_name or args.model
+    engine = AsyncEngine(lambda: LLMEngine(config), ServerMetrics(name)).start()
+    app = build_app(engine, name, args.max_queue, args.request_timeout)
+    server = GracefulServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                                           timeout_graceful_shutdown=5), engine, app.state.ctx, args.shutdown_grace)
+
+    def watch_load():  # a model that fails to load ends the server instead of answering 503 forever
+        try:
+            engine.wait_ready()
+        except BaseException:
+            server.should_exit = True
+
+    threading.Thread(target=watch_load, daemon=True).start()
+    server.run()
+    engine.shutdown()
+    if engine.load_error is not None:
+        raise ValueError(f"the model failed to load: {engine.load_error}")
+    return 0

@@ -1,0 +1,172 @@
+"""OpenAI request bodies (pydantic) and their translation to SamplingParams.
+
+Models are strict (a string where a number belongs is a 400, not a silent cast) and ignore unknown fields, as
+OpenAI clients send fields a server may not know. Range checks live in SamplingParams, which names the field.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from frontierlm.sampling_params import SamplingParams
+
+
+# Server-side bounds that keep one request from holding too much (vLLM's defaults: max_logprobs=20; OpenAI: n<=128)
+MAX_N = 128
+MAX_LOGPROBS = 20
+
+# request fields handed to SamplingParams unchanged (when given)
+PASSTHROUGH = ("n", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty", "logit_bias",
+               "top_k", "min_p", "typical_p", "repetition_penalty", "mirostat_mode", "mirostat_tau", "mirostat_eta",
+               "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output")
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[Union[str, int]] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Strict):
+    """Fields shared by /v1/completions and /v1/chat/completions, including the non-OpenAI ones that clients
+    send through `extra_body` (the openai client merges them into the top level; a literal nested
+    "extra_body" object is merged too)."""
+    model: Optional[str] = None
+    n: int = 1
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    logit_bias: Optional[dict[str, float]] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+    # extra sampling fields (vLLM's names)
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    typical_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    mirostat_mode: Optional[int] = None
+    mirostat_tau: Optional[float] = None
+    mirostat_eta: Optional[float] = None
+    min_tokens: Optional[int] = None
+    ignore_eos: Optional[bool] = None
+    stop_token_ids: Optional[list[int]] = None
+    skip_special_tokens: Optional[bool] = None
+    include_stop_str_in_output: Optional[bool] = None
+    priority: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_extra_body(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("extra_body"), dict):
+            data = {**data, **data["extra_body"]}
+            data.pop("extra_body")
+        if isinstance(data, dict):
+            # unknown fields are ignored, but these change what the client expects back: refuse them loudly
+            fmt = data.get("response_format")
+            if data.get("tools") or data.get("functions") or (isinstance(fmt, dict) and fmt.get("type") != "text"):
+                raise ValueError("tools, functions and response_format are not supported yet")
+        return data
+
+    def _sampling_kwargs(self) -> dict:
+        if self.n > MAX_N:
+            raise ValueError(f"n must be <= {MAX_N}, got {self.n}")
+        return {k: getattr(self, k) for k in PASSTHROUGH if getattr(self, k) is not None}
+
+
+def _check_logprobs(name: str, v: int | None) -> None:
+    if v is not None and not 0 <= v <= MAX_LOGPROBS:
+        raise ValueError(f"{name} must be between 0 and {MAX_LOGPROBS}, got {v}")
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: Optional[int] = 16
+    logprobs: Optional[int] = None
+    echo: bool = False
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+
+    def prompts(self) -> list:
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+    def sampling_params(self) -> SamplingParams:
+        kw = self._sampling_kwargs()
+        kw["max_tokens"] = self.max_tokens
+        _check_logprobs("logprobs", self.logprobs)
+        if self.logprobs is not None:
+            kw["logprobs"] = self.logprobs
+        return SamplingParams(**kw)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: str
+    content: Optional[Union[str, list[TextPart]]] = None
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = None
+    max_completion_tokens: Optional[int] = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = None
+    add_generation_prompt: bool = True
+
+    def sampling_params(self) -> SamplingParams:
+        kw = self._sampling_kwargs()
+        # max_completion_tokens is OpenAI's newer name; it wins when both are given
+        kw["max_tokens"] = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        _check_logprobs("top_logprobs", self.top_logprobs)
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        if self.logprobs:
+            kw["logprobs"] = self.top_logprobs or 0
+        return SamplingParams(**kw)
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}

@@ -1,0 +1,296 @@
+"""/v1/completions and /v1/chat/completions: admission, streaming (SSE) and response bodies.
+
+Engine outputs are cumulative (text only grows); the SSE writer turns them into deltas per choice.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from frontierlm.engine.async_engine import AsyncEngine, RequestAborted
+from frontierlm.outputs import RequestOutput
+from frontierlm.server.errors import APIError
+from frontierlm.server.protocol import ChatCompletionRequest, CompletionRequest, now, random_id, usage
+
+
+@dataclass
+class ServerContext:
+    engine: AsyncEngine
+    served_model_name: str
+    max_queue: int | None
+    request_timeout: float | None
+    tokenizer: object
+    metrics: object
+    shutting_down: bool = False
+
+
+async def _merge(engine: AsyncEngine, tracks, deadline: float | None) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Yield (prompt index, latest output) across several requests until all finish; on timeout abort them."""
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, track):
+        try:
+            async for out in engine.stream(track):
+                merged.put_nowait((i, out))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # hand errors (aborts, engine death) to the consumer
+            merged.put_nowait((i, e))
+
+    tasks = [asyncio.ensure_future(pump(i, t)) for i, t in enumerate(tracks)]
+    remaining = len(tracks)
+    try:
+        while remaining:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                i, item = await asyncio.wait_for(merged.get(), timeout)
+            except asyncio.TimeoutError:
+                for t in tracks:  # queued before the pumps' own disconnect aborts, so counted as timeouts
+                    engine.abort(t.request_id, "timeout")
+                raise RequestAborted("timeout") from None
+            if isinstance(item, BaseException):
+                raise item
+            yield i, item
+            remaining -= item.finished
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _wait_disconnect(raw: HTTPRequest) -> None:
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+# ---- logprobs in OpenAI's two shapes --------------------------------------------------------------------
+def _split(entry: dict, n: int):
+    """(sampled (id, Logprob), top-n [(id, Logprob)] by rank) of one token's entry (sampled comes first)."""
+    items = list(entry.items())
+    top = sorted((kv for kv in items if kv[1].rank is not None and 1 <= kv[1].rank <= n), key=lambda kv: kv[1].rank)
+    return items[0], top
+
+
+def completion_logprobs(entries, n: int, offset: int) -> dict:
+    tokens, lps, tops, offsets = [], [], [], []
+    for entry in entries:
+        (tid, lp), top = _split(entry, n)
+        text = lp.decoded_token or ""
+        tokens.append(text)
+        lps.append(lp.logprob)
+        tops.append({(t.decoded_token or ""): t.logprob for _, t in top})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(entries, n: int) -> dict:
+    def one(lp):
+        s = lp.decoded_token or ""
+        return {"token": s, "logprob": lp.logprob, "bytes": list(s.encode())}
+
+    content = []
+    for entry in entries:
+        (_, lp), top = _split(entry, n)
+        content.append({**one(lp), "top_logprobs": [one(t) for _, t in top]})
+    return {"content": content}
+
+
+# ---- admission --------------------------------------------------------------------------------------------
+def _check_fits(ctx: ServerContext, prompts: list, params) -> None:
+    """The engine's add-time checks, repeated here so that a request that can never run gets its 400 even
+    when the queue is full (the engine still checks again)."""
+    eng = ctx.engine.engine
+    vocab, limit = eng.model_config.vocab_size, eng.max_model_len
+    capacity = eng.kv.num_blocks * eng.kv.block_size
+    for p in prompts:
+        ids = p["prompt_token_ids"]
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"prompt token ids out of range [0, {vocab}): {bad[:5]}", param="prompt")
+        total = len(ids) + (params.max_tokens or 1)
+        if total > min(limit, capacity):
+            raise APIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
+                           f"the context ({min(limit, capacity)} tokens)", param="prompt",
+                           code="context_length_exceeded")
+
+
+async def _admit(ctx: ServerContext, prompts: list, params, priority: int, prefix: str) -> list:
+    _check_fits(ctx, prompts, params)
+    if ctx.max_queue is not None and ctx.engine.queue_depth + len(prompts) > ctx.max_queue:
+        raise APIError(429, f"the request queue is full ({ctx.max_queue} waiting); retry later",
+                       "rate_limit_error", code="queue_full", reason="queue_full")
+    tracks = []
+    try:
+        for i, prompt in enumerate(prompts):
+            rid = prefix if len(prompts) == 1 else f"{prefix}-{i}"
+            tracks.append(await ctx.engine.add_request(rid, prompt, params, priority))
+    except ValueError as e:
+        for t in tracks:  # siblings of a rejected prompt: not failures of their own
+            ctx.engine.abort(t.request_id, None)
+        raise APIError.from_value_error(e) from None
+    return tracks
+
+
+def _encode(ctx: ServerContext, prompt) -> dict:
+    if isinstance(prompt, str):
+        if ctx.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer; send prompts as token ids", param="prompt")
+        return {"prompt": prompt, "prompt_token_ids": ctx.tokenizer.encode(prompt)}
+    if not prompt:
+        raise APIError(400, "prompt is empty", param="prompt")
+    return {"prompt": None, "prompt_token_ids": list(prompt)}
+
+
+def _deadline(ctx: ServerContext) -> float | None:
+    return None if ctx.request_timeout is None else time.monotonic() + ctx.request_timeout
+
+
+async def _collect(ctx: ServerContext, raw: HTTPRequest, tracks) -> list[RequestOutput]:
+    """Wait for every request to finish; a client that hangs up aborts them."""
+    finals: list[RequestOutput | None] = [None] * len(tracks)
+
+    async def run():
+        async for i, out in _merge(ctx.engine, tracks, _deadline(ctx)):
+            finals[i] = out
+
+    task, watcher = asyncio.ensure_future(run()), asyncio.ensure_future(_wait_disconnect(raw))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():  # disconnected: cancelling the merge aborts the requests
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        raise APIError(499, "client disconnected", reason=None)
+    task.result()  # re-raise RequestAborted / engine errors
+    return finals
+
+
+def _abort_error(ctx: ServerContext, e: RequestAborted) -> APIError:
+    if e.reason == "timeout":
+        return APIError(504, f"request timed out after {ctx.request_timeout}s (--request-timeout)", "timeout_error",
+                        code="timeout", reason=None)
+    return APIError(503, f"request aborted: {e.reason}", "service_unavailable", code=e.reason, reason=None)
+
+
+# ---- endpoints ----------------------------------------------------------------------------------------------
+async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: HTTPRequest):
+    if req.echo or req.suffix is not None or (req.best_of is not None and req.best_of != req.n):
+        raise APIError(400, "echo, suffix and best_of != n are not supported", param="echo")
+    params = APIError.wrap(req.sampling_params)
+    prompts = req.prompts()
+    if not prompts:
+        raise APIError(400, "prompt is empty", param="prompt")
+    encoded = [_encode(ctx, p) for p in prompts]
+    rid = random_id("cmpl")
+    tracks = await _admit(ctx, encoded, params, req.priority, rid)
+    base = {"id": rid, "object": "text_completion", "created": now(), "model": ctx.served_model_name}
+    n_lp = req.logprobs
+    num_prompt = sum(len(e["prompt_token_ids"]) for e in encoded)
+
+    def choice(i, c, text, entries, offset, finish):
+        return {"index": i * params.n + c.index, "text": text, "finish_reason": finish,
+                "stop_reason": c.stop_reason if finish else None,
+                "logprobs": completion_logprobs(entries, n_lp, offset) if n_lp is not None else None}
+
+    if not req.stream:
+        try:
+            finals = await _collect(ctx, raw, tracks)
+        except RequestAborted as e:
+            raise _abort_error(ctx, e) from None
+        choices = [choice(i, c, c.text, c.logprobs or [], 0, c.finish_reason)
+                   for i, out in enumerate(finals) for c in out.outputs]
+        gen = sum(len(c.token_ids) for out in finals for c in out.outputs)
+        return JSONResponse({**base, "choices": choices, "usage": usage(num_prompt, gen)})
+
+    def chunk(i, c, prev_text, prev_tokens, finish):
+        return choice(i, c, c.text[len(prev_text):], (c.logprobs or [])[prev_tokens:], len(prev_text), finish)
+
+    return _stream(ctx, tracks, base, chunk, req.stream_options, num_prompt, first=None, token_chunks=n_lp is not None)
+
+
+async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest, raw: HTTPRequest):
+    tok = ctx.tokenizer
+    if tok is None or not getattr(tok, "chat_template", None):
+        raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+    params = APIError.wrap(req.sampling_params)
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    try:
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=req.add_generation_prompt)
+    except Exception as e:  # jinja errors (e.g. a role the template rejects)
+        raise APIError(400, f"chat template failed: {e}", param="messages") from None
+    encoded = {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+    rid = random_id("chatcmpl")
+    tracks = await _admit(ctx, [encoded], params, req.priority, rid)
+    base = {"id": rid, "object": "chat.completion", "created": now(), "model": ctx.served_model_name}
+    n_lp = params.logprobs
+    num_prompt = len(encoded["prompt_token_ids"])
+
+    if not req.stream:
+        try:
+            (out,) = await _collect(ctx, raw, tracks)
+        except RequestAborted as e:
+            raise _abort_error(ctx, e) from None
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": chat_logprobs(c.logprobs or [], n_lp) if n_lp is not None else None,
+                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in out.outputs]
+        gen = sum(len(c.token_ids) for c in out.outputs)
+        return JSONResponse({**base, "choices": choices, "usage": usage(num_prompt, gen)})
+
+    def chunk(i, c, prev_text, prev_tokens, finish):
+        delta = {"content": c.text[len(prev_text):]}
+        return {"index": c.index, "delta": delta, "finish_reason": finish,
+                "logprobs": chat_logprobs((c.logprobs or [])[prev_tokens:], n_lp) if n_lp is not None else None}
+
+    first = lambda i: {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                       "finish_reason": None}
+    return _stream(ctx, tracks, {**base, "object": "chat.completion.chunk"}, chunk, req.stream_options,
+                   num_prompt, first=first, n=params.n, token_chunks=n_lp is not None)
+
+
+def _stream(ctx, tracks, base, chunk, stream_options, num_prompt, first, n=1, token_chunks=False):
+    """SSE response. A chunk goes out when a choice's text grows or it finishes; with logprobs also when only
+    tokens arrived (their text may be held back while it could still become a stop string)."""
+    include_usage = bool(stream_options and stream_options.include_usage)
+
+    async def events():
+        sent: dict[tuple[int, int], tuple[str, int, bool]] = {}  # (prompt, sample) -> (text, tokens, finished)
+        extra = {"usage": None} if include_usage else {}
+        if first is not None:  # chat: the role comes first, once per choice
+            yield _sse({**base, "choices": [first(i) for i in range(n)], **extra})
+        gen_tokens = 0
+        try:
+            async for i, out in _merge(ctx.engine, tracks, _deadline(ctx)):
+                choices = []
+                for c in out.outputs:
+                    text, ntok, done = sent.get((i, c.index), ("", 0, False))
+                    finish = c.finish_reason if not done else None
+                    grew = len(c.text) > len(text) or (token_chunks and len(c.token_ids) > ntok)
+                    if done or not (grew or finish):
+                        continue
+                    choices.append(chunk(i, c, text, ntok, finish))
+                    gen_tokens += len(c.token_ids) - ntok
+                    sent[(i, c.index)] = (c.text, len(c.token_ids), finish is not None)
+                if choices:
+                    yield _sse({**base, "choices": choices, **extra})
+        except RequestAborted as e:
+            err = _abort_error(ctx, e)
+            yield _sse({"error": err.body()})
+        if include_usage:
+            yield _sse({**base, "choices": [], "usage": usage(num_prompt, gen_tokens)})
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
