@@ -206,9 +206,8 @@ class AsyncEngine:
     def _do_add(self, track: _Track, prompt, params: SamplingParams, priority: int) -> _Track:
         eng = self.engine
         eng.add_request(track.request_id, prompt, params, priority=priority, arrival_time=track.arrival)
-        group = eng.groups[track.request_id]
-        track.children = list(group.children)
-        track.num_prompt_tokens = len(group.prompt_token_ids)
+        track.children = eng.get_requests(track.request_id)
+        track.num_prompt_tokens = track.children[0].num_prompt_tokens
         self._tracks[track.request_id] = track
         self._unscheduled[track.request_id] = track
         self._refresh_counts()  # before the caller hears back, so the queue depth it reads includes this one

@@ -195,6 +195,11 @@ class LLMEngine:
                 if not req.is_finished:
                     self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_ABORTED)
 
+    def get_requests(self, request_id: str) -> list[Request]:
+        """The live sequences (one per sample) of an unfinished request, for callers that track progress."""
+        group = self.groups.get(request_id)
+        return list(group.children) if group is not None else []
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.groups)
 
