@@ -51,9 +51,13 @@ async def wait_healthy(client: httpx.AsyncClient, timeout: float = 120.0) -> Non
 
 async def one_request(client: httpx.AsyncClient, rng: random.Random, cancel_share: float, max_tokens: int) -> str:
     """Returns 'completed', 'cancelled' or 'failed: ...'."""
+    cancel_after = None
     n_tokens = rng.randint(1, max_tokens)
-    # cancel after 0 .. n_tokens - 1 streamed chunks: always before the request could finish on its own
-    cancel_after = rng.randint(0, n_tokens - 1) if rng.random() < cancel_share else None
+    if rng.random() < cancel_share:
+        # a request to cancel runs long and is cut within its first half, so the cut lands mid-stream even when
+        # the server packs several tokens into one chunk
+        n_tokens = max_tokens
+        cancel_after = rng.randint(0, max_tokens // 2)
     body = {"model": "soak", "prompt": [rng.randrange(10, 500) for _ in range(rng.randint(4, 64))],
             "max_tokens": n_tokens, "temperature": 1.0, "ignore_eos": True, "stream": True}
     chunks = 0
