@@ -9,6 +9,7 @@ With attn_meta=None the layer does plain causal attention over contiguous sequen
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 import torch
@@ -51,17 +52,19 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return out.transpose(-3, -2)
 
 
-class AttentionBackend:
+class AttentionBackend(abc.ABC):
     """Interface every backend implements (see the module docstring)."""
 
     name = "base"
 
+    @abc.abstractmethod
     def plan(self, attn_meta: AttentionMetadata):
-        raise NotImplementedError
+        """Index tensors shared by every layer of one forward."""
 
+    @abc.abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, plan,
                 scale: float, sliding_window: int | None) -> torch.Tensor:
-        raise NotImplementedError
+        """Write the new K/V at the plan's slots, then attend over each sequence's cached context."""
 
 
 class _TorchPlan:
