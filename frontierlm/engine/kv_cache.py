@@ -168,6 +168,3 @@ class KVCacheManager:
         blocks = self.req_blocks.pop(request.request_id, [])
         self.req_num_registered.pop(request.request_id, None)
         self.pool.free(list(reversed(blocks)))
-
-    def num_blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)

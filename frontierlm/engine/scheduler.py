@@ -138,6 +138,7 @@ class Scheduler:
             if request.is_finished:  # aborted while the step ran
                 continue
             request.num_computed_tokens += s.num_new_tokens
+            request.check_invariants()
             token = result.sampled.get(request.request_id)
             if token is None:
                 continue
