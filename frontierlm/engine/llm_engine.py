@@ -69,6 +69,7 @@ class LLMEngine:
         self.runner.allocate_kv_cache(num_blocks)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
+        self.grammar_backend = None  # built on the first structured request (importing xgrammar takes a while)
         self.groups: dict[str, _Group] = {}
         self._child_to_group: dict[str, _Group] = {}
         self._counter = 0
@@ -162,6 +163,7 @@ class LLMEngine:
             raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
         max_tokens = self._resolve_max_tokens(len(ids), params)
         bad_words = self._bad_words_ids(params) if params.bad_words else []
+        compiled = self._compile_grammar(params) if params.structured_outputs is not None else None
         arrival = time.monotonic() if arrival_time is None else arrival_time
         children, detoks = [], []
         for i in range(params.n):
@@ -173,7 +175,8 @@ class LLMEngine:
             req = Request(child_id, ids, params, max_tokens, tuple(self.model_config.eos_token_ids), priority,
                           arrival, generator=generator,
                           mirostat_mu=2.0 * params.mirostat_tau if params.mirostat_mode else None,
-                          bad_words_token_ids=bad_words)
+                          bad_words_token_ids=bad_words,
+                          grammar=self.grammar_backend.matcher(compiled) if compiled is not None else None)
             children.append(req)
             detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop,
                                                  params.include_stop_str_in_output)
@@ -184,6 +187,16 @@ class LLMEngine:
             self._child_to_group[req.request_id] = group
             self.scheduler.add_request(req)
         return request_id
+
+    def _compile_grammar(self, params: SamplingParams):
+        if self.tokenizer is None:
+            raise ValueError("structured_outputs needs the model's tokenizer; this model directory has none")
+        if self.grammar_backend is None:
+            from frontierlm.structured.backend import GrammarBackend
+
+            self.grammar_backend = GrammarBackend(self.tokenizer, self.model_config.vocab_size,
+                                                  list(self.model_config.eos_token_ids))
+        return self.grammar_backend.compile(params.structured_outputs)
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         for rid in [request_ids] if isinstance(request_ids, str) else list(request_ids):

@@ -97,6 +97,10 @@ class ModelRunner:
         else:
             index = torch.tensor(logits_index, dtype=torch.long).to(self.device, non_blocking=True)
             logits = self.model.compute_logits(hidden.index_select(0, index))
+        if any(r.grammar is not None for r in rows):
+            from frontierlm.structured.backend import apply_grammar_bitmask
+
+            apply_grammar_bitmask(logits, [r.grammar for r in rows])
         out = self.sampler(logits, rows, self.model_config.eos_token_ids)
         tokens = out.sampled_token_ids.tolist()  # the one device-to-host copy of the step
         result = RunnerOutput(sampled={r.request_id: t for r, t in zip(rows, tokens)})

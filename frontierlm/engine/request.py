@@ -39,6 +39,7 @@ class Request:
     generator: torch.Generator | None = None
     mirostat_mu: float | None = None
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
+    grammar: object | None = None  # xgrammar matcher when structured_outputs is set (structured/backend.py)
 
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache

@@ -159,6 +159,10 @@ class Scheduler:
 
     def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
         params = request.sampling_params
+        if request.grammar is not None:
+            request.grammar.accept_token(token)
+            if request.grammar.is_terminated():  # the grammar ended and its stop token was taken
+                return RequestStatus.FINISHED_STOPPED
         if request.num_output_tokens >= params.min_tokens:
             if not params.ignore_eos and token in request.eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED

@@ -1,0 +1,1 @@
+"""Grammar-constrained generation backed by xgrammar."""

@@ -1,0 +1,82 @@
+"""Grammar-constrained generation (first slice): xgrammar compiles the request's constraint, every finished
+output is valid, greedy parity holds under a grammar that allows what the model chose, bad input is a ValueError."""
+import json
+
+import jsonschema
+import pytest
+
+from frontierlm import LLM, SamplingParams, StructuredOutputsParams
+
+pytest.importorskip("xgrammar")
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "enum": ["ada", "bob", "cy"]},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"type": "boolean"}, "minItems": 1, "maxItems": 3},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    return LLM(tiny_model_dir("llama"), block_size=4)
+
+
+def test_json_schema_outputs_always_valid(llm):
+    params = SamplingParams(temperature=1.0, seed=0, max_tokens=120,
+                            structured_outputs=StructuredOutputsParams(json=SCHEMA))
+    outs = llm.generate([f"record {i}:" for i in range(20)], params, use_tqdm=False)
+    finished = [o.outputs[0] for o in outs if o.outputs[0].finish_reason == "stop"]
+    assert len(finished) >= 15
+    for c in finished:
+        jsonschema.validate(json.loads(c.text), SCHEMA)
+
+
+def test_choice_regex_and_grammar(llm):
+    outs = llm.generate(["pick:"] * 6, SamplingParams(temperature=1.0, seed=1, max_tokens=20,
+                        structured_outputs=StructuredOutputsParams(choice=["yes", "no", "maybe so"])),
+                        use_tqdm=False)
+    assert all(o.outputs[0].text in ("yes", "no", "maybe so") for o in outs)
+    outs = llm.generate(["date:"] * 4, SamplingParams(temperature=1.0, seed=2, max_tokens=30,
+                        structured_outputs=StructuredOutputsParams(regex=r"\d{4}-\d{2}-\d{2}")), use_tqdm=False)
+    import re
+    assert all(re.fullmatch(r"\d{4}-\d{2}-\d{2}", o.outputs[0].text) for o in outs)
+    gbnf = 'root ::= "(" num ("+" num)* ")"\nnum ::= [1-9] [0-9]?'
+    outs = llm.generate(["sum:"] * 4, SamplingParams(temperature=1.0, seed=3, max_tokens=40,
+                        structured_outputs=StructuredOutputsParams(grammar=gbnf)), use_tqdm=False)
+    for o in outs:
+        if o.outputs[0].finish_reason == "stop":
+            assert re.fullmatch(r"\((?:[1-9][0-9]?)(?:\+[1-9][0-9]?)*\)", o.outputs[0].text)
+
+
+def test_greedy_parity_with_permissive_grammar(llm):
+    greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    # a prompt whose greedy output is clean text (random byte-level tokens can split UTF-8 characters)
+    for start in range(10, 400, 7):
+        free = llm.generate([[start, start + 1, start + 2]], greedy, use_tqdm=False)[0].outputs[0]
+        if "\ufffd" not in free.text:
+            break
+    # the grammar allows exactly what the model chose, so constrained greedy must choose the same tokens
+    exact = StructuredOutputsParams(choice=[free.text])
+    constrained = llm.generate([[start, start + 1, start + 2]], SamplingParams(
+        temperature=0, max_tokens=10, ignore_eos=True, structured_outputs=exact), use_tqdm=False)[0].outputs[0]
+    assert constrained.token_ids == free.token_ids and constrained.text == free.text
+
+
+def test_bad_constraints_raise_and_cache_hits(llm):
+    with pytest.raises(ValueError, match="structured_outputs.regex"):
+        llm.generate(["x"], SamplingParams(structured_outputs=StructuredOutputsParams(regex="(unclosed")),
+                     use_tqdm=False)
+    with pytest.raises(ValueError, match="structured_outputs.grammar"):
+        llm.generate(["x"], SamplingParams(structured_outputs=StructuredOutputsParams(grammar="root ::= ")),
+                     use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    backend = llm.llm_engine.grammar_backend
+    hits = backend.cache_hits
+    llm.generate(["x"], SamplingParams(max_tokens=2, structured_outputs=StructuredOutputsParams(json=SCHEMA)),
+                 use_tqdm=False)
+    assert backend.cache_hits == hits + 1
