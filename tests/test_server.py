@@ -214,3 +214,24 @@ def test_bench_serve_against_the_server(server, tmp_path, capsys):
     assert rep["goodput"] == pytest.approx(rep["request_throughput"])
     assert rep["ttft_ms"]["p50"] > 0 and rep["tpot_ms"]["p99"] >= rep["tpot_ms"]["p50"]
     assert "TTFT" in capsys.readouterr().out
+
+
+def test_constrained_output_through_the_api(server):
+    pytest.importorskip("xgrammar")
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    r = server.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "answer"}], max_tokens=40, seed=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+    assert r.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(r.choices[0].message.content)["ok"], bool)
+    r = server.client.completions.create(model=MODEL, prompt="pick", max_tokens=10, seed=1,
+                                         extra_body={"structured_outputs": {"choice": ["left", "right"]}})
+    assert r.choices[0].text in ("left", "right")
+    r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 20,
+                                                         "grammar": 'root ::= "a" "b"+'})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith("ab")
+    for bad in ({"grammar": "root ::= "}, {"structured_outputs": {"regex": "(x"}},
+                {"response_format": {"type": "xml"}}, {"grammar": 'root ::= "a"', "json_schema": schema}):
+        r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "x", **bad})
+        assert r.status_code == 400 and r.json()["error"]["message"], bad

@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from frontierlm.sampling_params import SamplingParams
+from frontierlm.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 # Server-side bounds that keep one request from holding too much (vLLM's defaults: max_logprobs=20; OpenAI: n<=128)
@@ -73,6 +73,11 @@ class _SamplingFields(_Strict):
     skip_special_tokens: Optional[bool] = None
     include_stop_str_in_output: Optional[bool] = None
     priority: int = 0
+    # constrained output: OpenAI's response_format, vLLM's structured_outputs, llama.cpp's grammar / json_schema
+    response_format: Optional[dict] = None
+    structured_outputs: Optional[dict] = None
+    grammar: Optional[str] = None
+    json_schema: Optional[dict] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -82,15 +87,45 @@ class _SamplingFields(_Strict):
             data.pop("extra_body")
         if isinstance(data, dict):
             # unknown fields are ignored, but these change what the client expects back: refuse them loudly
-            fmt = data.get("response_format")
-            if data.get("tools") or data.get("functions") or (isinstance(fmt, dict) and fmt.get("type") != "text"):
-                raise ValueError("tools, functions and response_format are not supported yet")
+            if data.get("tools") or data.get("functions"):
+                raise ValueError("tools and functions are not supported yet")
         return data
 
     def _sampling_kwargs(self) -> dict:
         if self.n > MAX_N:
             raise ValueError(f"n must be <= {MAX_N}, got {self.n}")
-        return {k: getattr(self, k) for k in PASSTHROUGH if getattr(self, k) is not None}
+        kw = {k: getattr(self, k) for k in PASSTHROUGH if getattr(self, k) is not None}
+        constraint = self._structured_outputs()
+        if constraint is not None:
+            kw["structured_outputs"] = constraint
+        return kw
+
+    def _structured_outputs(self) -> StructuredOutputsParams | None:
+        asked = []
+        fmt = self.response_format
+        if fmt is not None:
+            kind = fmt.get("type")
+            if kind == "json_object":
+                asked.append(StructuredOutputsParams(json_object=True))
+            elif kind == "json_schema":
+                schema = (fmt.get("json_schema") or {}).get("schema")
+                if not isinstance(schema, dict):
+                    raise ValueError("response_format.json_schema.schema must be a JSON schema object")
+                asked.append(StructuredOutputsParams(json=schema))
+            elif kind != "text":
+                raise ValueError(f"response_format.type must be text, json_object or json_schema, got {kind!r}")
+        if self.structured_outputs is not None:
+            try:
+                asked.append(StructuredOutputsParams(**self.structured_outputs))
+            except TypeError as e:  # an unknown key
+                raise ValueError(f"structured_outputs: {e}") from None
+        if self.grammar is not None:
+            asked.append(StructuredOutputsParams(grammar=self.grammar))
+        if self.json_schema is not None:
+            asked.append(StructuredOutputsParams(json=self.json_schema))
+        if len(asked) > 1:
+            raise ValueError("give only one of response_format, structured_outputs, grammar and json_schema")
+        return asked[0] if asked else None
 
 
 def _check_logprobs(name: str, v: int | None) -> None:
