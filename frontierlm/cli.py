@@ -1,4 +1,4 @@
-"""`frontierlm` command line: generate, chat, serve, bench serve (plan, sim and train come with their issues)."""
+"""`frontierlm` command line: generate, chat, serve, grammar check, bench serve (plan, sim and train come later)."""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +32,13 @@ def _build_parser() -> argparse.ArgumentParser:
     from frontierlm.server.args import add_serve_args
 
     add_serve_args(serve)
+
+    grammar = sub.add_parser("grammar", help="grammar tools")
+    check = grammar.add_subparsers(dest="grammar_command", required=True).add_parser(
+        "check", help="say whether each TEXT is accepted by a GBNF grammar (or a JSON schema)")
+    check.add_argument("grammar", help="a .gbnf file, builtin:NAME, inline GBNF, or with --schema a JSON schema file")
+    check.add_argument("texts", nargs="+", metavar="TEXT")
+    check.add_argument("--schema", action="store_true", help="GRAMMAR is a JSON schema file (or inline JSON)")
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
@@ -124,6 +131,29 @@ def cmd_serve(args) -> int:
     return run_server(args)
 
 
+def cmd_grammar(args) -> int:
+    """Exit 0 if every text is accepted, 1 if any is rejected, 2 if the grammar does not compile."""
+    from pathlib import Path
+
+    from frontierlm.structured.grammars_lib import check_text, compile_for_check
+
+    spec = args.grammar
+    if Path(spec).is_file():
+        spec = Path(spec).read_text()
+    compiled = compile_for_check(json_schema=spec) if args.schema else compile_for_check(grammar=spec)
+    all_ok = True
+    for text in args.texts:
+        ok, pos = check_text(compiled, text)
+        all_ok &= ok
+        if ok:
+            print(f"accept  {text!r}")
+        elif pos == len(text):
+            print(f"reject  {text!r}: ends before the grammar is complete (at character {pos})")
+        else:
+            print(f"reject  {text!r}: fails at character {pos} ({text[pos]!r})")
+    return 0 if all_ok else 1
+
+
 def cmd_bench(args) -> int:
     from frontierlm.bench import serve
 
@@ -134,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = _build_parser().parse_args(argv)
     try:
-        commands = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "bench": cmd_bench}
+        commands = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "bench": cmd_bench,
+                    "grammar": cmd_grammar}
         return commands[args.command](args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

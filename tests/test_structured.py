@@ -80,3 +80,20 @@ def test_bad_constraints_raise_and_cache_hits(llm):
     llm.generate(["x"], SamplingParams(max_tokens=2, structured_outputs=StructuredOutputsParams(json=SCHEMA)),
                  use_tqdm=False)
     assert backend.cache_hits == hits + 1
+
+
+def test_grammar_check_cli(capsys):
+    from frontierlm.cli import main
+
+    assert main(["grammar", "check", 'root ::= "ab" [0-9]+', "ab12", "ab7"]) == 0
+    assert main(["grammar", "check", 'root ::= "ab" [0-9]+', "ab12", "abx", "ab"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2] == "reject  'abx': fails at character 2 ('x')"
+    assert out[-1].startswith("reject  'ab': ends before the grammar is complete")
+    assert main(["grammar", "check", 'root ::= "a" b\nb ::= [a-', "x"]) == 2
+    assert "line 2, column 10" in capsys.readouterr().err
+    schema = '{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}'
+    assert main(["grammar", "check", "--schema", schema, '{"a": 5}']) == 0
+    assert main(["grammar", "check", "--schema", schema, '{"a": "x"}']) == 1
+    assert main(["grammar", "check", "builtin:no-such-grammar", "x"]) == 2
+    assert "builtin grammars" in capsys.readouterr().err

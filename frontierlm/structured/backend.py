@@ -12,6 +12,7 @@ from collections import OrderedDict
 import torch
 
 from frontierlm.sampling_params import StructuredOutputsParams
+from frontierlm.structured.grammars_lib import compiler_message, resolve_grammar
 
 
 class GrammarBackend:
@@ -46,6 +47,11 @@ class GrammarBackend:
             self.cache_hits += 1
             return self.cache[key]
         kind, text = key
+        if kind == "grammar":
+            try:
+                text = resolve_grammar(text)
+            except ValueError as e:
+                raise ValueError(f"structured_outputs.grammar: {e}") from None
         try:
             if kind == "json":
                 compiled = self.compiler.compile_json_schema(text, any_whitespace=False)
@@ -59,7 +65,7 @@ class GrammarBackend:
             else:
                 compiled = self.compiler.compile_builtin_json_grammar()
         except Exception as e:  # xgrammar raises RuntimeError / ValueError subclasses; quote its message
-            raise ValueError(f"structured_outputs.{kind}: could not compile: {e}") from None
+            raise ValueError(f"structured_outputs.{kind}: could not compile: {compiler_message(e)}") from None
         self.cache[key] = compiled
         if len(self.cache) > self.cache_size:
             self.cache.popitem(last=False)

@@ -1,0 +1,53 @@
+"""Named grammars shipped with the package (`grammar="builtin:json"`) and checking a text against a grammar."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+GRAMMAR_DIR = Path(__file__).parent / "grammars"
+BUILTIN_PREFIX = "builtin:"
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in GRAMMAR_DIR.glob("*.gbnf"))
+
+
+def resolve_grammar(spec: str) -> str:
+    """GBNF text for `builtin:NAME`; any other string is already GBNF."""
+    if not spec.startswith(BUILTIN_PREFIX):
+        return spec
+    name = spec[len(BUILTIN_PREFIX):]
+    path = GRAMMAR_DIR / f"{name}.gbnf"
+    if not path.is_file():
+        raise ValueError(f"unknown builtin grammar {name!r}; builtin grammars: {', '.join(builtin_names())}")
+    return path.read_text()
+
+
+def compiler_message(e: Exception) -> str:
+    """xgrammar's message without its '[time] file.cc:line:' prefix (it keeps 'line L, column C')."""
+    return re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", str(e)).strip()
+
+
+def compile_for_check(grammar: str | None = None, json_schema: str | None = None):
+    """A compiled grammar with an empty vocabulary: texts are matched character by character."""
+    import xgrammar as xgr
+
+    try:
+        g = xgr.Grammar.from_json_schema(json_schema) if json_schema is not None else \
+            xgr.Grammar.from_ebnf(resolve_grammar(grammar))
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{'schema' if json_schema is not None else 'grammar'} does not compile: "
+                         f"{compiler_message(e)}") from None
+    return xgr.GrammarCompiler(xgr.TokenizerInfo([]), cache_enabled=False).compile_grammar(g)
+
+
+def check_text(compiled, text: str) -> tuple[bool, int | None]:
+    """(accepted, None) or (False, position of the first character the grammar cannot take; len(text) when the
+    text is a valid but unfinished prefix)."""
+    import xgrammar as xgr
+
+    matcher = xgr.GrammarMatcher(compiled, terminate_without_stop_token=True)
+    for i, ch in enumerate(text):
+        if not matcher.accept_string(ch):
+            return False, i
+    return (True, None) if matcher.is_completed() else (False, len(text))
