@@ -97,3 +97,19 @@ def test_grammar_check_cli(capsys):
     assert main(["grammar", "check", "--schema", schema, '{"a": "x"}']) == 1
     assert main(["grammar", "check", "builtin:no-such-grammar", "x"]) == 2
     assert "builtin grammars" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", __import__("frontierlm.structured.grammars_lib", fromlist=["x"]).builtin_names())
+def test_builtin_grammar_generations_are_accepted(llm, name):
+    from frontierlm.structured.grammars_lib import check_text, compile_for_check
+
+    params = SamplingParams(temperature=1.0, seed=5, max_tokens=64,
+                            structured_outputs=StructuredOutputsParams(grammar=f"builtin:{name}"))
+    outs = llm.generate([f"{name} {i}:" for i in range(20)], params, use_tqdm=False)
+    compiled = compile_for_check(grammar=f"builtin:{name}")
+    for o in outs:
+        c = o.outputs[0]
+        if c.finish_reason == "stop":
+            assert check_text(compiled, c.text) == (True, None), c.text
+        else:  # cut by max_tokens: still a valid prefix
+            assert check_text(compiled, c.text)[1] in (None, len(c.text)), c.text
