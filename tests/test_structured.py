@@ -113,3 +113,49 @@ def test_builtin_grammar_generations_are_accepted(llm, name):
             assert check_text(compiled, c.text) == (True, None), c.text
         else:  # cut by max_tokens: still a valid prefix
             assert check_text(compiled, c.text)[1] in (None, len(c.text)), c.text
+
+
+SCHEMAS = {
+    "nested": {"type": "object", "properties": {
+        "user": {"type": "object", "properties": {"id": {"type": "integer", "minimum": 1, "maximum": 9},
+                                                  "role": {"enum": ["a", "b"]}},
+                 "required": ["id", "role"], "additionalProperties": False}},
+        "required": ["user"], "additionalProperties": False},
+    "array_bounds": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 5},
+                     "minItems": 2, "maxItems": 4},
+    "number_bounds_optional": {"type": "object", "properties": {
+        "x": {"type": "number", "minimum": -1, "maximum": 1}, "flag": {"type": "boolean"}},
+        "required": ["flag"], "additionalProperties": False},
+    "defs_ref_anyof": {"$defs": {"pt": {"type": "object", "properties": {"k": {"enum": [1, 2]}},
+                                        "required": ["k"], "additionalProperties": False}},
+                       "anyOf": [{"$ref": "#/$defs/pt"}, {"type": "boolean"}]},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_schema_family_outputs_valid(llm, name):
+    schema = SCHEMAS[name]
+    params = SamplingParams(temperature=1.0, seed=11, max_tokens=120,
+                            structured_outputs=StructuredOutputsParams(json=schema))
+    outs = llm.generate([f"{name} {i}" for i in range(20)], params, use_tqdm=False)
+    finished = [o.outputs[0].text for o in outs if o.outputs[0].finish_reason == "stop"]
+    assert len(finished) >= 10
+    for text in finished:
+        jsonschema.validate(json.loads(text), schema)
+
+
+def test_grammar_with_n3_and_preemption(tiny_model_dir):
+    llm = LLM(tiny_model_dir("llama"), block_size=4)
+    bpt = llm.llm_engine.model_config.kv_cache_bytes_per_token()
+    tight = LLM(tiny_model_dir("llama"), block_size=4, kv_cache_memory_gb=24 * 4 * bpt / 2**30)
+    params = SamplingParams(n=3, temperature=1.0, seed=4, max_tokens=60,
+                            structured_outputs=StructuredOutputsParams(json=SCHEMAS["array_bounds"]))
+    prompts = [list(range(20 + i, 40 + i)) for i in range(4)]
+    ref = llm.generate(prompts, params, use_tqdm=False)
+    got = tight.generate(prompts, params, use_tqdm=False)
+    assert tight.llm_engine.get_stats()["num_preemptions"] > 0
+    for r, g in zip(ref, got):
+        assert [c.token_ids for c in r.outputs] == [c.token_ids for c in g.outputs]
+        for c in g.outputs:
+            if c.finish_reason == "stop":
+                jsonschema.validate(json.loads(c.text), SCHEMAS["array_bounds"])
