@@ -159,3 +159,56 @@ def test_grammar_with_n3_and_preemption(tiny_model_dir):
         for c in g.outputs:
             if c.finish_reason == "stop":
                 jsonschema.validate(json.loads(c.text), SCHEMAS["array_bounds"])
+
+
+def test_slow_compile_does_not_stall_running_requests(tiny_model_dir, monkeypatch):
+    import threading
+
+    from frontierlm.structured.backend import GrammarBackend
+
+    llm = LLM(tiny_model_dir("llama"), block_size=4)
+    engine = llm.llm_engine
+    release = threading.Event()
+    original = GrammarBackend.compile
+
+    def slow_compile(self, params):
+        release.wait(30)  # held until the other request has finished
+        return original(self, params)
+
+    monkeypatch.setattr(GrammarBackend, "compile", slow_compile)
+    engine.add_request("plain", [5, 6, 7], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    engine.add_request("json", "x", SamplingParams(max_tokens=40, temperature=1.0, seed=0,
+                                                   structured_outputs=StructuredOutputsParams(json=SCHEMA)))
+    done = {}
+    while "plain" not in done:
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert len(done["plain"].outputs[0].token_ids) == 12 and "json" not in done
+    assert engine.get_requests("json")[0].num_output_tokens == 0  # it waited, the batch went on
+    release.set()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    c = done["json"].outputs[0]
+    if c.finish_reason == "stop":
+        jsonschema.validate(json.loads(c.text), SCHEMA)
+    assert c.token_ids
+
+
+def test_failed_compile_ends_only_that_request(tiny_model_dir, monkeypatch):
+    from frontierlm.structured.backend import GrammarBackend
+
+    llm = LLM(tiny_model_dir("llama"), block_size=4)
+
+    def broken(self, params):
+        raise RuntimeError("compiler exploded")
+
+    monkeypatch.setattr(GrammarBackend, "compile", broken)
+    outs = llm.generate(["a", "b"], [SamplingParams(max_tokens=4, ignore_eos=True),
+                                     SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(
+                                         regex="[ab]+"))], use_tqdm=False)
+    assert len(outs[0].outputs[0].token_ids) == 4
+    assert outs[1].outputs[0].finish_reason == "abort" and "exploded" in outs[1].outputs[0].stop_reason
+    assert not llm.llm_engine.has_unfinished_requests()

@@ -71,6 +71,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
         self.grammar_backend = None  # built on the first structured request (importing xgrammar takes a while)
         self.groups: dict[str, _Group] = {}
+        self._compiling: list[_Group] = []  # groups whose grammar is still compiling
         self._child_to_group: dict[str, _Group] = {}
         self._counter = 0
         bpt = mc.kv_cache_bytes_per_token()
@@ -163,7 +164,7 @@ class LLMEngine:
             raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
         max_tokens = self._resolve_max_tokens(len(ids), params)
         bad_words = self._bad_words_ids(params) if params.bad_words else []
-        compiled = self._compile_grammar(params) if params.structured_outputs is not None else None
+        grammar_future = self._compile_grammar(params) if params.structured_outputs is not None else None
         arrival = time.monotonic() if arrival_time is None else arrival_time
         children, detoks = [], []
         for i in range(params.n):
@@ -175,8 +176,7 @@ class LLMEngine:
             req = Request(child_id, ids, params, max_tokens, tuple(self.model_config.eos_token_ids), priority,
                           arrival, generator=generator,
                           mirostat_mu=2.0 * params.mirostat_tau if params.mirostat_mode else None,
-                          bad_words_token_ids=bad_words,
-                          grammar=self.grammar_backend.matcher(compiled) if compiled is not None else None)
+                          bad_words_token_ids=bad_words, grammar_future=grammar_future)
             children.append(req)
             detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop,
                                                  params.include_stop_str_in_output)
@@ -186,6 +186,8 @@ class LLMEngine:
         for req in children:
             self._child_to_group[req.request_id] = group
             self.scheduler.add_request(req)
+        if grammar_future is not None:
+            self._compiling.append(group)
         return request_id
 
     def _compile_grammar(self, params: SamplingParams):
@@ -196,7 +198,36 @@ class LLMEngine:
 
             self.grammar_backend = GrammarBackend(self.tokenizer, self.model_config.vocab_size,
                                                   list(self.model_config.eos_token_ids))
-        return self.grammar_backend.compile(params.structured_outputs)
+        return self.grammar_backend.compile_async(params.structured_outputs)
+
+    def _resolve_grammars(self) -> list[RequestOutput]:
+        """Give each request whose grammar finished compiling its matcher; a failed compile ends the request
+        (finish_reason "abort", the compiler's message as stop_reason) and is returned as a finished output."""
+        outputs, still = [], []
+        for group in self._compiling:
+            future = group.children[0].grammar_future
+            if self.groups.get(group.request_id) is not group:  # aborted meanwhile
+                continue
+            if not future.done():
+                still.append(group)
+                continue
+            try:
+                compiled = future.result()
+                for req in group.children:
+                    req.grammar = self.grammar_backend.matcher(compiled)
+            except Exception as e:
+                for req in group.children:
+                    req.stop_reason = str(e)
+                    self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_ABORTED)
+                outputs.append(self._make_output(group))
+                self._forget(group)
+        self._compiling = still
+        return outputs
+
+    def _forget(self, group: _Group) -> None:
+        del self.groups[group.request_id]
+        for c in group.children:
+            self._child_to_group.pop(c.request_id, None)
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         for rid in [request_ids] if isinstance(request_ids, str) else list(request_ids):
@@ -221,9 +252,12 @@ class LLMEngine:
 
     # ---- the step ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        failed = self._resolve_grammars() if self._compiling else []
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            return []
+            if not failed and self.has_unfinished_requests():
+                time.sleep(0.001)  # only grammar compiles are pending: do not spin
+            return failed
         result = self.runner.execute(sched)
         updated = self.scheduler.update_from_output(sched, result)
         touched: dict[str, _Group] = {}
@@ -234,13 +268,11 @@ class LLMEngine:
             idx = group.children.index(req)
             self._detokenize(group, idx, req)
             touched[group.request_id] = group
-        outputs = []
+        outputs = failed
         for group in touched.values():
             outputs.append(self._make_output(group))
             if group.finished:
-                del self.groups[group.request_id]
-                for c in group.children:
-                    self._child_to_group.pop(c.request_id, None)
+                self._forget(group)
         return outputs
 
     def _detokenize(self, group: _Group, idx: int, req: Request) -> None:

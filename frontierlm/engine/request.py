@@ -40,6 +40,7 @@ class Request:
     mirostat_mu: float | None = None
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
     grammar: object | None = None  # xgrammar matcher when structured_outputs is set (structured/backend.py)
+    grammar_future: object | None = None  # the compile in flight; the request is not scheduled before it ends
 
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
@@ -72,6 +73,10 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.finished
+
+    @property
+    def waiting_for_grammar(self) -> bool:
+        return self.grammar_future is not None and self.grammar is None
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -100,13 +100,16 @@ class Scheduler:
 
         # Admit waiting requests only when nothing had to be preempted this step.
         while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            request = self.waiting[0]
+            # a request whose grammar is still compiling lets the ones behind it go first
+            request = next((r for r in self.waiting if not r.waiting_for_grammar), None)
+            if request is None:
+                break
             hit_blocks, num_hit = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit, budget)
             block_ids = self.kv.allocate_slots(request, num_new, hit_blocks)
             if block_ids is None:
                 break
-            self.waiting.pop(0)
+            self.waiting.remove(request)
             self.kv.prefix_queries += request.num_tokens
             self.kv.prefix_hits += num_hit
             request.num_computed_tokens = num_hit  # before ScheduledRequest, which derives `samples` from it

@@ -7,7 +7,9 @@ grammar issue: compile happens on the caller's thread (the engine's), not yet of
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -26,6 +28,9 @@ class GrammarBackend:
         self.cache: OrderedDict[tuple, object] = OrderedDict()
         self.cache_size = cache_size
         self.cache_hits = 0
+        self._lock = threading.Lock()
+        # one worker: a slow compile delays other compiles, never the engine's steps
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
 
     @staticmethod
     def key(params: StructuredOutputsParams) -> tuple:
@@ -40,18 +45,45 @@ class GrammarBackend:
             return ("choice", tuple(params.choice))
         return ("json_object", "")
 
+    def compile_async(self, params: StructuredOutputsParams) -> Future:
+        """Check the constraint's syntax now (a ValueError for the caller), compile it on the worker thread."""
+        kind, text = self.key(params)
+        with self._lock:
+            cached = (kind, text) in self.cache
+        if cached:
+            done: Future = Future()
+            done.set_result(self.compile(params))
+            return done
+        if kind == "grammar":
+            text = self._resolve(text)
+        try:
+            if kind == "json":
+                self._xgr.Grammar.from_json_schema(text)
+            elif kind == "grammar":
+                self._xgr.Grammar.from_ebnf(text)
+            elif kind == "regex":
+                self._xgr.Grammar.from_regex(text)
+        except Exception as e:  # xgrammar's parse errors are RuntimeErrors with line and column
+            raise ValueError(f"structured_outputs.{kind}: could not compile: {compiler_message(e)}") from None
+        return self._executor.submit(self.compile, params)
+
+    @staticmethod
+    def _resolve(text: str) -> str:
+        try:
+            return resolve_grammar(text)
+        except ValueError as e:
+            raise ValueError(f"structured_outputs.grammar: {e}") from None
+
     def compile(self, params: StructuredOutputsParams):
         key = self.key(params)
-        if key in self.cache:
-            self.cache.move_to_end(key)
-            self.cache_hits += 1
-            return self.cache[key]
+        with self._lock:
+            if key in self.cache:
+                self.cache.move_to_end(key)
+                self.cache_hits += 1
+                return self.cache[key]
         kind, text = key
         if kind == "grammar":
-            try:
-                text = resolve_grammar(text)
-            except ValueError as e:
-                raise ValueError(f"structured_outputs.grammar: {e}") from None
+            text = self._resolve(text)
         try:
             if kind == "json":
                 compiled = self.compiler.compile_json_schema(text, any_whitespace=False)
@@ -66,9 +98,10 @@ class GrammarBackend:
                 compiled = self.compiler.compile_builtin_json_grammar()
         except Exception as e:  # xgrammar raises RuntimeError / ValueError subclasses; quote its message
             raise ValueError(f"structured_outputs.{kind}: could not compile: {compiler_message(e)}") from None
-        self.cache[key] = compiled
-        if len(self.cache) > self.cache_size:
-            self.cache.popitem(last=False)
+        with self._lock:
+            self.cache[key] = compiled
+            if len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
         return compiled
 
     def matcher(self, compiled):
