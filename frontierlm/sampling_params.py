@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import json as _json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 # Temperatures below this are treated as greedy (as vLLM does): dividing by ~0 would overflow.
@@ -74,11 +74,16 @@ class StructuredOutputsParams:
     regex: str | None = None
     choice: list[str] | None = None
     json_object: bool | None = None
+    jump_forward: bool = False  # append tokens the grammar forces without sampling them
+
+    _KINDS = ("json", "grammar", "regex", "choice", "json_object")
 
     def __post_init__(self):
         # json_object=False means "not asked", like leaving it None.
-        set_fields = [f.name for f in fields(self)
-                      if getattr(self, f.name) is not None and not (f.name == "json_object" and self.json_object is False)]
+        set_fields = [name for name in self._KINDS
+                      if getattr(self, name) is not None and not (name == "json_object" and self.json_object is False)]
+        if not isinstance(self.jump_forward, bool):
+            raise ValueError(f"jump_forward must be a bool, got {self.jump_forward!r}")
         if len(set_fields) != 1:
             raise ValueError("structured_outputs: exactly one of json, grammar, regex, choice, json_object must be "
                              f"set, got {set_fields or 'none'}")

@@ -212,3 +212,25 @@ def test_failed_compile_ends_only_that_request(tiny_model_dir, monkeypatch):
     assert len(outs[0].outputs[0].token_ids) == 4
     assert outs[1].outputs[0].finish_reason == "abort" and "exploded" in outs[1].outputs[0].stop_reason
     assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_jump_forward_appends_forced_tokens(tiny_model_dir):
+    llm = LLM(tiny_model_dir("llama"), block_size=4)
+    engine = llm.llm_engine
+    schema = SCHEMAS["nested"]
+    params = SamplingParams(temperature=1.0, seed=3, max_tokens=80, structured_outputs=StructuredOutputsParams(
+        json=schema, jump_forward=True))
+    engine.add_request("jf", "go", params)
+    steps, out = 0, None
+    while engine.has_unfinished_requests():
+        steps += 1
+        for o in engine.step():
+            out = o
+    c = out.outputs[0]
+    assert c.finish_reason == "stop"
+    assert json.loads(c.text)["user"]["role"] in ("a", "b")
+    jsonschema.validate(json.loads(c.text), schema)
+    # forced text ('{"user": {"id": ' and friends) arrived without a sampling step per token
+    assert steps < len(c.token_ids)
+    tok = llm.get_tokenizer()
+    assert c.text == tok.decode(c.token_ids, skip_special_tokens=True)

@@ -34,6 +34,7 @@ class _Group:
     logprobs: list[list[dict[int, Logprob]]] = field(default_factory=list)
     # streamed text per sample: grows monotonically and never shows a prefix of a stop string that is cut later
     texts: list[str] = field(default_factory=list)
+    num_detokenized: list[int] = field(default_factory=list)  # output tokens already given to each detokenizer
 
     @property
     def finished(self) -> bool:
@@ -181,7 +182,8 @@ class LLMEngine:
             detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop,
                                                  params.include_stop_str_in_output)
                           if self.tokenizer is not None else _NoText())
-        group = _Group(request_id, text, ids, children, detoks, [[] for _ in children], [""] * len(children))
+        group = _Group(request_id, text, ids, children, detoks, [[] for _ in children], [""] * len(children),
+                       [0] * len(children))
         self.groups[request_id] = group
         for req in children:
             self._child_to_group[req.request_id] = group
@@ -266,6 +268,8 @@ class LLMEngine:
             if group is None:
                 continue
             idx = group.children.index(req)
+            if req.grammar is not None and not req.is_finished and req.sampling_params.structured_outputs.jump_forward:
+                self._jump_forward(req)
             self._detokenize(group, idx, req)
             touched[group.request_id] = group
         outputs = failed
@@ -277,7 +281,8 @@ class LLMEngine:
 
     def _detokenize(self, group: _Group, idx: int, req: Request) -> None:
         detok = group.detoks[idx]
-        stop = detok.update(req.output_token_ids[-1:])
+        stop = detok.update(req.output_token_ids[group.num_detokenized[idx]:])
+        group.num_detokenized[idx] = req.num_output_tokens
         if stop is not None and not req.is_finished:
             req.stop_reason = stop
             self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
@@ -294,6 +299,23 @@ class LLMEngine:
             for r, (t, lp) in enumerate(zip(ids[1:], lps[1:]), start=1):
                 entry.setdefault(t, Logprob(lp, r, self._decode_one(t)))
             group.logprobs[idx].append(entry)
+
+    def _jump_forward(self, req: Request) -> None:
+        """Append the text the grammar forces next as tokens, without sampling them: the scheduler then computes
+        them like a prompt chunk in the next step. The forced text is tokenized on its own (how the tokenizer
+        would write it); tokens the matcher refuses, and anything after them, are left for sampling."""
+        forced = req.grammar.find_jump_forward_string()
+        if not forced or req.sampling_params.logprobs is not None:  # forced tokens have no log-probs
+            return
+        room = min(req.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens)
+        for token in self.tokenizer.encode(forced, add_special_tokens=False)[:max(room, 0)]:
+            if not req.grammar.accept_token(token):
+                break
+            req.append_token(token)
+        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_LENGTH)
+        elif req.grammar.is_terminated():
+            self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
 
     def _decode_one(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""
