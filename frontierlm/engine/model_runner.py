@@ -2,6 +2,8 @@
 runs the model, samples, and copies the sampled tokens to the host once."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -20,6 +22,7 @@ class ModelRunner:
         self.model = load_model(model_config, self.device)
         self.sampler = Sampler(model_config.vocab_size, seed=config.seed)
         self.kv_caches: list[torch.Tensor] = []
+        self._pool: ThreadPoolExecutor | None = None  # host work overlapped with the forward (grammar masks)
         self.block_size = config.block_size
         # Persistent device buffers sized for the largest step, so decode shapes can later be CUDA-graphed.
         n, seqs = config.max_num_batched_tokens, config.max_num_seqs
@@ -30,6 +33,11 @@ class ModelRunner:
         pin = self.device.type == "cuda"
         self._host = {k: torch.zeros(shape, dtype=dt, pin_memory=pin) for k, (shape, dt) in shapes.items()}
         self._dev = {k: torch.zeros(shape, dtype=dt, device=self.device) for k, (shape, dt) in shapes.items()}
+
+    def _host_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runner-host")
+        return self._pool
 
     # ---- KV cache --------------------------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -88,19 +96,25 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         num_tokens, meta, logits_index = self._prepare(sched)
+        rows = [s.request for s in sched.scheduled if s.samples]
+        matchers = [r.grammar for r in rows]
+        bitmask_job = None
+        if any(m is not None for m in matchers):  # fill grammar masks on a thread, overlapped with the forward
+            from frontierlm.structured.backend import fill_grammar_bitmask
+
+            bitmask_job = self._host_pool().submit(fill_grammar_bitmask, matchers, self.model_config.vocab_size)
         hidden = self.model(self._dev["input_ids"][:num_tokens], self._dev["positions"][:num_tokens], meta)
         if not logits_index:
             return RunnerOutput(sampled={})
-        rows = [s.request for s in sched.scheduled if s.samples]
         if len(logits_index) == num_tokens:  # pure decode step: every row yields a token
             logits = self.model.compute_logits(hidden)
         else:
             index = torch.tensor(logits_index, dtype=torch.long).to(self.device, non_blocking=True)
             logits = self.model.compute_logits(hidden.index_select(0, index))
-        if any(r.grammar is not None for r in rows):
+        if bitmask_job is not None:
             from frontierlm.structured.backend import apply_grammar_bitmask
 
-            apply_grammar_bitmask(logits, [r.grammar for r in rows])
+            apply_grammar_bitmask(logits, bitmask_job.result(), matchers)
         out = self.sampler(logits, rows, self.model_config.eos_token_ids)
         tokens = out.sampled_token_ids.tolist()  # the one device-to-host copy of the step
         result = RunnerOutput(sampled={r.request_id: t for r, t in zip(rows, tokens)})

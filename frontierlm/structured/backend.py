@@ -109,16 +109,25 @@ class GrammarBackend:
 
 
 
-def apply_grammar_bitmask(logits: torch.Tensor, matchers: list) -> None:
+def fill_grammar_bitmask(matchers: list, vocab_size: int) -> torch.Tensor | None:
+    """[rows, ceil(vocab/32)] bitmask of the tokens each row's grammar allows next (None when no row has one).
+    Host work only, so the model runner runs it on a thread while the forward pass computes the logits."""
+    import xgrammar as xgr
+
+    if all(m is None for m in matchers):
+        return None
+    bitmask = xgr.allocate_token_bitmask(len(matchers), vocab_size)
+    for i, m in enumerate(matchers):
+        if m is not None:
+            m.fill_next_token_bitmask(bitmask, i)
+    return bitmask
+
+
+def apply_grammar_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, matchers: list) -> None:
     """Mask, in place, every token a row's grammar does not allow next (rows whose matcher is None untouched).
     Applied before the sampler: masked logits are -inf, so bias and penalties cannot revive them, which makes
     this equivalent to DESIGN.md's slot right after logit bias and bans."""
     import xgrammar as xgr
 
     rows = [i for i, m in enumerate(matchers) if m is not None]
-    if not rows:
-        return
-    bitmask = xgr.allocate_token_bitmask(len(matchers), logits.shape[-1])
-    for i in rows:
-        matchers[i].fill_next_token_bitmask(bitmask, i)
-    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)
