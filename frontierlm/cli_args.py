@@ -19,6 +19,7 @@ ENGINE_FLAGS = [
     ("--device", "device", str, "auto, cpu or cuda[:N]"),
     ("--max-model-len", "max_model_len", int, "context length (default: the model's)"),
     ("--tokenizer", "tokenizer", str, "tokenizer directory (default: the model's)"),
+    ("--load-format", "load_format", str, "auto (safetensors) or dummy (random weights from config.json)"),
 ]
 
 SAMPLING_FLAGS = [

@@ -23,6 +23,7 @@ class EngineConfig:
     seed: int = 0
     max_model_len: int | None = None
     tokenizer: str | None = None
+    load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmark real shapes)
 
     def __post_init__(self):
         def positive(name):
@@ -38,6 +39,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if self.load_format not in ("auto", "safetensors", "dummy"):
+            raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {self.load_format!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.device == "auto":
@@ -112,6 +115,9 @@ class ModelConfig:
         self.head_dim: int = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.max_model_len: int = c.max_position_embeddings
         self.tie_word_embeddings: bool = bool(getattr(c, "tie_word_embeddings", False))
+        # DeepSeek MLA: the cache holds a latent of kv_lora_rank plus one shared rope key per token and layer.
+        self.kv_lora_rank: int | None = getattr(c, "kv_lora_rank", None)
+        self.qk_rope_head_dim: int | None = getattr(c, "qk_rope_head_dim", None) if self.kv_lora_rank else None
         windows = [self.layer_sliding_window(i) for i in range(self.num_layers)]
         self.sliding_window: int | None = next((w for w in windows if w is not None), None)
 
@@ -123,9 +129,23 @@ class ModelConfig:
             return None
         return int(window)
 
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank is not None
+
     def kv_cache_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
         elem = torch.empty((), dtype=dtype or self.dtype).element_size()
+        if self.is_mla:
+            return self.num_layers * (self.kv_lora_rank + self.qk_rope_head_dim) * elem
         return self.num_layers * 2 * self.num_kv_heads * self.head_dim * elem
+
+    def mha_kv_cache_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
+        """What the same model would cache per token with plain multi-head attention (for MLA: every head's
+        decompressed key of qk_nope + qk_rope dims and value of v_head_dim)."""
+        if not self.is_mla:
+            return self.kv_cache_bytes_per_token(dtype)
+        c, elem = self.hf_config, torch.empty((), dtype=dtype or self.dtype).element_size()
+        return self.num_layers * self.num_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * elem
 
     def __repr__(self) -> str:
         return (f"ModelConfig({self.architecture}, layers={self.num_layers}, hidden={self.hidden_size}, "
@@ -133,7 +153,8 @@ class ModelConfig:
                 f"dtype={self.dtype}, max_model_len={self.max_model_len}, sliding_window={self.sliding_window})")
 
     @classmethod
-    def from_pretrained(cls, model_dir, dtype: torch.dtype | str | None = None) -> "ModelConfig":
+    def from_pretrained(cls, model_dir, dtype: torch.dtype | str | None = None,
+                        load_format: str = "auto") -> "ModelConfig":
         import json
         from pathlib import Path
 
@@ -157,7 +178,7 @@ class ModelConfig:
         if arch is None:
             raise ValueError(f"unsupported architecture {archs or '(none given in config.json)'}; "
                              f"supported architectures: {', '.join(supported)}")
-        files = _weight_files(path)
+        files = [] if load_format == "dummy" else _weight_files(path)
 
         from transformers import AutoConfig
 

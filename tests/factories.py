@@ -60,6 +60,26 @@ ARCH_CONFIGS = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
     "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
+}
+
+# Tiny MoE / MLA shapes: 8 experts (top-2) so routing matters, MLA ranks small but distinct.
+_MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+_MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8,
+            n_shared_experts=1, first_k_dense_replace=1, num_hidden_layers=3)
+ARCH_EXTRAS = {
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=8, shared_expert_intermediate_size=48, decoder_sparse_step=1,
+                      mlp_only_layers=[1], num_hidden_layers=3, **_MOE),
+    "qwen3_moe": dict(num_experts=8, head_dim=16, norm_topk_prob=True, **_MOE),
+    "deepseek_v2": dict(q_lora_rank=None, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                        routed_scaling_factor=1.5, **_MLA, **_MOE),
+    "deepseek_v3": dict(q_lora_rank=24, n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+                        num_nextn_predict_layers=0, **_MLA, **_MOE),
 }
 
 
@@ -76,6 +96,7 @@ def tiny_config(arch: str = "llama", **overrides):
         kw["head_dim"] = 16
     if arch == "mistral":
         kw["sliding_window"] = 4096
+    kw.update(ARCH_EXTRAS.get(arch, {}))
     kw.update(overrides)
     return cfg_cls(**kw)
 
@@ -95,6 +116,9 @@ def make_model_dir(path: str | os.PathLike, arch: str = "llama", seed: int = 0, 
         for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.08 if "embed" not in name else 1.0)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3: make the selection-only bias matter
+                b.normal_(0.0, 0.05)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(str(path), **kwargs)
     save_tokenizer(path, cfg.vocab_size)

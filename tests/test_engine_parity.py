@@ -6,7 +6,7 @@ import torch
 from factories import load_hf_model
 from frontierlm import LLM, SamplingParams
 
-ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
+ARCHS = ["llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"]
 MAX_TOKENS = 12
 
 

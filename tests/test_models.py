@@ -74,8 +74,7 @@ class PagedRunner:
     def __init__(self, model, block_size, num_blocks=96, seed=0):
         mc = model.config
         self.model, self.bs = model, block_size
-        model.bind_kv_cache([torch.zeros(2, num_blocks, block_size, mc.num_kv_heads, mc.head_dim, dtype=mc.dtype)
-                             for _ in range(mc.num_layers)])
+        model.bind_kv_cache([torch.zeros(s, dtype=mc.dtype) for s in model.kv_cache_shapes(num_blocks, block_size)])
         self.free = list(range(num_blocks))
         random.Random(seed).shuffle(self.free)
         self.tables, self.done = {}, {}
@@ -140,6 +139,18 @@ PARITY_CASES = [
     ("qwen3", dict(attention_bias=True, num_key_value_heads=1)),
     ("mistral", dict(sliding_window=8)),
     ("mistral", dict(sliding_window=8, num_key_value_heads=1, tie_word_embeddings=True)),
+    ("mixtral", dict()),
+    ("mixtral", dict(sliding_window=8, num_experts_per_tok=1)),
+    ("qwen2_moe", dict()),
+    ("qwen2_moe", dict(norm_topk_prob=True, decoder_sparse_step=2)),
+    ("qwen3_moe", dict()),
+    ("deepseek_v2", dict()),                                              # group-limited greedy, no q LoRA
+    ("deepseek_v2", dict(topk_method="greedy", q_lora_rank=24, n_shared_experts=2)),
+    ("deepseek_v3", dict()),                                              # noaux_tc + correction bias
+    ("deepseek_v3", dict(rope_interleave=False, q_lora_rank=None, first_k_dense_replace=0)),
+    ("deepseek_v3", dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, mscale=0.707,
+                                              mscale_all_dim=0.707, original_max_position_embeddings=128,
+                                              beta_fast=32, beta_slow=1))),
 ]
 
 
@@ -166,7 +177,8 @@ def test_plain_path_accepts_batch(model_dir):
 # ---------------------------------------------------------------- paged path vs transformers
 
 PAGED_ARCHS = [("llama", {}), ("qwen2", dict(tie_word_embeddings=True)), ("qwen3", dict(num_key_value_heads=1)),
-               ("mistral", dict(sliding_window=8))]
+               ("mistral", dict(sliding_window=8)), ("mixtral", dict(sliding_window=8)), ("qwen2_moe", {}),
+               ("deepseek_v2", {}), ("deepseek_v3", {})]
 
 
 @pytest.mark.parametrize("block_size", [4, 16])
@@ -300,8 +312,9 @@ def test_model_config_fields(model_dir, tmp_path):
 
 
 def test_registry():
-    assert supported_architectures() == sorted(["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                                                "Qwen3ForCausalLM"])
+    assert supported_architectures() == sorted([
+        "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MixtralForCausalLM",
+        "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"])
     assert get_model_class("Qwen3ForCausalLM").__name__ == "Qwen3ForCausalLM"
     with pytest.raises(ValueError, match="LlamaForCausalLM"):
         get_model_class("GPT2LMHeadModel")

@@ -240,3 +240,28 @@ def _healthy(url) -> bool:
         return httpx.get(url + "/health", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_a_cancelled_engine_call_does_not_kill_the_loop(tiny_model_dir):
+    """A caller that stops waiting (client gone, timeout) cancels its future while the command is queued;
+    the engine thread must run the command and carry on instead of dying on InvalidStateError."""
+    import asyncio
+
+    from frontierlm.engine.async_engine import AsyncEngine
+    from frontierlm.engine.llm_engine import LLMEngine
+
+    engine = AsyncEngine(lambda: LLMEngine.from_engine_args(tiny_model_dir("llama"))).start()
+    try:
+        engine.wait_ready(30)
+        ran = threading.Event()
+
+        async def scenario():
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(engine.call(lambda e: (time.sleep(0.3), ran.set())), 0.05)
+            await asyncio.sleep(0.5)
+            return await engine.call(lambda e: e.has_unfinished_requests())
+
+        assert asyncio.run(scenario()) is False
+        assert ran.is_set() and engine.dead is None
+    finally:
+        engine.shutdown()

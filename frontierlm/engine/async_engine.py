@@ -232,12 +232,15 @@ class AsyncEngine:
         while True:
             if cmd is not None:  # None only wakes the thread
                 fn, fut = cmd
+                # A caller that gave up (cancelled await) has cancelled its future: the command still runs
+                # (an abort must happen), but its result goes nowhere instead of raising InvalidStateError.
+                wanted = fut is not None and fut.set_running_or_notify_cancel()
                 try:
                     result = fn()
-                    if fut is not None:
+                    if wanted:
                         fut.set_result(result)
                 except BaseException as e:  # a bad add must reach its caller, not kill the loop
-                    if fut is not None:
+                    if wanted:
                         fut.set_exception(e)
                     else:
                         logger.exception("engine command failed")

@@ -58,7 +58,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         t0 = time.perf_counter()
         self.config = config
-        self.model_config = ModelConfig.from_pretrained(config.model, config.torch_dtype)
+        self.model_config = ModelConfig.from_pretrained(config.model, config.torch_dtype, config.load_format)
         mc = self.model_config
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
         if config.max_model_len is not None and config.max_model_len > mc.max_model_len:
@@ -76,9 +76,11 @@ class LLMEngine:
         self._child_to_group: dict[str, _Group] = {}
         self._counter = 0
         bpt = mc.kv_cache_bytes_per_token()
+        mla = (f" (MLA latent; MHA of equal heads would need {mc.mha_kv_cache_bytes_per_token()})"
+               if mc.is_mla else "")
         self.startup_report = (
             f"FrontierLM: {mc.architecture} ({mc.dtype}, {self.runner.device}) | KV cache: {num_blocks} blocks x "
-            f"{config.block_size} tokens = {num_blocks * config.block_size} tokens, {bpt} bytes/token, "
+            f"{config.block_size} tokens = {num_blocks * config.block_size} tokens, {bpt} bytes/token{mla}, "
             f"{num_blocks * config.block_size * bpt / 2**30:.2f} GiB | loaded in {time.perf_counter() - t0:.1f}s")
         logger.info(self.startup_report)
 
@@ -345,4 +347,10 @@ class LLMEngine:
             "prefix_cache_hits": self.kv.prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions,
         }
+
+    def expert_load(self) -> list[list[int]]:
+        """MoE models: tokens routed to each expert, per MoE layer, since start (empty for dense models).
+        Counted on the device every forward; this is the one copy to the host, so call it when you need it
+        rather than every step."""
+        return self.runner.model.expert_load()
 

@@ -19,7 +19,7 @@ class ModelRunner:
         self.config = config
         self.model_config = model_config
         self.device = torch.device(config.device)
-        self.model = load_model(model_config, self.device)
+        self.model = load_model(model_config, self.device, config.load_format, seed=config.seed)
         self.sampler = Sampler(model_config.vocab_size, seed=config.seed)
         self.kv_caches: list[torch.Tensor] = []
         self._pool: ThreadPoolExecutor | None = None  # host work overlapped with the forward (grammar masks)
@@ -41,9 +41,10 @@ class ModelRunner:
 
     # ---- KV cache --------------------------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        mc = self.model_config
-        shape = (2, num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=mc.dtype, device=self.device) for _ in range(mc.num_layers)]
+        # Each layer says what it stores per token: [2, blocks, block_size, kv_heads, head_dim] for dense
+        # attention, [blocks, block_size, kv_lora_rank + rope_dim] for MLA's latent cache.
+        shapes = self.model.kv_cache_shapes(num_blocks, self.block_size)
+        self.kv_caches = [torch.zeros(s, dtype=self.model_config.dtype, device=self.device) for s in shapes]
         self.model.bind_kv_cache(self.kv_caches)
 
     # ---- one step --------------------------------------------------------------------------------

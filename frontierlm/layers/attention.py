@@ -229,6 +229,15 @@ class Attention(nn.Module):
         self.backend = backend or TorchAttentionBackend()
         self.kv_cache: torch.Tensor | None = None  # [2, num_blocks, block_size, Hkv, D], bound by the engine
 
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)
+
+    def bind_kv_cache(self, cache: torch.Tensor) -> None:
+        if cache.dim() != 5 or tuple(cache.shape) != self.kv_cache_shape(cache.shape[1], cache.shape[2]):
+            raise ValueError(f"KV cache must be [2, num_blocks, block_size, {self.num_kv_heads}, "
+                             f"{self.head_dim}], got {tuple(cache.shape)}")
+        self.kv_cache = cache
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan=None) -> torch.Tensor:
         """q [..., Hq, D], k/v [..., Hkv, D]; plan = backend.plan(attn_meta) or None for plain causal."""
         if plan is None:

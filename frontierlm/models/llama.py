@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 from frontierlm.config import ModelConfig
-from frontierlm.layers.activation import GatedActivation
 from frontierlm.layers.attention import Attention, AttentionBackend, AttentionMetadata, get_attn_backend
-from frontierlm.layers.embedding import LMHead, VocabEmbedding
-from frontierlm.layers.linear import Linear, MergedLinear, QKVLinear
+from frontierlm.layers.embedding import VocabEmbedding
+from frontierlm.layers.linear import Linear, QKVLinear
+from frontierlm.layers.mlp import GatedMLP
 from frontierlm.layers.norm import RMSNorm
 from frontierlm.layers.rotary import RotaryEmbedding, rope_parameters
+from frontierlm.models.decoder import CausalLM, DecoderLayer
 
 
 class LlamaAttention(nn.Module):
@@ -47,45 +48,21 @@ class LlamaAttention(nn.Module):
         return self.o_proj(o.reshape(*lead, self.num_heads * self.head_dim))
 
 
-class LlamaMLP(nn.Module):
-    def __init__(self, mc: ModelConfig):
-        super().__init__()
-        c = mc.hf_config
-        bias = bool(getattr(c, "mlp_bias", False))
-        self.gate_up_proj = MergedLinear(mc.hidden_size, [c.intermediate_size] * 2, bias=bias)
-        self.down_proj = Linear(c.intermediate_size, mc.hidden_size, bias=bias)
-        self.act = GatedActivation(getattr(c, "hidden_act", "silu"))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
-
-
-class LlamaDecoderLayer(nn.Module):
-    def __init__(self, mc: ModelConfig, layer_idx: int, backend: AttentionBackend, qkv_bias: bool, qk_norm: bool):
-        super().__init__()
-        eps = mc.hf_config.rms_norm_eps
-        self.self_attn = LlamaAttention(mc, layer_idx, backend, qkv_bias, qk_norm)
-        self.mlp = LlamaMLP(mc)
-        self.input_layernorm = RMSNorm(mc.hidden_size, eps)
-        self.post_attention_layernorm = RMSNorm(mc.hidden_size, eps)
-
-    def forward(self, x, residual, cos_sin, rotary, plan):
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, cos_sin, rotary, plan)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+def dense_mlp(mc: ModelConfig, intermediate_size: int | None = None) -> GatedMLP:
+    c = mc.hf_config
+    return GatedMLP(mc.hidden_size, intermediate_size or c.intermediate_size, getattr(c, "hidden_act", "silu"),
+                    bias=bool(getattr(c, "mlp_bias", False)))
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, mc: ModelConfig, backend: AttentionBackend, qkv_bias: bool, qk_norm: bool):
+    def __init__(self, mc: ModelConfig, backend: AttentionBackend, qkv_bias: bool, qk_norm: bool, make_mlp):
         super().__init__()
         c = mc.hf_config
         self.embed_tokens = VocabEmbedding(mc.vocab_size, mc.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(mc, i, backend, qkv_bias, qk_norm)
-                                    for i in range(mc.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(LlamaAttention(mc, i, backend, qkv_bias, qk_norm), make_mlp(mc, i), mc.hidden_size,
+                         c.rms_norm_eps)
+            for i in range(mc.num_layers))
         self.norm = RMSNorm(mc.hidden_size, c.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(mc.head_dim, mc.max_model_len, rope_parameters(c))
 
@@ -117,7 +94,7 @@ def _token_seq_lens(meta: AttentionMetadata, num_tokens: int) -> torch.Tensor:
     return lens
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     # checkpoint name -> (our parameter name, shard id): one loader serves every architecture.
     packed_modules_mapping = {
         "q_proj": ("qkv_proj", "q"),
@@ -134,35 +111,15 @@ class LlamaForCausalLM(nn.Module):
         self.config = model_config
         self.attn_backend = attn_backend or get_attn_backend()
         qkv_bias = self.qkv_bias_always or bool(getattr(model_config.hf_config, "attention_bias", False))
-        self.model = LlamaModel(model_config, self.attn_backend, qkv_bias, self.qk_norm)
-        self.lm_head = LMHead(model_config.vocab_size, model_config.hidden_size)
-        if model_config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.model = LlamaModel(model_config, self.attn_backend, qkv_bias, self.qk_norm, self.make_mlp)
+        self._init_head(model_config)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                attn_meta: AttentionMetadata | None = None) -> torch.Tensor:
-        """input_ids/positions [num_tokens] (or [batch, seq] when attn_meta is None) -> hidden states."""
-        if attn_meta is not None and input_ids.dim() != 1:
-            raise ValueError(f"with attn_meta, input_ids must be flat [num_tokens], got {tuple(input_ids.shape)}")
-        plan = None if attn_meta is None else self.attn_backend.plan(attn_meta)
-        return self.model(input_ids, positions, attn_meta, plan)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden_states)
+    def make_mlp(self, mc: ModelConfig, layer_idx: int) -> nn.Module:
+        """The feed-forward block of one layer; MoE architectures override this."""
+        return dense_mlp(mc)
 
     def attention_layers(self) -> list[Attention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
-
-    def bind_kv_cache(self, kv_caches: list[torch.Tensor]) -> None:
-        """Give each layer its [2, num_blocks, block_size, num_kv_heads, head_dim] cache tensor."""
-        layers = self.attention_layers()
-        if len(kv_caches) != len(layers):
-            raise ValueError(f"got {len(kv_caches)} KV cache tensors for {len(layers)} layers")
-        for attn, cache in zip(layers, kv_caches):
-            if cache.dim() != 5 or cache.shape[0] != 2 or tuple(cache.shape[3:]) != (attn.num_kv_heads, attn.head_dim):
-                raise ValueError(f"KV cache must be [2, num_blocks, block_size, {attn.num_kv_heads}, "
-                                 f"{attn.head_dim}], got {tuple(cache.shape)}")
-            attn.kv_cache = cache
+        return self.kv_cache_modules()
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -33,47 +33,85 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def load_model(model_config: ModelConfig, device: torch.device | str = "cpu") -> nn.Module:
-    """The model on `device`, in model_config.dtype, weights loaded, in eval mode."""
+def load_model(model_config: ModelConfig, device: torch.device | str = "cpu", load_format: str = "auto",
+               seed: int = 0) -> nn.Module:
+    """The model on `device`, in model_config.dtype, weights loaded (or random with load_format="dummy"),
+    in eval mode."""
     model_cls = get_model_class(model_config.architecture)
     # Allocate parameters directly on the device and in the target dtype (no float32 copy on the host).
     with _default_dtype(model_config.dtype), torch.device(device):
         model = model_cls(model_config)
-    load_weights(model, model_config.weight_files)
+    if load_format == "dummy":
+        init_dummy_weights(model, getattr(model_config.hf_config, "initializer_range", 0.02), seed)
+    else:
+        load_weights(model, model_config.weight_files)
     return model.eval()
 
 
-def _target(name: str, mapping: dict) -> tuple[str, object]:
-    """Checkpoint tensor name -> (parameter name, shard id) via the packed-modules mapping."""
-    parts = name.split(".")
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, std: float = 0.02, seed: int = 0) -> None:
+    """vLLM's dummy format: random weights drawn on the model's device (no checkpoint, no host copy), so a
+    real shape can be benchmarked from its config.json. Norm weights 1, biases and routing biases 0."""
+    gen = None
+    for name, p in model.named_parameters():
+        if gen is None:
+            gen = torch.Generator(device=p.device).manual_seed(seed)
+        if p.dim() >= 2:
+            p.normal_(0.0, std, generator=gen)
+        elif "norm" in name:
+            p.fill_(1.0)
+        else:
+            p.zero_()
+
+
+def _target(name: str, model: nn.Module) -> tuple[str, object]:
+    """Checkpoint tensor name -> (parameter name, shard id): module renames first, then per-expert tensors
+    into the fused expert parameters (shard id (expert, part)), then the packed-modules mapping."""
+    renames = getattr(model, "checkpoint_renames", {})
+    parts = [renames.get(p, p) for p in name.split(".")]
+    experts = getattr(model, "expert_weights_mapping", {})
+    if experts and "experts" in parts:
+        i = parts.index("experts")
+        if i + 2 < len(parts) and parts[i + 1].isdigit() and parts[i + 2] in experts:
+            fused, part = experts[parts[i + 2]]
+            return ".".join(parts[:i + 1] + [fused]), (int(parts[i + 1]), part)
+    mapping = getattr(model, "packed_modules_mapping", {})
     for i, part in enumerate(parts):
         if part in mapping:
             packed, shard = mapping[part]
             return ".".join(parts[:i] + [packed] + parts[i + 1:]), shard
-    return name, None
+    return ".".join(parts), None
 
 
-def _checkpoint_name(param_name: str, shard, mapping: dict) -> str:
+def _checkpoint_name(param_name: str, shard, model: nn.Module) -> str:
     """Inverse of _target, for error messages that name the tensor the user's checkpoint lacks."""
     parts = param_name.split(".")
-    for src, (packed, sid) in mapping.items():
-        if sid == shard and packed in parts:
-            i = parts.index(packed)
-            return ".".join(parts[:i] + [src] + parts[i + 1:])
-    return param_name
+    name = param_name
+    if isinstance(shard, tuple) and len(parts) >= 2 and parts[-2] == "experts":
+        for src, (fused, part) in getattr(model, "expert_weights_mapping", {}).items():
+            if fused == parts[-1] and part == shard[1]:
+                name = ".".join(parts[:-1] + [str(shard[0]), src, "weight"])
+    else:
+        for src, (packed, sid) in getattr(model, "packed_modules_mapping", {}).items():
+            if sid == shard and packed in parts:
+                i = parts.index(packed)
+                name = ".".join(parts[:i] + [src] + parts[i + 1:])
+                break
+    back = {ours: theirs for theirs, ours in getattr(model, "checkpoint_renames", {}).items()}
+    return ".".join(back.get(p, p) for p in name.split("."))
 
 
 def load_weights(model: nn.Module, weight_files: list[str]) -> None:
     params = dict(model.named_parameters())  # tied weights appear once, under the embedding's name
-    mapping = getattr(model, "packed_modules_mapping", {})
+    skip = getattr(model, "skip_checkpoint_weight", lambda name: False)
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     loaded, unexpected = set(), []
     for path in weight_files:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
-                if name.endswith(_SKIP_SUFFIXES) or (tied and name == "lm_head.weight"):
+                if name.endswith(_SKIP_SUFFIXES) or (tied and name == "lm_head.weight") or skip(name):
                     continue
-                target, shard = _target(name, mapping)
+                target, shard = _target(name, model)
                 param = params.get(target)
                 if param is None:
                     unexpected.append(name)
@@ -92,6 +130,6 @@ def load_weights(model: nn.Module, weight_files: list[str]) -> None:
             continue
         for shard in getattr(param, "shard_ids", (None,)):
             if (name, shard) not in loaded:
-                missing.append(_checkpoint_name(name, shard, mapping))
+                missing.append(_checkpoint_name(name, shard, model))
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} weights: {', '.join(missing)}")

@@ -9,6 +9,11 @@ _MODELS = {
     "MistralForCausalLM": ("frontierlm.models.llama", "MistralForCausalLM"),
     "Qwen2ForCausalLM": ("frontierlm.models.llama", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("frontierlm.models.llama", "Qwen3ForCausalLM"),
+    "MixtralForCausalLM": ("frontierlm.models.mixtral", "MixtralForCausalLM"),
+    "Qwen2MoeForCausalLM": ("frontierlm.models.qwen_moe", "Qwen2MoeForCausalLM"),
+    "Qwen3MoeForCausalLM": ("frontierlm.models.qwen_moe", "Qwen3MoeForCausalLM"),
+    "DeepseekV2ForCausalLM": ("frontierlm.models.deepseek", "DeepseekV2ForCausalLM"),
+    "DeepseekV3ForCausalLM": ("frontierlm.models.deepseek", "DeepseekV3ForCausalLM"),
 }
 
 

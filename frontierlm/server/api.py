@@ -116,6 +116,7 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, max_queue: int 
 
     @app.get("/metrics")
     async def prometheus():
+        await metrics.refresh_expert_load(async_engine)  # MoE models: a fresh snapshot, taken on the engine thread
         data, content_type = metrics.render()
         return Response(data, media_type=content_type)
 

@@ -1,6 +1,7 @@
 """GET /dashboard (one static page) and GET /dashboard/state (a JSON snapshot taken on the engine thread)."""
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -28,14 +29,17 @@ def snapshot(engine) -> dict:
     return {"blocks": blocks, "block_size": engine.kv.block_size, "stats": engine.get_stats(),
             "running": [_request_row(r, now) for r in sched.running],
             "waiting": [_request_row(r, now) for r in sched.waiting],
-            "max_model_len": engine.max_model_len}
+            "max_model_len": engine.max_model_len,
+            # MoE: tokens per expert per MoE layer ([] for dense models); one device-to-host copy per poll
+            "expert_load": engine.expert_load()}
 
 
 def add_routes(app: FastAPI, ctx) -> None:
     @app.get("/dashboard/state")
     async def state():
-        snap = await ctx.engine.call(snapshot) if ctx.engine.is_ready else {"blocks": "", "running": [],
-                                                                             "waiting": [], "stats": {}}
+        # shielded: a client that goes away must not cancel the command queued on the engine thread
+        snap = await asyncio.shield(ctx.engine.call(snapshot)) if ctx.engine.is_ready else {
+            "blocks": "", "running": [], "waiting": [], "stats": {}, "expert_load": []}
         snap["model"] = ctx.served_model_name
         snap["series"] = ctx.metrics.recent_series() if hasattr(ctx.metrics, "recent_series") else {}
         return snap

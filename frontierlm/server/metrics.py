@@ -5,12 +5,14 @@ thread feeds this through the AsyncEngine's StatsSink hooks; the HTTP layer repo
 """
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import OrderedDict
 
 import prometheus_client
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from frontierlm.engine.async_engine import StatsSink
 
@@ -64,6 +66,41 @@ class _Series:
                 "prefix_hit_rate": [ratio(b, "prefix_hits", "prefix_queries") for _, b in rows]}
 
 
+def expert_imbalance(counts: list[int]) -> float:
+    """max / mean tokens per expert of one MoE layer (1 = perfectly balanced; 0 before any token is routed)."""
+    total = sum(counts)
+    return max(counts) * len(counts) / total if total else 0.0
+
+
+class _MoECollector:
+    """frontierlm:moe_expert_tokens_total{layer, expert} and frontierlm:moe_expert_imbalance{layer}, built at
+    scrape time from ServerMetrics.expert_load (nothing for dense models). `layer` is the index among the
+    model's MoE layers, in model order (dense layers are skipped), as LLMEngine.expert_load() returns them."""
+
+    def __init__(self, metrics: "ServerMetrics"):
+        self.metrics = metrics
+
+    def describe(self):
+        return []  # the series come and go with the model; nothing to reserve in the registry
+
+    def collect(self):
+        load, name = self.metrics.expert_load, self.metrics.model_name  # one read of a replaced-whole list
+        if not load:
+            return
+        tokens = CounterMetricFamily("frontierlm:moe_expert_tokens", "Tokens routed to each expert of each MoE "
+                                     "layer (top-k: a token counts once per chosen expert).",
+                                     labels=["model_name", "layer", "expert"])
+        imbalance = GaugeMetricFamily("frontierlm:moe_expert_imbalance", "Max / mean tokens per expert of each "
+                                      "MoE layer (1 = balanced, 0 before any token).",
+                                      labels=["model_name", "layer"])
+        for layer, counts in enumerate(load):
+            for expert, n in enumerate(counts):
+                tokens.add_metric([name, str(layer), str(expert)], n)
+            imbalance.add_metric([name, str(layer)], expert_imbalance(counts))
+        yield tokens
+        yield imbalance
+
+
 class ServerMetrics(StatsSink):
     def __init__(self, model_name: str, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
@@ -103,6 +140,10 @@ class ServerMetrics(StatsSink):
             self._failure.labels(model_name, reason)
         self._last = {"prefix_cache_queries": 0, "prefix_cache_hits": 0, "num_preemptions": 0}
         self.series = _Series()
+        # MoE expert load: the last snapshot of LLMEngine.expert_load(), exported by _MoECollector.
+        self.expert_load: list[list[int]] = []
+        self._dense = False  # set once a snapshot comes back empty: dense models skip the engine round trip
+        self.registry.register(_MoECollector(self))
 
     # ---- StatsSink (engine thread) ---------------------------------------------------------------------
     def on_step(self, stats: dict) -> None:
@@ -145,6 +186,26 @@ class ServerMetrics(StatsSink):
 
     def recent_series(self, seconds: int = 60) -> dict:
         return self.series.snapshot(seconds)
+
+    async def refresh_expert_load(self, async_engine, timeout: float = 2.0) -> None:
+        """Take a fresh expert-load snapshot before a scrape (the HTTP side; a no-op for dense models).
+
+        Safety: the engine is not thread-safe and expert_load() copies counters off the device, so it runs on
+        the engine thread between steps (AsyncEngine.call, as the dashboard's snapshot does), once per scrape
+        and never per step. The result replaces self.expert_load whole, so the collector, which only reads that
+        attribute, never sees a half-written value. The call is shielded: cancelling the scrape (timeout, client
+        gone) must not cancel the engine command. A busy, loading or dead engine leaves the last snapshot."""
+        if not async_engine.is_ready or async_engine.dead is not None:
+            return
+        if self._dense:
+            return
+        try:
+            fut = asyncio.ensure_future(async_engine.call(lambda engine: engine.expert_load()))
+            load = await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except Exception:  # noqa: BLE001 - a scrape must answer; the next one retries
+            return
+        self._dense = not load
+        self.expert_load = load
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
