@@ -1,6 +1,7 @@
 """Engine behaviour through the public API: request validation, seeds across batch compositions, stop rules,
 streaming, abort, priorities, n>1 block sharing, chat, logprobs."""
 import pytest
+import torch
 
 from frontierlm import LLM, LLMEngine, SamplingParams
 
@@ -187,3 +188,21 @@ def test_prefix_cache_stats_count_admitted_requests(tiny_model_dir):
     stats = llm.llm_engine.get_stats()
     assert out.num_cached_tokens == 16
     assert stats["prefix_cache_queries"] == 36 and stats["prefix_cache_hits"] == 16
+
+
+@pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])
+def test_dummy_load_format_needs_only_config_json(tiny_model_dir, tmp_path, arch):
+    """vLLM's load_format="dummy": random weights from config.json alone (real shapes, nothing to download)."""
+    import shutil
+
+    shutil.copy(f"{tiny_model_dir(arch)}/config.json", tmp_path / "config.json")
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        LLM(str(tmp_path))
+    llm = LLM(str(tmp_path), load_format="dummy", block_size=4)
+    model = llm.llm_engine.runner.model
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert float(model.model.norm.weight.detach().min()) == 1.0  # norms start at one, matrices random
+    out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+    with pytest.raises(ValueError, match="load_format"):
+        LLM(str(tmp_path), load_format="pt-bin")
