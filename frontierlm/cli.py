@@ -1,4 +1,5 @@
-"""`frontierlm` command line: generate, chat, serve, grammar check, bench serve (plan, sim and train come later)."""
+"""`frontierlm` command line: generate, chat, serve, grammar check, bench serve, train, train-tokenizer, distill
+(plan and sim come later)."""
 from __future__ import annotations
 
 import argparse
@@ -45,6 +46,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from frontierlm.bench.serve import add_bench_serve_args
 
     add_bench_serve_args(bench_sub.add_parser("serve", help="load an OpenAI-compatible server; latency report"))
+    from frontierlm.train import cli as train_cli
+
+    train_cli.add_parsers(sub)
     return parser
 
 
@@ -164,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = _build_parser().parse_args(argv)
     try:
+        from frontierlm.train.cli import COMMANDS as train_commands
+
         commands = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "bench": cmd_bench,
-                    "grammar": cmd_grammar}
+                    "grammar": cmd_grammar, **train_commands}
         return commands[args.command](args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

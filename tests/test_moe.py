@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from frontierlm.layers.mlp import GatedMLP
-from frontierlm.layers.moe import FusedExperts, MoE, RoutingConfig, select_experts
+from frontierlm.layers.moe import FusedExperts, MoE, RoutingConfig, load_balancing_loss, select_experts
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -344,6 +344,77 @@ def test_expert_counts_accumulate_and_reset():
     moe.train()
     moe(x1)
     assert moe.last_router_logits.shape == (5, 8)
+
+
+# ---------------------------------------------------------------- training-time balancing
+
+def test_load_balancing_loss_by_hand():
+    """N * sum_i f_i P_i on fixed router outputs: 4 tokens, 4 experts, top-1."""
+    logits = torch.log(torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.6, 0.2, 0.1, 0.1],
+                                     [0.1, 0.1, 0.7, 0.1], [0.4, 0.3, 0.2, 0.1]]))
+    routing = RoutingConfig(4, 1)
+    ids = select_experts(logits, routing)[1]
+    assert ids.flatten().tolist() == [0, 0, 2, 0]
+    f = [3 / 4, 0, 1 / 4, 0]                       # share of routed slots per expert
+    p = [(0.7 + 0.6 + 0.1 + 0.4) / 4, (0.1 + 0.2 + 0.1 + 0.3) / 4, (0.1 + 0.1 + 0.7 + 0.2) / 4, 0.4 / 4]
+    expected = 4 * sum(fi * pi for fi, pi in zip(f, p))
+    assert load_balancing_loss(logits, ids, routing).item() == pytest.approx(expected, rel=1e-6)
+    uniform = torch.zeros(8, 4)
+    even = torch.arange(8).remainder(4)[:, None]
+    assert load_balancing_loss(uniform, even, routing).item() == pytest.approx(1.0)
+    # sigmoid scores are normalized per token before averaging
+    sig = RoutingConfig(4, 1, scoring="sigmoid")
+    s = logits.sigmoid()
+    p = (s / s.sum(-1, keepdim=True)).mean(0).tolist()
+    assert load_balancing_loss(logits, ids, sig).item() == pytest.approx(4 * sum(a * b for a, b in zip(f, p)),
+                                                                        rel=1e-6)
+
+
+def test_aux_loss_is_set_in_training_and_has_router_gradient():
+    torch.manual_seed(0)
+    moe = MoE(16, 8, RoutingConfig(8, 2))
+    _init(moe)
+    moe.aux_loss_coef = 0.01
+    x = torch.randn(12, 16)
+    moe.eval()
+    moe(x)
+    assert moe.aux_loss is None  # inference never pays for it
+    moe.train()
+    moe(x)
+    ids = select_experts(F.linear(x, moe.gate.weight), moe.routing)[1]
+    expected = 0.01 * load_balancing_loss(F.linear(x, moe.gate.weight), ids, moe.routing)
+    torch.testing.assert_close(moe.aux_loss, expected)
+    moe.aux_loss.backward()
+    assert moe.gate.weight.grad is not None and moe.gate.weight.grad.abs().sum() > 0
+
+
+def test_aux_free_bias_moves_toward_balance():
+    """Router skewed toward expert 0: repeated bias updates (DeepSeek-V3, gamma per step) shrink the
+    imbalance without touching the router weights or the gating weights' formula."""
+    torch.manual_seed(0)
+    routing = RoutingConfig(8, 2, scoring="sigmoid", num_groups=None)
+    moe = MoE(16, 8, routing, correction_bias=True).train()
+    _init(moe)
+    with torch.no_grad():
+        moe.gate.weight[0] += 0.5  # expert 0 wins most tokens
+    x = torch.randn(256, 16)
+
+    def imbalance():
+        moe(x)
+        load = moe.last_counts.float()
+        return (load.max() / load.mean()).item()
+
+    before, w = imbalance(), moe.gate.weight.detach().clone()
+    for _ in range(60):
+        moe(x)
+        moe.update_correction_bias(0.01)
+    after = imbalance()
+    assert after < before and after < 1.5
+    bias = moe.gate.e_score_correction_bias
+    assert bias[0] < 0 and bias.argmin() == 0  # the overloaded expert was pushed down most
+    assert torch.equal(moe.gate.weight.detach(), w)
+    with pytest.raises(ValueError, match="correction bias"):
+        MoE(16, 8, RoutingConfig(8, 2)).update_correction_bias(0.01)
 
 
 # ---------------------------------------------------------------- CUDA

@@ -215,6 +215,23 @@ def _copy(target: torch.Tensor, loaded_weight: torch.Tensor, shard_id) -> None:
     target.copy_(loaded_weight)
 
 
+def load_balancing_loss(router_logits: torch.Tensor, ids: torch.Tensor, cfg: RoutingConfig) -> torch.Tensor:
+    """N * sum_i f_i * P_i (Switch Transformer, DeepSeek's expert-level balance loss): f_i is the share of the
+    T * k routed slots that went to expert i (counted, no gradient), P_i the mean routing probability of expert i
+    (differentiable, so the router learns to spread tokens). Equals 1 when routing is perfectly uniform.
+    Sigmoid scores are normalized per token first, as DeepSeek-V3 does."""
+    logits = router_logits.float()
+    if cfg.scoring == "softmax":
+        probs = logits.softmax(dim=-1)
+    else:
+        probs = logits.sigmoid()
+        probs = probs / (probs.sum(dim=-1, keepdim=True) + 1e-20)
+    counts = torch.zeros(cfg.num_experts, device=logits.device).scatter_add_(
+        0, ids.reshape(-1), torch.ones(ids.numel(), device=logits.device))
+    f = counts / max(ids.numel(), 1)
+    return cfg.num_experts * (f * probs.mean(dim=0)).sum()
+
+
 class MoE(nn.Module):
     """Router + routed experts (+ always-on shared experts). x [..., H] -> [..., H].
 
@@ -241,6 +258,11 @@ class MoE(nn.Module):
         self.register_buffer("expert_counts", torch.zeros(routing.num_experts, dtype=torch.int64),
                              persistent=False)
         self.last_router_logits = None  # kept in training mode only, for an auxiliary load-balancing loss
+        # Training-time balancing (frontierlm/train): aux_loss_coef > 0 sets self.aux_loss each forward;
+        # update_correction_bias() is DeepSeek-V3's auxiliary-loss-free alternative.
+        self.aux_loss_coef = 0.0
+        self.aux_loss: torch.Tensor | None = None
+        self.last_counts: torch.Tensor | None = None
         self.shared_name = shared_name if shared_intermediate_size else None
         if self.shared_name:
             if not shared_name.isidentifier() or hasattr(self, shared_name):
@@ -267,5 +289,19 @@ class MoE(nn.Module):
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
         if self.training:
-            self.last_router_logits = logits
+            self.last_router_logits, self.last_counts = logits, counts
+            if self.aux_loss_coef > 0:
+                self.aux_loss = self.aux_loss_coef * load_balancing_loss(logits, ids, self.routing)
         return out.view(shape)
+
+    @torch.no_grad()
+    def update_correction_bias(self, gamma: float) -> None:
+        """DeepSeek-V3's auxiliary-loss-free balancing, once per training step: nudge each expert's selection
+        bias by gamma toward balance (down if it got more than the mean load in the last forward, up if less).
+        The bias only decides selection, so the gating weights and the loss are untouched."""
+        bias = getattr(self.gate, "e_score_correction_bias", None)
+        if bias is None:
+            raise ValueError("auxiliary-loss-free balancing needs a correction bias (MoE(correction_bias=True))")
+        if self.last_counts is not None:
+            load = self.last_counts.float()
+            bias += gamma * torch.sign(load.mean() - load)

@@ -1,0 +1,119 @@
+"""Build a trainable engine model from a ModelSection: the transformers config (what config.json will hold),
+the in-memory ModelConfig, initialised parameters, and the loss hooks model-specific code plugs into."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from frontierlm.config import ModelConfig
+from frontierlm.models.registry import get_model_class
+from frontierlm.train.config import ModelSection
+
+
+def hf_config_class(architecture: str):
+    """The transformers config class of an architecture name (LlamaForCausalLM -> LlamaConfig)."""
+    import transformers
+
+    model_cls = getattr(transformers, architecture, None)
+    config_cls = getattr(model_cls, "config_class", None)
+    if config_cls is None:
+        raise ValueError(f"model.architecture {architecture!r} has no transformers config class")
+    return config_cls
+
+
+def build_hf_config(section: ModelSection, vocab_size: int, bos_token_id: int | None = None,
+                    eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None):
+    """The transformers config for `section` (architectures set, float32); `section.extra` goes in as-is."""
+    kw = dict(
+        vocab_size=vocab_size, hidden_size=section.hidden_size, intermediate_size=section.intermediate_size,
+        num_hidden_layers=section.num_hidden_layers, num_attention_heads=section.num_attention_heads,
+        num_key_value_heads=section.num_key_value_heads or section.num_attention_heads,
+        max_position_embeddings=section.max_position_embeddings, rms_norm_eps=section.rms_norm_eps,
+        tie_word_embeddings=section.tie_word_embeddings, initializer_range=section.initializer_range,
+        rope_theta=section.rope_theta, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id, architectures=[section.architecture], dtype="float32",
+    )
+    if section.head_dim is not None:
+        kw["head_dim"] = section.head_dim
+    kw.update(section.extra)
+    try:
+        return hf_config_class(section.architecture)(**kw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"invalid model config for {section.architecture}: {e}") from None
+
+
+def model_config_from_hf(hf_config, dtype: torch.dtype = torch.float32) -> ModelConfig:
+    """An in-memory ModelConfig (no directory, no weight files) for building a model to train."""
+    eos = hf_config.eos_token_id
+    eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    return ModelConfig("", hf_config, dtype, eos, hf_config.bos_token_id, [])
+
+
+def init_weights(model: nn.Module, std: float) -> None:
+    """Training init for models whose parameters start as torch.empty: normal(0, std) for matrices and
+    embeddings (any tensor of 2+ dims, so fused expert stacks too), ones for norm scales, zeros for the other
+    vectors (biases, routing biases); the loader's dummy format follows the same rule.
+    A module needing another rule defines `init_weights(std)`; it runs after the generic pass."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # tied weights appear once
+            if p.dim() >= 2:
+                p.normal_(0.0, std)
+            elif "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.zero_()
+        for module in model.modules():
+            if module is not model and callable(getattr(module, "init_weights", None)):
+                module.init_weights(std)
+
+
+def build_model(hf_config, device: torch.device | str = "cpu", seed: int | None = None) -> nn.Module:
+    """A freshly initialised float32 engine model for `hf_config`, in train mode."""
+    model_config = model_config_from_hf(hf_config)
+    model_cls = get_model_class(model_config.architecture)
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.device(device):
+        model = model_cls(model_config)
+    init_weights(model, hf_config.initializer_range)
+    return model.train()
+
+
+class CausalLM(nn.Module):
+    """An engine model as one module whose forward returns (hidden, logits): the unit DDP wraps, so every
+    parameter used by the loss is inside the synchronised forward."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        hidden = self.model(input_ids, positions)  # attn_meta=None: plain causal attention
+        return hidden, self.model.compute_logits(hidden)
+
+
+def auxiliary_losses(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor,
+                     labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Model-specific loss terms the trainer adds to the language-modelling loss (already weighted).
+
+    Hooks (not used by the dense models; MoE and MTP models plug in here):
+    * `aux_loss`: any module may set `self.aux_loss` to a scalar tensor during a training forward (e.g. MoE
+      load balancing, weighted by its own coefficient). They are summed here and reset to None so that no
+      autograd graph outlives its step.
+    * `mtp_loss`: a model with multi-token-prediction heads defines
+      `mtp_loss(hidden, input_ids, labels) -> scalar tensor`, called on the main model's final hidden states.
+    """
+    out = {}
+    aux = []
+    for module in model.modules():
+        value = getattr(module, "aux_loss", None)
+        if isinstance(value, torch.Tensor):
+            aux.append(value)
+            module.aux_loss = None
+    if aux:
+        out["aux"] = torch.stack([a.float() for a in aux]).sum()
+    mtp = getattr(model, "mtp_loss", None)
+    if callable(mtp):
+        out["mtp"] = mtp(hidden, input_ids, labels)
+    return out
