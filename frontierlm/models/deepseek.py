@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
@@ -133,11 +134,18 @@ class DeepseekV2ForCausalLM(CausalLM):
     expert_weights_mapping = {"gate_proj": ("w13", 0), "up_proj": ("w13", 1), "down_proj": ("w2", None)}
     v3 = False
 
-    def __init__(self, model_config: ModelConfig, attn_backend=None):
+    def __init__(self, model_config: ModelConfig, attn_backend=None, num_mtp_layers: int | None = None):
+        """num_mtp_layers: MTP modules to build (V3 only; the trainer builds them from scratch); None: as many
+        as the checkpoint holds."""
         super().__init__()
         self.config = model_config
         self.attn_backend = attn_backend or TorchMLABackend()
-        self.num_mtp_layers = _mtp_layers_in_checkpoint(model_config) if self.v3 else 0
+        if num_mtp_layers is None:
+            num_mtp_layers = _mtp_layers_in_checkpoint(model_config) if self.v3 else 0
+        elif num_mtp_layers < 0 or (num_mtp_layers and not self.v3):
+            raise ValueError(f"num_mtp_layers must be >= 0 (and 0 for DeepSeek-V2), got {num_mtp_layers}")
+        self.num_mtp_layers = num_mtp_layers
+        self.mtp_loss_weight = 0.3  # lambda of mtp_loss (DeepSeek-V3's value early in training)
         self.model = DeepseekModel(model_config, self.attn_backend, self.v3, self.num_mtp_layers)
         self._init_head(model_config)
 
@@ -155,22 +163,57 @@ class DeepseekV2ForCausalLM(CausalLM):
         return [layer.self_attn for layer in self.model.layers[:self.config.num_layers]]
 
     def mtp_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, previous_hidden: torch.Tensor,
-                    depth: int = 0) -> torch.Tensor:
+                    depth: int = 0, return_next_hidden: bool = False):
         """Multi-token prediction over contiguous sequences (plain causal attention, no cache): given the
         hidden state at position i (this model's output, or the previous MTP depth's) and the token at i + 1
-        + depth, returns the MTP module's hidden state; `mtp_logits` turns it into logits for token i + 2 + depth."""
+        + depth, returns the MTP module's hidden state; `mtp_logits` turns it into logits for token i + 2 + depth.
+
+        return_next_hidden: return (that hidden state, the module's output before its shared head's norm): the
+        second is what depth + 1 takes as previous_hidden (as in vLLM's DeepSeek MTP)."""
         if not 0 <= depth < self.num_mtp_layers:
-            raise ValueError(f"MTP depth {depth} not available: the checkpoint holds {self.num_mtp_layers} MTP modules")
+            raise ValueError(f"MTP depth {depth} not available: the model has {self.num_mtp_layers} MTP modules")
         layer: MTPLayer = self.model.layers[self.config.num_layers + depth]
         embeds = self.model.embed_tokens(input_ids)
         x = layer.eh_proj(torch.cat([layer.enorm(embeds), layer.hnorm(previous_hidden)], dim=-1))
         cos_sin = self.model.rope(positions, None)
         x, residual = layer(x, None, cos_sin, self.model.rotary_emb, None)
-        x, _ = layer.shared_head.norm(x, residual)
-        return x
+        x, residual = layer.shared_head.norm(x, residual)
+        return (x, residual) if return_next_hidden else x
 
     def mtp_logits(self, mtp_hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(mtp_hidden)
+
+    def mtp_loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        """DeepSeek-V3's multi-token-prediction objective on [B, T] training sequences (labels: input_ids shifted
+        by one; -100 is ignored). Depth k = 1..D predicts t_{i+k+1} = labels[i + k] from h^{k-1}_i (h^0 = `hidden`,
+        the main model's final hidden states) and the embedding of t_{i+k} = input_ids[i + k], for the T - k
+        positions whose target is inside the sequence. Returns mtp_loss_weight / D * the sum of the D mean
+        cross-entropies, or None without MTP modules."""
+        if self.num_mtp_layers == 0:
+            return None
+        seq_len = input_ids.shape[1]
+        if seq_len <= self.num_mtp_layers:
+            raise ValueError(f"MTP depth {self.num_mtp_layers} needs sequences longer than {self.num_mtp_layers} "
+                             f"tokens, got {seq_len}")
+        positions = torch.arange(seq_len, device=input_ids.device).expand_as(input_ids)
+        previous, losses = hidden, []
+        for k in range(1, self.num_mtp_layers + 1):
+            n = seq_len - k
+            head_hidden, previous = self.mtp_forward(input_ids[:, k:], positions[:, :n], previous[:, :n], k - 1,
+                                                     return_next_hidden=True)
+            logits = self.mtp_logits(head_hidden)
+            losses.append(F.cross_entropy(logits.flatten(0, 1).float(), labels[:, k:].flatten()))
+        return self.mtp_loss_weight / self.num_mtp_layers * torch.stack(losses).sum()
+
+    def checkpoint_extra_tensors(self) -> dict[str, torch.Tensor]:
+        """What an export writes beyond the state dict: like DeepSeek's releases, each MTP module gets its own
+        copy of the shared embedding and output head (skip_checkpoint_weight skips them when loading)."""
+        out = {}
+        for i in range(self.num_mtp_layers):
+            prefix = f"model.layers.{self.config.num_layers + i}."
+            out[prefix + "embed_tokens.weight"] = self.model.embed_tokens.weight
+            out[prefix + "shared_head.head.weight"] = self.lm_head.weight
+        return out
 
 
 class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):

@@ -51,7 +51,8 @@ def split_fused_experts(name: str, tensor: torch.Tensor,
 
 def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors under checkpoint names (contiguous CPU copies), ready for safetensors: the inverse of
-    the loader's packed-modules mapping, expert mapping and module renames."""
+    the loader's packed-modules mapping, expert mapping and module renames, plus whatever the model's
+    `checkpoint_extra_tensors()` adds (copies of shared tensors the loader skips)."""
     by_packed: dict[str, list] = {}
     for src, (packed, shard) in getattr(model, "packed_modules_mapping", {}).items():
         by_packed.setdefault(packed, []).append((src, shard))
@@ -77,6 +78,9 @@ def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         split = split_fused_experts(name, tensor, experts)
         out.update(split if split is not None else {name: tensor})
+    extra = getattr(model, "checkpoint_extra_tensors", None)  # e.g. DeepSeek's per-MTP-module head copies
+    if callable(extra):
+        out.update(extra())
     return {".".join(renames.get(p, p) for p in k.split(".")): v.detach().to("cpu").contiguous().clone()
             for k, v in out.items()}
 

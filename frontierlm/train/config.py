@@ -24,10 +24,44 @@ def _check_range(name: str, value, lo: float, hi: float, lo_open=False, hi_open=
                          f"got {value!r}")
 
 
+# The MoE / MLA / MTP fields each architecture takes: our name -> the transformers config field it sets.
+# Qwen's first_k_dense_replace becomes mlp_only_layers = [0, k), Qwen2-MoE's num_shared_experts a shared expert
+# of n * moe_intermediate_size (see modeling.build_hf_config).
+_QWEN_MOE = {"num_experts": "num_experts", "num_experts_per_tok": "num_experts_per_tok",
+             "moe_intermediate_size": "moe_intermediate_size", "first_k_dense_replace": "mlp_only_layers"}
+_DEEPSEEK = {"num_experts": "n_routed_experts", "num_experts_per_tok": "num_experts_per_tok",
+             "moe_intermediate_size": "moe_intermediate_size", "num_shared_experts": "n_shared_experts",
+             "first_k_dense_replace": "first_k_dense_replace", "n_group": "n_group", "topk_group": "topk_group",
+             **{k: k for k in ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                               "v_head_dim")}}
+ARCH_FIELDS = {
+    "MixtralForCausalLM": {"num_experts": "num_local_experts", "num_experts_per_tok": "num_experts_per_tok"},
+    "Qwen2MoeForCausalLM": {**_QWEN_MOE, "num_shared_experts": "shared_expert_intermediate_size"},
+    "Qwen3MoeForCausalLM": _QWEN_MOE,
+    "DeepseekV2ForCausalLM": _DEEPSEEK,
+    "DeepseekV3ForCausalLM": {**_DEEPSEEK, "num_nextn_predict_layers": "num_nextn_predict_layers"},
+}
+MLA_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
+# The smallest value of each MoE / MLA / MTP field (when set).
+_MOE_MLA_MINIMUM = {"num_experts": 1, "num_experts_per_tok": 1, "moe_intermediate_size": 1,
+                    "num_shared_experts": 0, "first_k_dense_replace": 0, "n_group": 1, "topk_group": 1,
+                    "kv_lora_rank": 1, "q_lora_rank": 0, "qk_nope_head_dim": 1, "qk_rope_head_dim": 2,
+                    "v_head_dim": 1, "num_nextn_predict_layers": 0}
+# The only architecture whose router has a selection bias (DeepSeek-V3's e_score_correction_bias).
+BIAS_BALANCED_ARCHITECTURES = ("DeepseekV3ForCausalLM",)
+
+
 @dataclass
 class ModelSection:
     """The student architecture; names follow transformers' config fields. vocab_size comes from the
-    tokenizer. `extra` passes further fields to the transformers config class (e.g. MoE sizes)."""
+    tokenizer. `extra` passes further fields to the transformers config class as-is (e.g. DeepSeek's
+    routed_scaling_factor, norm_topk_prob).
+
+    MoE / MLA / MTP fields (None: the architecture's transformers default, sized for the released models, so
+    set them for a small one) apply to the architectures in ARCH_FIELDS; frontierlm/train/examples/
+    deepseek_v3.yaml shows them all. Scoring follows the architecture (V2: softmax, V3: sigmoid with a
+    correction bias); n_group / topk_group (DeepSeek group-limited routing) default to no group limit.
+    """
 
     architecture: str = "LlamaForCausalLM"
     hidden_size: int = 256
@@ -41,6 +75,19 @@ class ModelSection:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
+    num_experts: int | None = None  # routed experts
+    num_experts_per_tok: int | None = None  # top-k
+    moe_intermediate_size: int | None = None  # per routed expert (Mixtral's experts use intermediate_size)
+    num_shared_experts: int | None = None  # always-on experts of moe_intermediate_size
+    first_k_dense_replace: int | None = None  # the first k layers keep a dense MLP
+    n_group: int | None = None  # DeepSeek group-limited routing: experts split in n_group groups,
+    topk_group: int | None = None  # a token picks its experts inside its topk_group best groups
+    kv_lora_rank: int | None = None  # MLA (DeepSeek)
+    q_lora_rank: int | None = None  # 0: queries are not compressed
+    qk_nope_head_dim: int | None = None
+    qk_rope_head_dim: int | None = None
+    v_head_dim: int | None = None
+    num_nextn_predict_layers: int = 0  # DeepSeek-V3 multi-token-prediction depth D
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -52,18 +99,22 @@ class ModelSection:
         for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "max_position_embeddings"):
             _check_int(f"model.{name}", getattr(self, name))
-        if self.num_key_value_heads is not None:
+        if self.architecture in MLA_ARCHITECTURES:  # heads are sized by the MLA fields, one KV head per head
+            self.num_key_value_heads = None
+        elif self.num_key_value_heads is not None:
             _check_int("model.num_key_value_heads", self.num_key_value_heads)
             if self.num_attention_heads % self.num_key_value_heads:
                 raise ValueError(f"model.num_key_value_heads ({self.num_key_value_heads}) must divide "
                                  f"model.num_attention_heads ({self.num_attention_heads})")
         if self.head_dim is not None:
             _check_int("model.head_dim", self.head_dim, 2)
-        elif self.hidden_size % self.num_attention_heads:
+        elif self.hidden_size % self.num_attention_heads and self.architecture not in MLA_ARCHITECTURES:
             raise ValueError(f"model.num_attention_heads ({self.num_attention_heads}) must divide "
                              f"model.hidden_size ({self.hidden_size}) unless model.head_dim is set")
-        if (self.head_dim or self.hidden_size // self.num_attention_heads) % 2:
+        if self.architecture not in MLA_ARCHITECTURES and \
+                (self.head_dim or self.hidden_size // self.num_attention_heads) % 2:
             raise ValueError("model.head_dim must be even (rotary embeddings rotate pairs of dims)")
+        self._validate_moe_mla()
         _check_range("model.rope_theta", self.rope_theta, 0, float("inf"), lo_open=True)
         _check_range("model.rms_norm_eps", self.rms_norm_eps, 0, 1, lo_open=True)
         _check_range("model.initializer_range", self.initializer_range, 0, 1, lo_open=True)
@@ -71,6 +122,35 @@ class ModelSection:
             raise ValueError(f"model.tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
         if not isinstance(self.extra, dict):
             raise ValueError(f"model.extra must be a mapping, got {self.extra!r}")
+
+    def _validate_moe_mla(self) -> None:
+        fields = ARCH_FIELDS.get(self.architecture, {})
+        for name in _MOE_MLA_MINIMUM:
+            value = getattr(self, name)
+            if value is None or (name == "num_nextn_predict_layers" and value == 0):
+                continue
+            if name not in fields:
+                takers = sorted(a for a, f in ARCH_FIELDS.items() if name in f)
+                raise ValueError(f"model.{name} does not apply to {self.architecture} "
+                                 f"(only to {', '.join(takers)})")
+            _check_int(f"model.{name}", value, _MOE_MLA_MINIMUM[name])
+        if None not in (self.num_experts, self.num_experts_per_tok) and self.num_experts_per_tok > self.num_experts:
+            raise ValueError(f"model.num_experts_per_tok ({self.num_experts_per_tok}) must not exceed "
+                             f"model.num_experts ({self.num_experts})")
+        if (self.n_group is None) != (self.topk_group is None):
+            raise ValueError("model.n_group and model.topk_group go together (set both or neither)")
+        if self.n_group is not None:
+            if self.num_experts is None or self.num_experts % self.n_group:
+                raise ValueError(f"model.n_group ({self.n_group}) must divide model.num_experts "
+                                 f"({self.num_experts})")
+            if self.topk_group > self.n_group:
+                raise ValueError(f"model.topk_group ({self.topk_group}) must not exceed model.n_group "
+                                 f"({self.n_group})")
+        if self.qk_rope_head_dim is not None and self.qk_rope_head_dim % 2:
+            raise ValueError("model.qk_rope_head_dim must be even (rotary embeddings rotate pairs of dims)")
+        if self.first_k_dense_replace is not None and self.first_k_dense_replace > self.num_hidden_layers:
+            raise ValueError(f"model.first_k_dense_replace ({self.first_k_dense_replace}) exceeds "
+                             f"model.num_hidden_layers ({self.num_hidden_layers})")
 
 
 @dataclass
@@ -112,6 +192,9 @@ class OptimSection:
     weight_decay: float = 0.1  # matrices only; norms and biases are not decayed
     warmup_steps: int = 100
     grad_clip: float = 1.0  # max global grad norm; 0 = off
+    moe_aux_loss_coef: float = 0.0  # MoE load-balancing loss weight (e.g. 0.01); 0 = off
+    moe_bias_update_speed: float = 0.0  # DeepSeek-V3 aux-loss-free balancing: bias step per optimizer step
+    mtp_loss_weight: float = 0.3  # lambda: the MTP loss is lambda / D * (sum of the D depth losses)
 
     def validate(self) -> None:
         _check_range("optim.lr", self.lr, 0, float("inf"), lo_open=True)
@@ -125,6 +208,8 @@ class OptimSection:
         _check_range("optim.weight_decay", self.weight_decay, 0, float("inf"))
         _check_int("optim.warmup_steps", self.warmup_steps, 0)
         _check_range("optim.grad_clip", self.grad_clip, 0, float("inf"))
+        for name in ("moe_aux_loss_coef", "moe_bias_update_speed", "mtp_loss_weight"):
+            _check_range(f"optim.{name}", getattr(self, name), 0, float("inf"))
 
 
 @dataclass
@@ -174,6 +259,15 @@ class TrainConfig:
         if self.data.seq_len > self.model.max_position_embeddings:
             raise ValueError(f"data.seq_len ({self.data.seq_len}) must not exceed "
                              f"model.max_position_embeddings ({self.model.max_position_embeddings})")
+        arch = self.model.architecture
+        if self.optim.moe_aux_loss_coef > 0 and "num_experts" not in ARCH_FIELDS.get(arch, {}):
+            raise ValueError(f"optim.moe_aux_loss_coef needs an MoE architecture, {arch} is dense")
+        if self.optim.moe_bias_update_speed > 0 and arch not in BIAS_BALANCED_ARCHITECTURES:
+            raise ValueError(f"optim.moe_bias_update_speed (aux-loss-free balancing) needs a router with a "
+                             f"correction bias: {', '.join(BIAS_BALANCED_ARCHITECTURES)}, not {arch}")
+        if self.data.seq_len <= self.model.num_nextn_predict_layers:
+            raise ValueError(f"data.seq_len ({self.data.seq_len}) must exceed model.num_nextn_predict_layers "
+                             f"({self.model.num_nextn_predict_layers}): MTP depth k predicts k + 1 tokens ahead")
         if self.device != "auto":
             import torch
 

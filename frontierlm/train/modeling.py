@@ -2,12 +2,14 @@
 the in-memory ModelConfig, initialised parameters, and the loss hooks model-specific code plugs into."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
 from frontierlm.config import ModelConfig
 from frontierlm.models.registry import get_model_class
-from frontierlm.train.config import ModelSection
+from frontierlm.train.config import ARCH_FIELDS, MLA_ARCHITECTURES, ModelSection
 
 
 def hf_config_class(architecture: str):
@@ -35,11 +37,39 @@ def build_hf_config(section: ModelSection, vocab_size: int, bos_token_id: int | 
     )
     if section.head_dim is not None:
         kw["head_dim"] = section.head_dim
+    kw.update(_moe_mla_fields(section))
     kw.update(section.extra)
     try:
-        return hf_config_class(section.architecture)(**kw)
+        hf_config = hf_config_class(section.architecture)(**kw)
     except (TypeError, ValueError) as e:
         raise ValueError(f"invalid model config for {section.architecture}: {e}") from None
+    if section.num_shared_experts is not None and section.architecture == "Qwen2MoeForCausalLM":
+        # Qwen2-MoE has one shared expert of shared_expert_intermediate_size units; set after construction so
+        # that the architecture's default moe_intermediate_size counts when that field is unset.
+        hf_config.shared_expert_intermediate_size = section.num_shared_experts * hf_config.moe_intermediate_size
+    return hf_config
+
+
+def _moe_mla_fields(section: ModelSection) -> dict:
+    """The MoE / MLA / MTP fields of `section` under the architecture's transformers names (ARCH_FIELDS)."""
+    out = {}
+    for ours, theirs in ARCH_FIELDS.get(section.architecture, {}).items():
+        value = getattr(section, ours)
+        if value is None or theirs == "shared_expert_intermediate_size":  # Qwen2-MoE's: set after building
+            continue
+        if theirs == "mlp_only_layers":
+            value = list(range(value))
+        elif ours == "q_lora_rank" and value == 0:
+            value = None  # transformers' spelling of "no query compression"
+        out[theirs] = value
+    if section.architecture in MLA_ARCHITECTURES:
+        out["num_key_value_heads"] = section.num_attention_heads  # transformers' MLA repeats KV heads otherwise
+        if section.n_group is None:
+            # No group limit: transformers' V3 default (8 groups, top 4) assumes 256 experts.
+            out.update(n_group=1, topk_group=1)
+        elif section.architecture == "DeepseekV2ForCausalLM":
+            out["topk_method"] = "group_limited_greedy"  # V2 applies groups only with this method
+    return out
 
 
 def model_config_from_hf(hf_config, dtype: torch.dtype = torch.float32) -> ModelConfig:
@@ -71,10 +101,13 @@ def build_model(hf_config, device: torch.device | str = "cpu", seed: int | None 
     """A freshly initialised float32 engine model for `hf_config`, in train mode."""
     model_config = model_config_from_hf(hf_config)
     model_cls = get_model_class(model_config.architecture)
+    kwargs = {}
+    if "num_mtp_layers" in inspect.signature(model_cls).parameters:  # MTP modules from scratch, not a checkpoint
+        kwargs["num_mtp_layers"] = int(getattr(hf_config, "num_nextn_predict_layers", 0) or 0)
     if seed is not None:
         torch.manual_seed(seed)
     with torch.device(device):
-        model = model_cls(model_config)
+        model = model_cls(model_config, **kwargs)
     init_weights(model, hf_config.initializer_range)
     return model.train()
 
@@ -102,9 +135,12 @@ def auxiliary_losses(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Te
       load balancing, weighted by its own coefficient). They are summed here and reset to None so that no
       autograd graph outlives its step.
     * `mtp_loss`: a model with multi-token-prediction heads defines
-      `mtp_loss(hidden, input_ids, labels) -> scalar tensor`, called on the main model's final hidden states.
+      `mtp_loss(hidden, input_ids, labels) -> scalar tensor` (None when it has no MTP modules), called on the
+      main model's final hidden states. It runs first: MoE layers inside MTP modules set aux losses too.
     """
     out = {}
+    mtp = getattr(model, "mtp_loss", None)
+    mtp = mtp(hidden, input_ids, labels) if callable(mtp) else None
     aux = []
     for module in model.modules():
         value = getattr(module, "aux_loss", None)
@@ -113,7 +149,6 @@ def auxiliary_losses(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Te
             module.aux_loss = None
     if aux:
         out["aux"] = torch.stack([a.float() for a in aux]).sum()
-    mtp = getattr(model, "mtp_loss", None)
-    if callable(mtp):
-        out["mtp"] = mtp(hidden, input_ids, labels)
+    if mtp is not None:
+        out["mtp"] = mtp
     return out

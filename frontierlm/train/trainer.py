@@ -2,7 +2,7 @@
 
 One optimizer step:
     for each micro-batch (data.grad_accum of them):   loss = task_loss + auxiliary losses; (loss / accum).backward()
-    clip the global grad norm; AdamW step; warmup + cosine LR step
+    clip the global grad norm; AdamW step; warmup + cosine LR step; MoE correction-bias step (balance.py)
 then, every N steps, evaluate (validation loss + perplexity, loss curve) and save (HF dir + training state).
 
 Subclasses change the objective by overriding `task_loss` / `eval_sums` (see distill.py). Under torchrun the
@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from frontierlm.logger import init_logger
 from frontierlm.train import checkpoint
+from frontierlm.train.balance import ExpertBalance
 from frontierlm.train.config import TrainConfig
 from frontierlm.train.corpus import BlockBatches, load_texts, pack_tokens, split_documents, tokenize
 from frontierlm.train.distributed import DistContext
@@ -65,6 +66,9 @@ class Trainer:
         self.hf_config = build_hf_config(cfg.model, self.vocab_size(), self.tokenizer.bos_token_id, eos,
                                          self.tokenizer.pad_token_id)
         self.model = build_model(self.hf_config, self.device, cfg.seed)
+        if getattr(self.model, "num_mtp_layers", 0):
+            self.model.mtp_loss_weight = cfg.optim.mtp_loss_weight
+        self.balance = ExpertBalance(self.model, cfg.optim.moe_aux_loss_coef, cfg.optim.moe_bias_update_speed)
         self.lm = CausalLM(self.model)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.steps)
@@ -153,6 +157,7 @@ class Trainer:
                 with self._autocast():
                     loss, parts = self.compute_loss(input_ids, labels)
                 (loss / accum).backward()
+            self.balance.collect()  # routed-token counts, for the bias update and the logged shares
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0) + v.detach().float() / accum
         return totals
@@ -163,6 +168,7 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()
         self.scheduler.step()
+        self.balance.step(self.dist)  # DeepSeek-V3 aux-loss-free balancing (when on), after the weights moved
         self.step += 1
         return float(grad_norm)
 
@@ -237,11 +243,13 @@ class Trainer:
 
     def evaluate_and_log(self) -> dict[str, float]:
         metrics = self.evaluate()
+        experts = self.balance.report()  # MoE: expert shares since the last evaluation
         if self.dist.is_main:
-            self.log.add("eval", self.step, **metrics)
+            self.log.add("eval", self.step, **metrics, **experts)
             self.log.save(self.out_dir)
             self.log.plot(self.out_dir, title=f"{self.cfg.model.architecture} on {self.cfg.data.corpus}")
-            logger.info("step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            shown = {**metrics, **({"expert imbalance": experts["expert_imbalance_max"]} if experts else {})}
+            logger.info("step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
         return metrics
 
     def save(self) -> None:
