@@ -10,25 +10,28 @@ import sys
 from frontierlm import cli_args
 
 
+MODEL_HELP = "HF-format model directory (default: the packaged demo model)"
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="frontierlm", description="FrontierLM: LLM inference and serving")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate completions for one or more prompts")
-    gen.add_argument("model", help="HF-format model directory")
+    gen.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     cli_args.add_engine_args(gen)
     cli_args.add_sampling_args(gen)
 
     chat = sub.add_parser("chat", help="interactive chat that streams tokens to the terminal")
-    chat.add_argument("model", help="HF-format model directory")
+    chat.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     chat.add_argument("--system", default=None, help="system prompt")
     cli_args.add_engine_args(chat)
     cli_args.add_sampling_args(chat)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    serve.add_argument("model", help="HF-format model directory")
+    serve.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     cli_args.add_engine_args(serve)
     from frontierlm.server.args import add_serve_args
 
@@ -167,6 +170,14 @@ def cmd_bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = _build_parser().parse_args(argv)
+    if args.command in ("generate", "chat", "serve") and args.model is None:
+        from frontierlm.assets import default_model
+
+        try:
+            args.model = default_model()
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     try:
         from frontierlm.train.cli import COMMANDS as train_commands
 

@@ -8,6 +8,16 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests import factories.py and e
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and OpenMP spin-waits crawl on a shared 2-core box
+    (modules opt in with pytestmark = pytest.mark.usefixtures("one_thread"))."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """Cached factory: tiny_model_dir(arch, **config_overrides) -> path of a random-weight HF model dir."""

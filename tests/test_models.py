@@ -22,13 +22,7 @@ from frontierlm.models.registry import get_model_class, supported_architectures
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls gain nothing from threads, and OpenMP spin-waits crawl on a shared 2-core box."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls run faster on one thread
 
 
 @pytest.fixture(scope="session")

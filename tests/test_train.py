@@ -8,13 +8,7 @@ import torch
 from frontierlm.train.config import TrainConfig
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine run several times faster on one thread than on two.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls run faster on one thread
 
 
 def tiny_config(out_dir, tokenizer_dir, **overrides) -> TrainConfig:

@@ -9,12 +9,7 @@ from frontierlm.cli import main
 from frontierlm.train.config import TrainConfig
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls run faster on one thread
 
 
 def test_train_tokenizer_cli_writes_a_tokenizer_transformers_loads(tmp_path, capsys):

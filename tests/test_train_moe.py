@@ -16,12 +16,7 @@ DSV3 = {"model.architecture": "DeepseekV3ForCausalLM", "model.num_experts": 8, "
         "model.qk_rope_head_dim": 8, "model.v_head_dim": 12}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls run faster on one thread
 
 
 def tiny_model(**overrides):

@@ -17,7 +17,11 @@ def _is_token_ids(x) -> bool:
 
 
 class LLM:
-    def __init__(self, model: str, **kwargs):
+    def __init__(self, model: str | None = None, **kwargs):
+        if model is None:  # the demo model that ships with the package
+            from frontierlm.assets import default_model
+
+            model = default_model()
         self.llm_engine = LLMEngine(EngineConfig(model=model, **kwargs))
 
     def get_tokenizer(self):

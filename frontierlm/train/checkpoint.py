@@ -49,10 +49,11 @@ def split_fused_experts(name: str, tensor: torch.Tensor,
     return out
 
 
-def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def export_state_dict(model: nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
     """The model's tensors under checkpoint names (contiguous CPU copies), ready for safetensors: the inverse of
     the loader's packed-modules mapping, expert mapping and module renames, plus whatever the model's
-    `checkpoint_extra_tensors()` adds (copies of shared tensors the loader skips)."""
+    `checkpoint_extra_tensors()` adds (copies of shared tensors the loader skips). `state_dict`: the model's
+    full tensors when its live parameters are shards (FSDP); by default model.state_dict()."""
     by_packed: dict[str, list] = {}
     for src, (packed, shard) in getattr(model, "packed_modules_mapping", {}).items():
         by_packed.setdefault(packed, []).append((src, shard))
@@ -60,8 +61,9 @@ def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     renames = {ours: theirs for theirs, ours in getattr(model, "checkpoint_renames", {}).items()}
     modules = dict(model.named_modules())
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    state = model.state_dict() if state_dict is None else state_dict
     out: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state.items():
         if tied and name == "lm_head.weight":  # the embedding is the checkpoint's only copy
             continue
         module_name, _, leaf = name.rpartition(".")
@@ -80,7 +82,11 @@ def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         out.update(split if split is not None else {name: tensor})
     extra = getattr(model, "checkpoint_extra_tensors", None)  # e.g. DeepSeek's per-MTP-module head copies
     if callable(extra):
-        out.update(extra())
+        # Extras that are the model's own parameters come from `state` (under FSDP the live ones are shards).
+        own: dict[int, list[str]] = {}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            own.setdefault(id(p), []).append(n)
+        out.update({k: next((state[n] for n in own.get(id(v), ()) if n in state), v) for k, v in extra().items()})
     return {".".join(renames.get(p, p) for p in k.split(".")): v.detach().to("cpu").contiguous().clone()
             for k, v in out.items()}
 
@@ -92,8 +98,9 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save_model_dir(model: nn.Module, hf_config, out_dir: str | Path, tokenizer=None,
-                   eos_token_ids: list[int] | None = None) -> Path:
-    """Write config.json, model.safetensors, generation_config.json and the tokenizer files to `out_dir`."""
+                   eos_token_ids: list[int] | None = None, state_dict: dict | None = None) -> Path:
+    """Write config.json, model.safetensors, generation_config.json and the tokenizer files to `out_dir`
+    (`state_dict`: see export_state_dict)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -103,7 +110,7 @@ def save_model_dir(model: nn.Module, hf_config, out_dir: str | Path, tokenizer=N
         if stale.exists():
             logger.warning("removing stale %s from %s", stale.name, out)
             stale.unlink()
-    tensors = export_state_dict(model)
+    tensors = export_state_dict(model, state_dict)
     _atomic_write(out / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     hf_config.architectures = [type(model).__name__]
     hf_config.save_pretrained(str(out))
@@ -135,32 +142,47 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_train_state(out_dir: str | Path, model: nn.Module, optimizer, scheduler, step: int,
-                     extra: dict | None = None) -> Path:
+                     extra: dict | None = None, model_state: dict | None = None,
+                     optimizer_state: dict | None = None) -> Path:
     """OUT_DIR/checkpoint/state.pt: everything a resumed run needs to continue bit for bit (RNG state is
-    this process's; under DDP rank 0 writes it and every rank restores it)."""
+    this process's; under DDP / FSDP rank 0 writes it and every rank restores it). `model_state` /
+    `optimizer_state`: full state dicts gathered from shards (FSDP), in place of the live objects' own."""
     path = Path(out_dir) / STATE_DIR
     path.mkdir(parents=True, exist_ok=True)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+    state = {"model": model.state_dict() if model_state is None else model_state,
+             "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
              "scheduler": scheduler.state_dict(), "step": step, "rng": _rng_state(), **(extra or {})}
     _atomic_write(path / STATE_FILE, lambda p: torch.save(state, p))
     return path / STATE_FILE
 
 
-def load_train_state(out_dir: str | Path, model: nn.Module, optimizer, scheduler,
-                     device: torch.device | str = "cpu") -> dict:
-    """Restore model, optimizer, scheduler and RNG from OUT_DIR/checkpoint; returns the whole state dict
-    (step and whatever `extra` the saver added)."""
+def read_train_state(out_dir: str | Path, device: torch.device | str = "cpu") -> dict:
+    """OUT_DIR/checkpoint/state.pt as saved, tensors on `device`."""
     path = Path(out_dir) / STATE_DIR / STATE_FILE
-    state = torch.load(path, map_location=device, weights_only=False)  # our own file: holds RNG tuples
+    return torch.load(path, map_location=device, weights_only=False)  # our own file: holds RNG tuples
+
+
+def load_train_state(out_dir: str | Path, model: nn.Module | None, optimizer, scheduler,
+                     device: torch.device | str = "cpu", state: dict | None = None) -> dict:
+    """Restore model, optimizer, scheduler and RNG from OUT_DIR/checkpoint; returns the whole state dict
+    (step and whatever `extra` the saver added). `state`: already read by read_train_state (FSDP reshards its
+    optimizer state first). A part passed as None is skipped (FSDP restores the weights before sharding and
+    the rest after); the RNG goes with the scheduler."""
+    path = Path(out_dir) / STATE_DIR / STATE_FILE
+    if state is None:
+        state = read_train_state(out_dir, device)
     try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if model is not None:
+            model.load_state_dict(state["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError) as e:  # a different model section than the checkpoint was trained with
         raise ValueError(f"the training state in {path} does not fit this model config: {e}") from None
-    scheduler.load_state_dict(state["scheduler"])
-    rng = state["rng"]
-    rng["torch"] = rng["torch"].cpu()
-    if "cuda" in rng:
-        rng["cuda"] = [s.cpu() for s in rng["cuda"]]
-    _set_rng_state(rng)
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+        rng = state["rng"]
+        rng["torch"] = rng["torch"].cpu()
+        if "cuda" in rng:
+            rng["cuda"] = [s.cpu() for s in rng["cuda"]]
+        _set_rng_state(rng)
     return state

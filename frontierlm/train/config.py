@@ -47,6 +47,7 @@ _MOE_MLA_MINIMUM = {"num_experts": 1, "num_experts_per_tok": 1, "moe_intermediat
                     "num_shared_experts": 0, "first_k_dense_replace": 0, "n_group": 1, "topk_group": 1,
                     "kv_lora_rank": 1, "q_lora_rank": 0, "qk_nope_head_dim": 1, "qk_rope_head_dim": 2,
                     "v_head_dim": 1, "num_nextn_predict_layers": 0}
+PARALLEL_MODES = ("ddp", "fsdp")  # how torchrun's processes split the work (distributed.py)
 # The only architecture whose router has a selection bias (DeepSeek-V3's e_score_correction_bias).
 BIAS_BALANCED_ARCHITECTURES = ("DeepseekV3ForCausalLM",)
 
@@ -236,6 +237,7 @@ class TrainConfig:
     log_every: int = 10  # train-loss records in the JSON log
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda
+    parallel: str = "ddp"  # under torchrun: ddp (replicate the model) or fsdp (shard it; see distributed.py)
     bf16: bool = True  # bf16 autocast (CUDA only; CPU trains in float32)
     resume: bool = False  # continue from OUT_DIR/checkpoint when it exists
     progress: bool = True  # tqdm progress line
@@ -268,6 +270,8 @@ class TrainConfig:
         if self.data.seq_len <= self.model.num_nextn_predict_layers:
             raise ValueError(f"data.seq_len ({self.data.seq_len}) must exceed model.num_nextn_predict_layers "
                              f"({self.model.num_nextn_predict_layers}): MTP depth k predicts k + 1 tokens ahead")
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel must be one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
         if self.device != "auto":
             import torch
 

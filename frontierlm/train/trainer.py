@@ -5,8 +5,9 @@ One optimizer step:
     clip the global grad norm; AdamW step; warmup + cosine LR step; MoE correction-bias step (balance.py)
 then, every N steps, evaluate (validation loss + perplexity, loss curve) and save (HF dir + training state).
 
-Subclasses change the objective by overriding `task_loss` / `eval_sums` (see distill.py). Under torchrun the
-model runs in DistributedDataParallel and each rank takes its slice of every global micro-batch.
+Subclasses change the objective by overriding `task_loss` / `eval_sums` (see distill.py). Under torchrun each
+rank takes its slice of every global micro-batch; the model runs in DistributedDataParallel or, with
+`parallel: fsdp`, sharded by FSDP2 (distributed.py): same loop, same checkpoints.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.out_dir = Path(cfg.out_dir)
-        self.dist = DistContext.from_env(cfg.device)
+        self.dist = DistContext.from_env(cfg.device, cfg.parallel)
         self.device = self.dist.device
         self.dist.check_batch(cfg.data.batch_size)
         if self.dist.is_main:
@@ -70,16 +71,20 @@ class Trainer:
             self.model.mtp_loss_weight = cfg.optim.mtp_loss_weight
         self.balance = ExpertBalance(self.model, cfg.optim.moe_aux_loss_coef, cfg.optim.moe_bias_update_speed)
         self.lm = CausalLM(self.model)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.steps)
         self.step = 0
         self.log = MetricsLog()
-        if cfg.resume:
-            self._resume()
-        elif checkpoint.has_train_state(self.out_dir) and self.dist.is_main:
+        state = self._read_state() if cfg.resume else None
+        if state is not None:  # the full weights, before wrapping: DDP broadcasts them, FSDP shards them
+            checkpoint.load_train_state(self.out_dir, self.model, None, None, state=state)
+        elif not cfg.resume and checkpoint.has_train_state(self.out_dir) and self.dist.is_main:
             logger.warning("%s holds a training checkpoint; starting from step 0 will overwrite it "
                            "(pass --resume to continue it)", self.out_dir)
-        self.train_lm = self.dist.wrap(self.lm)  # after resuming: DDP broadcasts rank 0's weights
+        self.train_lm = self.dist.wrap(self.lm, self._shard_units(), self._replicated_params())
+        # After wrapping: FSDP has replaced the parameters with their shards.
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.steps)
+        if state is not None:
+            self._resume(state)
         self._saved_step = self.step
         self._loss_sum, self._loss_steps = torch.zeros((), device=self.device), 0
         if self.dist.is_main:
@@ -103,12 +108,29 @@ class Trainer:
         self.dist.barrier()  # other ranks load what rank 0 trained
         return load_tokenizer(path)
 
-    def _resume(self) -> None:
+    def _shard_units(self) -> list:
+        """FSDP's per-unit modules: the decoder layers. MTP modules stay in the root unit because mtp_loss
+        uses their parts outside their forward (the root's weights stay gathered from forward to backward)."""
+        num_layers = self.model.config.num_layers
+        return list(self.model.model.layers[:num_layers])
+
+    def _replicated_params(self) -> list:
+        """Parameters FSDP leaves whole on every rank: MoE correction biases, which balance.py updates in place
+        outside autograd (the same update on every rank, from counts summed over ranks)."""
+        biases = (getattr(m.gate, "e_score_correction_bias", None) for m in self.balance.layers)
+        return [b for b in biases if b is not None]
+
+    def _read_state(self) -> dict | None:
         if not checkpoint.has_train_state(self.out_dir):
             logger.warning("resume: no training state in %s; starting from step 0",
                            self.out_dir / checkpoint.STATE_DIR)
-            return
-        state = checkpoint.load_train_state(self.out_dir, self.model, self.optimizer, self.scheduler, self.device)
+            return None
+        return checkpoint.read_train_state(self.out_dir, self.device)
+
+    def _resume(self, state: dict) -> None:
+        """Optimizer (each rank's shards of it under FSDP), scheduler and RNG; the weights are already in."""
+        state["optimizer"] = self.dist.shard_optimizer_state(self.optimizer, state["optimizer"])
+        checkpoint.load_train_state(self.out_dir, None, self.optimizer, self.scheduler, state=state)
         self.step = state["step"]
         self.log = MetricsLog(state.get("metrics"))
         logger.info("resumed from step %d of %d", self.step, self.cfg.steps)
@@ -151,9 +173,8 @@ class Trainer:
         for micro in range(accum):
             batch = self.batches(step * accum + micro, self.dist.rank, world).to(self.device, non_blocking=True)
             input_ids, labels = batch[:, :-1], batch[:, 1:]
-            # DDP all-reduces gradients on the last micro-batch only.
-            sync = contextlib.nullcontext() if world == 1 or micro == accum - 1 else self.train_lm.no_sync()
-            with sync:
+            # Gradients are all-reduced (DDP) / reduce-scattered (FSDP) on the last micro-batch only.
+            with self.dist.grad_sync(self.train_lm, micro == accum - 1):
                 with self._autocast():
                     loss, parts = self.compute_loss(input_ids, labels)
                 (loss / accum).backward()
@@ -165,12 +186,12 @@ class Trainer:
     def optimizer_step(self) -> float:
         """Clip, step the optimizer and the LR schedule; returns the pre-clip global grad norm."""
         max_norm = self.cfg.optim.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = self.dist.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.balance.step(self.dist)  # DeepSeek-V3 aux-loss-free balancing (when on), after the weights moved
         self.step += 1
-        return float(grad_norm)
+        return grad_norm
 
     # ----- loop -----
 
@@ -226,12 +247,18 @@ class Trainer:
         rows = self.val_blocks[:self.cfg.data.eval_batches * bs]
         for start in range(0, rows.shape[0], bs):
             chunk = rows[start:start + bs][self.dist.rank::self.dist.world_size].to(self.device)
-            if chunk.shape[0] == 0:
-                continue
+            counted = chunk.shape[0] > 0
+            if not counted:
+                if not self.dist.sharded:
+                    continue
+                # FSDP: every rank joins every forward's all-gathers, so run a row and leave it out.
+                chunk = rows[start:start + 1].to(self.device)
             input_ids, labels = chunk[:, :-1], chunk[:, 1:]
             with self._autocast():
-                hidden, logits = self.lm(input_ids)
+                hidden, logits = self.lm(input_ids)  # under FSDP self.lm is the sharded module itself
                 values = self.eval_sums(input_ids, labels, hidden, logits)
+            if not counted:
+                continue
             sums[0] += labels.numel()
             for i, k in enumerate(keys):
                 sums[i + 1] += values[k].double()
@@ -254,11 +281,15 @@ class Trainer:
 
     def save(self) -> None:
         """The HF model directory (loadable by FrontierLM and transformers) + the resumable training state."""
+        # FSDP: every rank takes part in gathering the full state dicts onto rank 0 (None: not sharded).
+        model_state = self.dist.full_model_state(self.model)
+        optimizer_state = self.dist.full_optimizer_state(self.optimizer)
         if self.dist.is_main:
             checkpoint.save_model_dir(self.model, self.hf_config, self.out_dir, self.tokenizer,
-                                      stop_token_ids(self.tokenizer))
+                                      stop_token_ids(self.tokenizer), model_state)
             checkpoint.save_train_state(self.out_dir, self.model, self.optimizer, self.scheduler, self.step,
-                                        {"metrics": self.log.records, "config": self.cfg.to_dict()})
+                                        {"metrics": self.log.records, "config": self.cfg.to_dict()},
+                                        model_state, optimizer_state)
             self.log.save(self.out_dir)
             self.log.plot(self.out_dir, title=f"{self.cfg.model.architecture} on {self.cfg.data.corpus}")
         self._saved_step = self.step

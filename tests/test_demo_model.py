@@ -1,0 +1,82 @@
+"""The demo model and its draft that ship inside the package (frontierlm/assets): they load, match transformers,
+are really trained, and are what FrontierLM serves when no model is named."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from frontierlm import LLM, SamplingParams
+from frontierlm.assets import DEMO_DRAFT, DEMO_MODEL
+from frontierlm.cli import main
+from frontierlm.config import ModelConfig
+from frontierlm.models.loader import load_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Held-out style text: a docstring of this test suite, never part of the python-docs corpus.
+TEXT = ("Return a new list containing all items from the iterable in ascending order. A custom key function "
+        "can be supplied to customize the sort order, and the reverse flag can be set to request the result "
+        "in descending order.")
+
+
+def _tokens(model_dir) -> list[int]:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir)).encode(TEXT)
+
+
+@torch.inference_mode()
+def _nll_per_token(model, ids: list[int]) -> float:
+    x = torch.tensor([ids])
+    logits = model.compute_logits(model(x, torch.arange(len(ids))[None]))[0]
+    return torch.nn.functional.cross_entropy(logits[:-1].float(), x[0, 1:]).item()
+
+
+def test_packaged_models_are_small_bf16_hf_directories():
+    total = 0
+    for d in (DEMO_MODEL, DEMO_DRAFT):
+        cfg = json.loads((d / "config.json").read_text())
+        assert cfg["dtype"] == "bfloat16" and (d / "tokenizer.json").is_file()
+        total += sum(f.stat().st_size for f in d.iterdir())
+    assert json.loads((DEMO_MODEL / "config.json").read_text())["architectures"] == ["DeepseekV3ForCausalLM"]
+    assert total < 80 * 2**20
+
+
+def test_demo_model_is_trained_and_matches_transformers():
+    from transformers import AutoModelForCausalLM
+
+    mc = ModelConfig.from_pretrained(DEMO_MODEL, torch.float32)
+    ours = load_model(mc)
+    assert ours.num_mtp_layers == 1 and mc.is_mla
+    ids = _tokens(DEMO_MODEL)
+    nll = _nll_per_token(ours, ids)
+    assert math.exp(nll) < 200  # a uniform guess over 4,096 tokens would be 4,096
+    hf = AutoModelForCausalLM.from_pretrained(str(DEMO_MODEL), dtype=torch.float32).eval()
+    with torch.inference_mode():
+        ref = hf(torch.tensor([ids])).logits[0]
+        got = ours.compute_logits(ours(torch.tensor([ids]), torch.arange(len(ids))[None]))[0]
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=0)
+
+
+def test_draft_shares_the_tokenizer_and_follows_the_demo():
+    assert (DEMO_DRAFT / "tokenizer.json").read_text() == (DEMO_MODEL / "tokenizer.json").read_text()
+    demo = load_model(ModelConfig.from_pretrained(DEMO_MODEL, torch.float32))
+    draft = load_model(ModelConfig.from_pretrained(DEMO_DRAFT, torch.float32))
+    ids = torch.tensor([_tokens(DEMO_MODEL)])
+    pos = torch.arange(ids.shape[1])[None]
+    with torch.inference_mode():
+        a = demo.compute_logits(demo(ids, pos))[0].argmax(-1)
+        b = draft.compute_logits(draft(ids, pos))[0].argmax(-1)
+    assert (a == b).float().mean() > 0.4  # the distilled draft often guesses what the demo model would
+
+
+def test_generate_without_a_model_uses_the_demo(capsys):
+    assert main(["generate", "--prompt", "The class statement", "--max-tokens", "12", "--temperature", "0",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    expected = LLM().generate(["The class statement"], SamplingParams(max_tokens=12, temperature=0),
+                              use_tqdm=False)[0].outputs[0].text
+    assert out["outputs"][0]["text"] == expected and len(expected.strip()) > 0
