@@ -103,28 +103,44 @@ def decode_rate(llm: LLM, batch: int, prompt_len: int, gen: int, vocab: int, tim
     return tokens / (time.perf_counter() - t0), time.perf_counter() - t0
 
 
-def grouped_vs_loop(llm: LLM, tokens: int) -> dict:
-    """One MoE layer's experts on `tokens` tokens: torch._grouped_mm path vs the loop over experts."""
-    moe = next(m for m in llm.llm_engine.runner.model.modules() if isinstance(m, MoE))
-    ex, dev = moe.experts, moe.experts.w13.device
-    x = torch.randn(tokens, ex.w13.shape[-1], device=dev, dtype=ex.w13.dtype)
-    logits = torch.randn(tokens, moe.routing.num_experts, device=dev)
-    from frontierlm.layers.moe import select_experts
-
-    weights, ids = select_experts(logits, moe.routing)
+def grouped_vs_loop(experts, num_tokens: int, top_k: int, reps: int = 20) -> dict:
+    """One MoE layer's experts on `num_tokens` tokens routed to top_k random experts each: torch._grouped_mm
+    (one kernel per projection, no host sync) against the loop with one matmul pair per active expert."""
+    dev, dtype = experts.w13.device, experts.w13.dtype
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    g = torch.Generator(device=dev).manual_seed(num_tokens)
+    x = torch.randn(num_tokens, experts.hidden_size, device=dev, dtype=dtype, generator=g)
+    ids = torch.rand(num_tokens, experts.num_experts, device=dev, generator=g).topk(top_k, dim=-1).indices
+    weights = torch.full(ids.shape, 1.0 / top_k, device=dev)
     out = {}
     for name, flag in (("grouped_mm", True), ("loop", False)):
-        ex.use_grouped_mm = flag
-        for _ in range(3):
-            ex(x, weights, ids)
-        torch.cuda.synchronize()
+        experts.use_grouped_mm = flag
+        for _ in range(2):
+            experts(x, weights, ids)
+        sync()
         t0 = time.perf_counter()
-        for _ in range(20):
-            ex(x, weights, ids)
-        torch.cuda.synchronize()
-        out[name + "_ms"] = (time.perf_counter() - t0) / 20 * 1e3
-    ex.use_grouped_mm = None
+        for _ in range(reps):
+            experts(x, weights, ids)
+        sync()
+        out[name + "_ms"] = round((time.perf_counter() - t0) / reps * 1e3, 3)
+    experts.use_grouped_mm = None
     return out
+
+
+def experts_only(path: str, dtype: torch.dtype, device: str, token_counts: list[int]) -> dict:
+    """The expert computation of one MoE layer of the config's shape, random weights, nothing else built."""
+    from frontierlm.layers.moe import FusedExperts
+
+    c = ModelConfig.from_pretrained(path, dtype, load_format="dummy").hf_config
+    num_experts = getattr(c, "n_routed_experts", None) or getattr(c, "num_experts", None) or c.num_local_experts
+    inter = getattr(c, "moe_intermediate_size", None) or c.intermediate_size
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    with torch.device(dev):
+        experts = FusedExperts(num_experts, c.hidden_size, inter).to(dtype)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    return {f"tokens_{n}": grouped_vs_loop(experts, n, c.num_experts_per_tok) for n in token_counts}
 
 
 def main(argv=None) -> int:
@@ -138,7 +154,15 @@ def main(argv=None) -> int:
     ap.add_argument("--gen", type=int, default=32)
     ap.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory for the 4k-request capacity estimate")
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--experts-only", default=None, metavar="TOKENS",
+                    help="only time grouped_mm vs the expert loop of one MoE layer at these token counts, e.g. 1,64,512")
     args = ap.parse_args(argv)
+    if args.experts_only:
+        dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[args.dtype]
+        res = experts_only(args.config, dtype, args.device, [int(n) for n in args.experts_only.split(",")])
+        res.update(config=args.config, dtype=args.dtype, torch=torch.__version__)
+        print(json.dumps(res, indent=2))
+        return 0
 
     path = config_dir(args.config, args.override)
     batches = [int(b) for b in args.batch_sizes.split(",")]
@@ -174,8 +198,9 @@ def main(argv=None) -> int:
         print(f"batch {b}: {rate:.1f} tok/s decode, MoE layers {result[f'moe_share_batch{b}']:.0%} of decode time",
               file=sys.stderr)
     if device.type == "cuda" and hasattr(torch, "_grouped_mm"):
-        result["experts_64_tokens"] = grouped_vs_loop(llm, 64)
-        result["experts_2048_tokens"] = grouped_vs_loop(llm, 2048)
+        moe = next(m for m in llm.llm_engine.runner.model.modules() if isinstance(m, MoE))
+        for n in (1, 64, 2048):
+            result[f"experts_{n}_tokens"] = grouped_vs_loop(moe.experts, n, moe.routing.top_k)
     print(json.dumps(result, indent=2))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2))

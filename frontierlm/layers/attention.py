@@ -10,6 +10,7 @@ With attn_meta=None the layer does plain causal attention over contiguous sequen
 from __future__ import annotations
 
 import abc
+import os
 from dataclasses import dataclass
 
 import torch
@@ -211,7 +212,23 @@ class TorchAttentionBackend(AttentionBackend):
 
 
 def get_attn_backend(device: torch.device | str | None = None) -> AttentionBackend:
-    """The backend for a device; fused CUDA kernels will be chosen here when they exist."""
+    """The backend for a device: Triton kernels on CUDA when triton imports, else the reference.
+
+    `FRONTIERLM_ATTENTION_BACKEND=torch|triton` forces one whatever the device (`triton` raises if triton is
+    missing; off CUDA it needs `TRITON_INTERPRET=1`). With no device and no variable: the reference backend.
+    """
+    choice = os.environ.get("FRONTIERLM_ATTENTION_BACKEND", "").strip().lower()
+    if choice not in ("", "torch", "triton"):
+        raise ValueError(f"FRONTIERLM_ATTENTION_BACKEND must be 'torch' or 'triton', got {choice!r}")
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    if choice == "triton" or (not choice and on_cuda):
+        try:
+            from frontierlm.layers.triton_attention import TritonAttentionBackend
+        except ImportError:
+            if choice:
+                raise
+        else:
+            return TritonAttentionBackend()
     return TorchAttentionBackend()
 
 
