@@ -49,12 +49,14 @@ def load_model(model_config: ModelConfig, device: torch.device | str = "cpu", lo
 
 
 @torch.no_grad()
-def init_dummy_weights(model: nn.Module, std: float = 0.02, seed: int = 0) -> None:
-    """vLLM's dummy format: random weights drawn on the model's device (no checkpoint, no host copy), so a
-    real shape can be benchmarked from its config.json. Norm weights 1, biases and routing biases 0."""
+def init_dummy_weights(model: nn.Module, std: float = 0.02, seed: int | None = 0) -> None:
+    """Random weights drawn on the model's device (no checkpoint, no host copy): normal(0, std) for every tensor
+    of 2+ dims (embeddings, matrices, fused expert stacks), 1 for norm scales, 0 for other vectors (biases,
+    routing biases). vLLM's dummy load format uses it to benchmark a real shape from its config.json; the trainer
+    uses it as its initialisation. seed=None draws from torch's global generator."""
     gen = None
-    for name, p in model.named_parameters():
-        if gen is None:
+    for name, p in model.named_parameters():  # tied weights appear once
+        if gen is None and seed is not None:
             gen = torch.Generator(device=p.device).manual_seed(seed)
         if p.dim() >= 2:
             p.normal_(0.0, std, generator=gen)

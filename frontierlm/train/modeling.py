@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from frontierlm.config import ModelConfig
+from frontierlm.models.loader import init_dummy_weights
 from frontierlm.models.registry import get_model_class
 from frontierlm.train.config import ARCH_FIELDS, MLA_ARCHITECTURES, ModelSection
 
@@ -84,14 +85,8 @@ def init_weights(model: nn.Module, std: float) -> None:
     embeddings (any tensor of 2+ dims, so fused expert stacks too), ones for norm scales, zeros for the other
     vectors (biases, routing biases); the loader's dummy format follows the same rule.
     A module needing another rule defines `init_weights(std)`; it runs after the generic pass."""
+    init_dummy_weights(model, std, seed=None)  # the generic rule, from the global generator (the run's seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():  # tied weights appear once
-            if p.dim() >= 2:
-                p.normal_(0.0, std)
-            elif "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.zero_()
         for module in model.modules():
             if module is not model and callable(getattr(module, "init_weights", None)):
                 module.init_weights(std)
