@@ -34,7 +34,6 @@ def test_chat_repl_streams_replies(tiny_model_dir):
     replies = [line[2:] for line in proc.stdout.splitlines() if line.startswith("> ")]
     assert len(replies) == 3  # two replies printed after prompts, then the prompt before /exit
     llm = LLM(d)
-    tok = llm.get_tokenizer()
     msgs = [{"role": "user", "content": "hello"}]
     ref = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
     assert replies[0] == ref[0].outputs[0].text

@@ -1,7 +1,5 @@
 import random
 
-import pytest
-
 from frontierlm.engine.kv_cache import KVCacheManager
 from frontierlm.engine.request import Request
 from frontierlm.sampling_params import SamplingParams

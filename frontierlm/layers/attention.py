@@ -75,7 +75,7 @@ class _TorchPlan:
 
     def __init__(self, meta: AttentionMetadata):
         self.meta = meta
-        device, bs = meta.slot_mapping.device, meta.block_size
+        bs = meta.block_size
         slots = meta.slot_mapping.long()
         valid = slots >= 0
         if bool(valid.all()):

@@ -118,9 +118,6 @@ class LlamaForCausalLM(CausalLM):
         """The feed-forward block of one layer; MoE architectures override this."""
         return dense_mlp(mc)
 
-    def attention_layers(self) -> list[Attention]:
-        return self.kv_cache_modules()
-
 
 class MistralForCausalLM(LlamaForCausalLM):
     pass
