@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from frontierlm import LLM, SamplingParams
 from frontierlm.train.config import TrainConfig
 
 
@@ -47,6 +48,17 @@ def logits_of(model, input_ids):
         return CausalLM(model).eval()(input_ids)[1]
 
 
+def engine_and_loop_greedy(model_dir, model, prompt: list[int], n: int) -> tuple[list[int], list[int]]:
+    """n greedy tokens from the engine (paged KV cache) and from a full-recompute loop of the training model."""
+    llm = LLM(str(model_dir), seed=0)
+    got = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0].token_ids
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(logits_of(model, torch.tensor([ids]))[0, -1].argmax()))
+    return got, ids[len(prompt):]
+
+
 def test_loss_falls_over_30_steps(trained):
     evals = trained.log.series("eval", "loss")
     assert evals[0] == [0, 10, 20, 30]
@@ -78,8 +90,6 @@ def _check_loads_with_same_logits(trainer):
 def test_round_trip_llama_tied(trained):
     from safetensors import safe_open
 
-    from frontierlm import LLM, SamplingParams
-
     with safe_open(str(trained.out_dir / "model.safetensors"), "pt") as f:
         names = set(f.keys())
     assert {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
@@ -89,15 +99,9 @@ def test_round_trip_llama_tied(trained):
     _check_loads_with_same_logits(trained)
 
     # Greedy generation in the engine (paged KV cache) equals a full-recompute greedy loop of the trainee.
-    prompt = trained.val_blocks[0, :12].tolist()
-    llm = LLM(str(trained.out_dir), seed=0)
-    got = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
-                       use_tqdm=False)[0].outputs[0].token_ids
-    ids = list(prompt)
-    for _ in range(12):
-        ids.append(int(logits_of(trained.model, torch.tensor([ids]))[0, -1].argmax()))
-    assert got == ids[len(prompt):]
-    assert llm.get_tokenizer().chat_template  # tokenizer files travelled with the weights
+    got, expected = engine_and_loop_greedy(trained.out_dir, trained.model, trained.val_blocks[0, :12].tolist(), 12)
+    assert got == expected
+    assert LLM(str(trained.out_dir)).get_tokenizer().chat_template  # tokenizer files travelled with the weights
 
 
 def test_round_trip_qwen2_untied_with_qkv_bias(tmp_path, tiny_model_dir):

@@ -145,17 +145,10 @@ def test_fsdp_two_processes_train_what_one_process_trains(case, fsdp_runs, tmp_p
     assert evals[-1]["loss"] == pytest.approx(single.log.last("eval")["loss"], rel=1e-4)
 
     if case == "llama":  # the engine serves the FSDP-trained directory like any other
-        from frontierlm import LLM, SamplingParams
-        from test_train import logits_of
+        from test_train import engine_and_loop_greedy
 
-        prompt = single.val_blocks[0, :8].tolist()
-        llm = LLM(str(out), seed=0)
-        got_ids = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
-                               use_tqdm=False)[0].outputs[0].token_ids
-        ids = list(prompt)
-        for _ in range(4):
-            ids.append(int(logits_of(single.model, torch.tensor([ids]))[0, -1].argmax()))
-        assert got_ids == ids[len(prompt):]
+        got_ids, expected = engine_and_loop_greedy(out, single.model, single.val_blocks[0, :8].tolist(), 4)
+        assert got_ids == expected
 
 
 def _fsdp_worker(paths: list[str]) -> None:
