@@ -6,6 +6,7 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from frontierlm.config import EngineConfig
+from frontierlm.engine.chat_template import render_chat
 from frontierlm.engine.llm_engine import LLMEngine
 from frontierlm.outputs import RequestOutput
 from frontierlm.sampling_params import SamplingParams
@@ -58,12 +59,9 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = []
         for conv in conversations:
-            try:
-                text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                               chat_template=chat_template)
-            except ValueError as e:
-                raise ValueError(f"cannot apply the chat template: {e}") from e
-            prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
+            # special-token text inside messages is tokenized as text, roles are checked (chat_template.py)
+            text, ids = render_chat(tok, conv, add_generation_prompt, chat_template=chat_template)
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, priority=priority)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

@@ -49,11 +49,13 @@ def run_server(args) -> int:
     from frontierlm.engine.llm_engine import LLMEngine
     from frontierlm.server.api import build_app
     from frontierlm.server.metrics import ServerMetrics
+    from frontierlm.server.security import options_from_args
 
     config = cli_args.engine_config(args)  # validates the flags before anything starts
+    security = options_from_args(args)
     name = args.served_model_name or args.model
     engine = AsyncEngine(lambda: LLMEngine(config), ServerMetrics(name)).start()
-    app = build_app(engine, name, args.max_queue, args.request_timeout)
+    app = build_app(engine, name, args.max_queue, args.request_timeout, security=security)
     server = GracefulServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                            timeout_graceful_shutdown=5), engine, app.state.ctx, args.shutdown_grace)
 

@@ -9,7 +9,7 @@ import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from frontierlm.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -33,6 +33,46 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+class FieldError(ValueError):
+    """A ValueError that knows the request field it is about (pydantic loses the location of errors raised
+    by a model-level validator; api.py reads `param` back)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def _surrogate_path(value: Any, path: str) -> str | None:
+    """Where in `value` a string holds a lone surrogate ("\ud800" is valid JSON but not valid Unicode text,
+    so no tokenizer can take it), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, list):
+        if set(map(type, value)) <= {int, float, bool}:  # token ids: skip without a Python-level loop
+            return None
+        return next((p for i, v in enumerate(value) if (p := _surrogate_path(v, f"{path}[{i}]"))), None)
+    if isinstance(value, dict):
+        for k, v in value.items():
+            p = _surrogate_path(k, f"{path} (a key)") or _surrogate_path(v, f"{path}.{k}")
+            if p:
+                return p
+    return None
+
+
+def check_text_fields(data: Any) -> None:
+    if isinstance(data, dict):
+        for key, value in data.items():
+            where = _surrogate_path(key, "a field name") or _surrogate_path(value, str(key))
+            if where:
+                param = key if isinstance(key, str) and where != "a field name" else None
+                raise FieldError(param, f"{where}: the text holds a lone UTF-16 surrogate (such as \\ud800), "
+                                 "which is not valid Unicode")
 
 
 class _Strict(BaseModel):
@@ -85,6 +125,7 @@ class _SamplingFields(_Strict):
         if isinstance(data, dict) and isinstance(data.get("extra_body"), dict):
             data = {**data, **data["extra_body"]}
             data.pop("extra_body")
+        check_text_fields(data)
         if isinstance(data, dict):
             # unknown fields are ignored, but these change what the client expects back: refuse them loudly
             if data.get("tools") or data.get("functions"):
@@ -108,7 +149,11 @@ class _SamplingFields(_Strict):
             if kind == "json_object":
                 asked.append(StructuredOutputsParams(json_object=True))
             elif kind == "json_schema":
-                schema = (fmt.get("json_schema") or {}).get("schema")
+                spec = fmt.get("json_schema")
+                if not isinstance(spec, dict):
+                    raise ValueError("response_format.json_schema must be an object with a \"schema\" key, got "
+                                     f"a {type(spec).__name__}")
+                schema = spec.get("schema")
                 if not isinstance(schema, dict):
                     raise ValueError("response_format.json_schema.schema must be a JSON schema object")
                 asked.append(StructuredOutputsParams(json=schema))
@@ -161,10 +206,25 @@ class TextPart(_Strict):
     text: str
 
 
+# content parts of OpenAI's other modalities: refused with a message that says why
+MEDIA_PARTS = ("image_url", "input_image", "image", "input_audio", "audio", "audio_url", "video_url", "file")
+
+
 class ChatMessage(_Strict):
-    role: str
+    # validated: templates paste the role raw between control tokens, so a free-form role could inject them
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[TextPart]]] = None
     name: Optional[str] = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            for part in v:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind in MEDIA_PARTS:
+                    raise ValueError(f"this model takes text only; {kind} content parts are not supported")
+        return v
 
     def text(self) -> str:
         if self.content is None:
