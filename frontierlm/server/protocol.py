@@ -9,7 +9,7 @@ import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from frontierlm.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -87,6 +87,7 @@ class _SamplingFields(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions, including the non-OpenAI ones that clients
     send through `extra_body` (the openai client merges them into the top level; a literal nested
     "extra_body" object is merged too)."""
+    _constraint_field: Optional[str] = PrivateAttr(default=None)
     model: Optional[str] = None
     n: int = 1
     temperature: Optional[float] = None
@@ -159,18 +160,22 @@ class _SamplingFields(_Strict):
                 asked.append(StructuredOutputsParams(json=schema))
             elif kind != "text":
                 raise ValueError(f"response_format.type must be text, json_object or json_schema, got {kind!r}")
-        if self.structured_outputs is not None:
-            try:
-                asked.append(StructuredOutputsParams(**self.structured_outputs))
-            except TypeError as e:  # an unknown key
-                raise ValueError(f"structured_outputs: {e}") from None
-        if self.grammar is not None:
-            asked.append(StructuredOutputsParams(grammar=self.grammar))
-        if self.json_schema is not None:
-            asked.append(StructuredOutputsParams(json=self.json_schema))
+        for name, kwargs in (("structured_outputs", self.structured_outputs),
+                             ("grammar", None if self.grammar is None else {"grammar": self.grammar}),
+                             ("json_schema", None if self.json_schema is None else {"json": self.json_schema})):
+            if kwargs is not None:
+                try:
+                    asked.append(StructuredOutputsParams(**kwargs))
+                except (TypeError, ValueError) as e:  # TypeError: an unknown key
+                    raise ValueError(f"{name}: {e}") from None
+                self._constraint_field = name
         if len(asked) > 1:
             raise ValueError("give only one of response_format, structured_outputs, grammar and json_schema")
         return asked[0] if asked else None
+
+    def constraint_field(self) -> str:
+        """The request field that carried the output constraint (engine errors name it structured_outputs)."""
+        return self._constraint_field or "response_format"
 
 
 def _check_logprobs(name: str, v: int | None) -> None:

@@ -163,7 +163,8 @@ def _check_queue(ctx: ServerContext, num_seqs: int, n: int) -> None:
                        headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
-async def _admit(ctx: ServerContext, prompts: list, params, priority: int, prefix: str) -> list:
+async def _admit(ctx: ServerContext, prompts: list, params, priority: int, prefix: str,
+                 constraint_field: str = "structured_outputs") -> list:
     _check_fits(ctx, prompts, params)
     num_seqs = len(prompts) * params.n
     _check_queue(ctx, num_seqs, params.n)
@@ -176,7 +177,10 @@ async def _admit(ctx: ServerContext, prompts: list, params, priority: int, prefi
     except ValueError as e:
         for t in tracks:  # siblings of a rejected prompt: not failures of their own
             ctx.engine.abort(t.request_id, None)
-        raise APIError.from_value_error(e) from None
+        err = APIError.from_value_error(e)
+        if err.param == "structured_outputs":  # the engine's name; the client may have sent grammar / json_schema
+            err.param = constraint_field
+        raise err from None
     finally:
         ctx.admitting -= num_seqs  # the adds are in the engine's waiting count by now
     return tracks
@@ -237,7 +241,7 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: HTT
         raise APIError(400, "prompt is empty", param="prompt")
     encoded = list(await asyncio.gather(*(_encode(ctx, p, params) for p in prompts)))
     rid = random_id("cmpl")
-    tracks = await _admit(ctx, encoded, params, req.priority, rid)
+    tracks = await _admit(ctx, encoded, params, req.priority, rid, req.constraint_field())
     base = {"id": rid, "object": "text_completion", "created": now(), "model": ctx.served_model_name}
     n_lp = req.logprobs
     num_prompt = sum(len(e["prompt_token_ids"]) for e in encoded)
@@ -275,7 +279,7 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
                                                      req.add_generation_prompt, ctx.parse_special_tokens_in_content)
     encoded = {"prompt": text, "prompt_token_ids": ids}
     rid = random_id("chatcmpl")
-    tracks = await _admit(ctx, [encoded], params, req.priority, rid)
+    tracks = await _admit(ctx, [encoded], params, req.priority, rid, req.constraint_field())
     base = {"id": rid, "object": "chat.completion", "created": now(), "model": ctx.served_model_name}
     n_lp = params.logprobs
     num_prompt = len(encoded["prompt_token_ids"])
