@@ -76,6 +76,7 @@ def test_huge_prompt_does_not_stall_a_running_stream(server):
     time.sleep(0.3)
     gap = stream.max_gap(t0, t1)
     stream.stop()
+    print(f"largest stream gap {gap:.3f}s while the big prompts took {t1 - t0:.2f}s")
     for r in results:
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text[:300]
     assert results[0].json()["error"]["param"] == "prompt" and results[1].json()["error"]["param"] == "messages"
@@ -207,3 +208,14 @@ def test_queue_bound_counts_sequences(server):
     assert r.status_code == 200 and len(r.json()["choices"]) == 3
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2, "n": 4})
     assert r.status_code == 400 and "--max-queue" in r.json()["error"]["message"]
+
+
+def test_malloc_mmap_threshold_is_pinned_on_glibc(monkeypatch):
+    import platform
+
+    from frontierlm.server.launch import pin_malloc_mmap_threshold
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert pin_malloc_mmap_threshold() is (platform.libc_ver()[0] == "glibc")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # the operator's setting wins
+    assert pin_malloc_mmap_threshold() is False
