@@ -138,6 +138,8 @@ async def soak(base_url: str, num_requests: int, concurrency: int, cancel_share:
         def sample() -> None:
             if server_pid is not None and (m := rss_mib(server_pid)) is not None:
                 samples.append((finished, round(m, 1)))
+                print(f"{finished} requests, {time.perf_counter() - t_start:.0f}s: server RSS {m:.1f} MiB",
+                      file=sys.stderr, flush=True)  # progress, and figures even if the run is cut short
 
         async def bounded(i: int) -> str:
             nonlocal finished
@@ -149,6 +151,7 @@ async def soak(base_url: str, num_requests: int, concurrency: int, cancel_share:
                 sample()
             return result
 
+        t_start = time.perf_counter()
         sample()
         t0 = time.perf_counter()
         results = await asyncio.gather(*(bounded(i) for i in range(num_requests)))
