@@ -20,6 +20,8 @@ ENGINE_FLAGS = [
     ("--max-model-len", "max_model_len", int, "context length (default: the model's)"),
     ("--tokenizer", "tokenizer", str, "tokenizer directory (default: the model's)"),
     ("--load-format", "load_format", str, "auto (safetensors) or dummy (random weights from config.json)"),
+    ("--structured-outputs-backend", "structured_outputs_backend", str,
+     "auto (xgrammar, guidance where xgrammar cannot enforce the constraint), xgrammar or guidance"),
 ]
 
 SAMPLING_FLAGS = [

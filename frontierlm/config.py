@@ -24,6 +24,7 @@ class EngineConfig:
     max_model_len: int | None = None
     tokenizer: str | None = None
     load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmark real shapes)
+    structured_outputs_backend: str = "auto"  # "xgrammar", "guidance" (llguidance), or auto: per constraint
 
     def __post_init__(self):
         def positive(name):
@@ -41,6 +42,9 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {self.load_format!r}")
+        if self.structured_outputs_backend not in ("auto", "xgrammar", "guidance"):
+            raise ValueError("structured_outputs_backend must be 'auto', 'xgrammar' or 'guidance', got "
+                             f"{self.structured_outputs_backend!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.device == "auto":

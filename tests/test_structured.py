@@ -72,7 +72,7 @@ def test_bad_constraints_raise_and_cache_hits(llm):
         llm.generate(["x"], SamplingParams(structured_outputs=StructuredOutputsParams(regex="(unclosed")),
                      use_tqdm=False)
     with pytest.raises(ValueError, match="structured_outputs.grammar"):
-        llm.generate(["x"], SamplingParams(structured_outputs=StructuredOutputsParams(grammar="root ::= ")),
+        llm.generate(["x"], SamplingParams(structured_outputs=StructuredOutputsParams(grammar="root ::= (")),
                      use_tqdm=False)
     assert not llm.llm_engine.has_unfinished_requests()
     backend = llm.llm_engine.grammar_backend
@@ -171,9 +171,9 @@ def test_slow_compile_does_not_stall_running_requests(tiny_model_dir, monkeypatc
     release = threading.Event()
     original = GrammarBackend.compile
 
-    def slow_compile(self, params):
+    def slow_compile(self, *args):
         release.wait(30)  # held until the other request has finished
-        return original(self, params)
+        return original(self, *args)
 
     monkeypatch.setattr(GrammarBackend, "compile", slow_compile)
     engine.add_request("plain", [5, 6, 7], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
@@ -202,7 +202,7 @@ def test_failed_compile_ends_only_that_request(tiny_model_dir, monkeypatch):
 
     llm = LLM(tiny_model_dir("llama"), block_size=4)
 
-    def broken(self, params):
+    def broken(self, *args):
         raise RuntimeError("compiler exploded")
 
     monkeypatch.setattr(GrammarBackend, "compile", broken)

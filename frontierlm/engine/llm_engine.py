@@ -81,7 +81,8 @@ class LLMEngine:
         self.startup_report = (
             f"FrontierLM: {mc.architecture} ({mc.dtype}, {self.runner.device}) | KV cache: {num_blocks} blocks x "
             f"{config.block_size} tokens = {num_blocks * config.block_size} tokens, {bpt} bytes/token{mla}, "
-            f"{num_blocks * config.block_size * bpt / 2**30:.2f} GiB | loaded in {time.perf_counter() - t0:.1f}s")
+            f"{num_blocks * config.block_size * bpt / 2**30:.2f} GiB | structured outputs: "
+            f"{config.structured_outputs_backend} | loaded in {time.perf_counter() - t0:.1f}s")
         logger.info(self.startup_report)
 
     @classmethod
@@ -201,7 +202,8 @@ class LLMEngine:
             from frontierlm.structured.backend import GrammarBackend
 
             self.grammar_backend = GrammarBackend(self.tokenizer, self.model_config.vocab_size,
-                                                  list(self.model_config.eos_token_ids))
+                                                  list(self.model_config.eos_token_ids),
+                                                  mode=self.config.structured_outputs_backend)
         return self.grammar_backend.compile_async(params.structured_outputs)
 
     def _resolve_grammars(self) -> list[RequestOutput]:
@@ -346,6 +348,8 @@ class LLMEngine:
             "prefix_cache_queries": self.kv.prefix_queries,
             "prefix_cache_hits": self.kv.prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions,
+            # structured-output requests per backend since start ({} before the first one)
+            "structured_output_requests": dict(self.grammar_backend.served) if self.grammar_backend else {},
         }
 
     def expert_load(self) -> list[list[int]]:
