@@ -10,6 +10,7 @@ _EXPORTS = {
     "EngineConfig": "frontierlm.config",
     "SamplingParams": "frontierlm.sampling_params",
     "StructuredOutputsParams": "frontierlm.sampling_params",
+    "GuidedDecodingParams": "frontierlm.sampling_params",
     "RequestOutput": "frontierlm.outputs",
     "CompletionOutput": "frontierlm.outputs",
     "Logprob": "frontierlm.outputs",

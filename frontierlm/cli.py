@@ -43,6 +43,8 @@ def _build_parser() -> argparse.ArgumentParser:
     check.add_argument("grammar", help="a .gbnf file, builtin:NAME, inline GBNF, or with --schema a JSON schema file")
     check.add_argument("texts", nargs="+", metavar="TEXT")
     check.add_argument("--schema", action="store_true", help="GRAMMAR is a JSON schema file (or inline JSON)")
+    check.add_argument("--backend", choices=("auto", "xgrammar", "guidance"), default="auto",
+                       help="structured-output backend to check with (auto: the one a request would get)")
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
@@ -147,7 +149,8 @@ def cmd_grammar(args) -> int:
     spec = args.grammar
     if Path(spec).is_file():
         spec = Path(spec).read_text()
-    compiled = compile_for_check(json_schema=spec) if args.schema else compile_for_check(grammar=spec)
+    compiled = compile_for_check(json_schema=spec, backend=args.backend) if args.schema else \
+        compile_for_check(grammar=spec, backend=args.backend)
     all_ok = True
     for text in args.texts:
         ok, pos = check_text(compiled, text)

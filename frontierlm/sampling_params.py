@@ -112,6 +112,27 @@ class StructuredOutputsParams:
 
 
 @dataclass
+class GuidedDecodingParams(StructuredOutputsParams):
+    """vLLM's older name for StructuredOutputsParams (deprecated there and here): the same fields."""
+
+    def __post_init__(self):
+        warn_deprecated("GuidedDecodingParams", "StructuredOutputsParams")
+        super().__post_init__()
+
+
+_warned: set[str] = set()
+
+
+def warn_deprecated(old: str, new: str) -> None:
+    """One log line per old name and process: vLLM's older structured-output spellings still work."""
+    if old not in _warned:
+        _warned.add(old)
+        import logging
+
+        logging.getLogger("frontierlm.sampling_params").warning("%s is deprecated; use %s", old, new)
+
+
+@dataclass
 class SamplingParams:
     n: int = 1
     presence_penalty: float = 0.0
@@ -138,6 +159,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
     structured_outputs: StructuredOutputsParams | None = None
+    guided_decoding: StructuredOutputsParams | None = None  # vLLM's older name of structured_outputs
 
     def __post_init__(self):
         _check_int("n", self.n, lo=1)
@@ -177,6 +199,11 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, lo=0)
         if self.logit_bias is not None:
             self.logit_bias = self._normalize_logit_bias(self.logit_bias)
+        if self.guided_decoding is not None:
+            warn_deprecated("SamplingParams(guided_decoding=...)", "structured_outputs")
+            if self.structured_outputs is not None:
+                raise ValueError("give structured_outputs or guided_decoding (its older name), not both")
+            self.structured_outputs = self.guided_decoding
         if isinstance(self.structured_outputs, dict):
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):

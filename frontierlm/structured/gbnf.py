@@ -212,7 +212,7 @@ class _Parser:
             elif c in "*+?{":
                 if not seq:
                     self.error(f"expecting an item before {c!r}")
-                lo, hi = self.repetition()
+                lo, hi = self.repetition(nested)
                 last = seq[-1]
                 if (last.min, last.max) != (1, 1):  # x** and friends: repeat the repeated item
                     last = Item(Group([[last]]))
@@ -224,29 +224,29 @@ class _Parser:
             self.space(nested)
         return seq
 
-    def repetition(self) -> tuple[int, int | None]:
+    def repetition(self, nested: bool) -> tuple[int, int | None]:
         c = self.peek()
         self.pos += 1
         if c != "{":
-            self.space(False)
+            self.space(nested)
             return {"*": (0, None), "+": (1, None), "?": (0, 1)}[c]
-        self.space(False)
+        self.space(nested)
         lo, hi = self.integer(), None
-        self.space(False)
+        self.space(nested)
         if self.peek() == "}":
             hi = lo
         elif self.peek() == ",":
             self.pos += 1
-            self.space(False)
+            self.space(nested)
             if self.peek().isdigit():
                 hi = self.integer()
-                self.space(False)
+                self.space(nested)
             if self.peek() != "}":
                 self.error("expecting '}'")
         else:
             self.error("expecting ',' or '}'")
         self.pos += 1
-        self.space(False)
+        self.space(nested)
         if lo > MAX_REPETITION or (hi is not None and hi > MAX_REPETITION):
             self.error(f"repetition count above {MAX_REPETITION}")
         if hi is not None and hi < lo:
@@ -299,7 +299,8 @@ def _rule_names(g: Grammar, pattern: str, prefix: str, root: str) -> dict[str, s
     """Names every backend accepts (llama.cpp allows `1x` and `UPPER-CASE`; Lark wants lowercase)."""
     out, used = {}, set()
     for name in g.rules:
-        new = root if name == "root" else (name if re.fullmatch(pattern, name) else prefix + name.replace("-", "_"))
+        new = root if name == "root" else (
+            name if re.fullmatch(pattern, name) else prefix + re.sub(r"[^a-z0-9_]", "_", name.lower()))
         while new in used or (name != "root" and new == root):
             new += "_"
         used.add(new)

@@ -38,6 +38,15 @@ class XGrammarBackend:
 
         self._xgr = xgr
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+        # xgrammar matches special tokens (<unk>, <s>, <pad>) by their text, so "<" [a-z]+ ">" could emit <s>,
+        # which detokenizes to nothing: blank them (an empty token is never allowed), keep the stop tokens
+        special = set(getattr(tokenizer, "all_special_ids", [])) - set(stop_token_ids)
+        if special:
+            vocab = [""] * vocab_size
+            for token, idx in tokenizer.get_vocab().items():
+                if idx < vocab_size and idx not in special:
+                    vocab[idx] = token
+            info = xgr.TokenizerInfo.from_vocab_and_metadata(vocab, info.dump_metadata())
         self.compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
 
     check_syntax = staticmethod(check_syntax)
