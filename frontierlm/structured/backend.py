@@ -39,10 +39,12 @@ class Plan:
     backend: str
     payload: object
     reason: str | None = None  # why auto chose guidance
+    cache_text: str | None = None  # JSON schemas: equal for schemas that differ only in keyword order
 
     @property
     def key(self) -> tuple:
-        text = self.payload if isinstance(self.payload, str) else json.dumps(self.payload, ensure_ascii=False)
+        text = self.cache_text or (
+            self.payload if isinstance(self.payload, str) else json.dumps(self.payload, ensure_ascii=False))
         return (self.backend, self.kind, text)
 
 
@@ -66,7 +68,8 @@ def plan_constraint(params: StructuredOutputsParams, mode: str = "auto", token_i
                 raise ValueError(f"the xgrammar backend does not enforce {reasons[0]}; use "
                                  "structured_outputs_backend='auto' or 'guidance'")
             payload = json.dumps(schema, ensure_ascii=False)
-            return Plan(kind, backend, payload, reasons[0] if backend == "guidance" and reasons else None)
+            return Plan(kind, backend, payload, reasons[0] if backend == "guidance" and reasons else None,
+                        canonical_key(schema))
         if kind == "json_object":
             return Plan(kind, "guidance" if mode == "guidance" else "xgrammar", JSON_OBJECT_SCHEMA)
         if kind == "grammar":

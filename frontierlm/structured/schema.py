@@ -142,6 +142,11 @@ def _json_type(v) -> str:
     return {str: "string", list: "array", dict: "object"}[type(v)]
 
 
+def _anchored(pattern: str) -> bool:
+    """^...$ around the whole pattern: the one form where xgrammar's whole-string match is JSON Schema's search."""
+    return pattern.startswith("^") and pattern.endswith("$") and not pattern.endswith("\\$") and "|" not in pattern
+
+
 def _listed_values(s: dict) -> set[str] | None:
     """The values an enum / const allows, as canonical JSON (None when the schema lists none)."""
     if "const" in s:
@@ -347,6 +352,9 @@ class _Normalizer:
             if "maxItems" in s and len(s.get("prefixItems", [])) > s["maxItems"]:
                 self.guidance("maxItems below the number of prefixItems", path)
         elif t == "object":
+            for key in s.get("patternProperties", {}):
+                if not _anchored(key):
+                    self.guidance("patternProperties key without ^...$ (JSON Schema searches)", path)
             missing = set(s.get("required", [])) - set(s.get("properties", {}))
             if missing:
                 self.guidance(f"required {sorted(missing)} without properties", path)
@@ -363,10 +371,12 @@ class _Normalizer:
                 raise ValueError(f"'pattern' at {_pointer(path)} must be a string")
             if _LOOKAROUND.search(pattern):
                 _refuse("pattern", path, "look-around and back-references are not supported by any backend")
-            if not (pattern.startswith("^") and pattern.endswith("$") and not pattern.endswith("\\$")):
+            if not _anchored(pattern):
                 self.guidance("pattern without ^...$ (JSON Schema searches, xgrammar matches whole)", path)
         if sum(bool(s.keys() & g) for g in ({"pattern"}, {"format"}, {"minLength", "maxLength"})) > 1:
             self.guidance("pattern / format / length combined", path)
+        elif s.keys() & {"minLength", "maxLength"}:  # xgrammar's length-bounded strings take raw control chars
+            self.guidance("minLength / maxLength (xgrammar lets raw control characters into such strings)", path)
 
     def number(self, s: dict, t: str, path: tuple) -> dict:
         s = dict(s)
