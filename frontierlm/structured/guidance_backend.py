@@ -50,7 +50,12 @@ class GuidanceMatcher:
         self._terminated = False
 
     def accept_token(self, token: int) -> bool:
-        if self._terminated or self._m.validate_tokens([token]) != 1:
+        if self._terminated:
+            return False
+        if token in self._stop:  # validate_tokens() answers 0 for a stop token even where the grammar may end
+            if not self._m.is_accepting():
+                return False
+        elif self._m.validate_tokens([token]) != 1:
             return False
         self._m.consume_token(token)
         self._terminated = token in self._stop
