@@ -11,7 +11,8 @@ from jsonschema.validators import validator_for
 from frontierlm import LLM, GuidedDecodingParams, SamplingParams, StructuredOutputsParams
 from frontierlm.structured.backend import plan_constraint
 from frontierlm.structured.grammars_lib import check_text, compile_for_check
-from frontierlm.structured.schema import canonical_key, normalize_schema, upgrade_draft
+from frontierlm.structured.schema import canonical_key, normalize_schema
+from frontierlm.structured.schema_drafts import upgrade_draft
 
 pytest.importorskip("xgrammar")
 pytest.importorskip("llguidance")

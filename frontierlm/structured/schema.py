@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import jsonschema
 
+from frontierlm.structured.schema_drafts import pointer as _pointer, upgrade_draft
+
 ANNOTATIONS = {"title", "description", "default", "examples", "deprecated", "readOnly", "writeOnly", "$comment",
                "$schema", "$id", "$anchor", "discriminator"}
 TYPE_KEYWORDS = {
@@ -47,10 +49,6 @@ REFUSED = {
 XGRAMMAR_FORMATS = {"date", "date-time", "time", "email", "uuid", "ipv4", "ipv6", "uri", "hostname", "duration"}
 GUIDANCE_FORMATS = XGRAMMAR_FORMATS
 ALL_TYPES = ["string", "number", "array", "object", "boolean", "null"]
-_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
-_SUBSCHEMAS = ("items", "additionalItems", "additionalProperties", "not", "if", "then", "else", "contains",
-               "propertyNames", "unevaluatedProperties", "unevaluatedItems")
 _LOOKAROUND = re.compile(r"\(\?<?[=!]|\\[1-9]")
 
 
@@ -60,75 +58,9 @@ class NormalizedSchema:
     guidance_reasons: list[str] = field(default_factory=list)  # why xgrammar cannot enforce it ("kw at #/path")
 
 
-def _pointer(path: tuple) -> str:
-    return "#" + "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path)
-
-
 def _refuse(keyword: str, path: tuple, why: str):
     raise ValueError(f"keyword {keyword!r} at {_pointer(path)} cannot be enforced ({why}); the request is refused "
                      "rather than the keyword ignored")
-
-
-# ---- pass 1: older drafts -> 2020-12 --------------------------------------------------------------------
-def _rewrite_ref(ref: str) -> str:
-    if not ref.startswith("#/"):
-        return ref
-    parts = ref[2:].split("/")
-    out = []
-    for i, p in enumerate(parts):
-        prev = parts[i - 1] if i else None
-        if p == "definitions" and prev not in ("properties", "patternProperties"):
-            p = "$defs"
-        elif p == "items" and i + 1 < len(parts) and parts[i + 1].isdigit() and prev != "properties":
-            p = "prefixItems"
-        out.append(p)
-    return "#/" + "/".join(out)
-
-
-def upgrade_draft(node, path: tuple = ()):
-    """A copy of `node` in 2020-12 spelling: tuple `items` -> `prefixItems` (+ `additionalItems` -> `items`),
-    `definitions` -> `$defs`, `dependencies` -> `dependentRequired` / `dependentSchemas`, boolean
-    `exclusiveMinimum` / `exclusiveMaximum` -> numeric ones, draft-04 `id` dropped (an annotation)."""
-    if not isinstance(node, dict):
-        if isinstance(node, bool):
-            return node
-        raise ValueError(f"the schema at {_pointer(path)} must be an object or a boolean, got {json.dumps(node)}")
-    out = {}
-    for k, v in node.items():
-        if k == "definitions":
-            k = "$defs"
-        if k == "id" and isinstance(v, str):
-            continue
-        out[k] = v
-    if isinstance(out.get("items"), list):
-        out["prefixItems"] = out.pop("items")
-        if "additionalItems" in out:
-            out["items"] = out.pop("additionalItems")
-    else:
-        out.pop("additionalItems", None)  # without tuple items it never applied
-    if "dependencies" in out:
-        deps = out.pop("dependencies")
-        if not isinstance(deps, dict):
-            raise ValueError(f"'dependencies' at {_pointer(path)} must be an object")
-        for name, dep in deps.items():
-            key = "dependentRequired" if isinstance(dep, list) else "dependentSchemas"
-            out.setdefault(key, {})[name] = dep
-    for bound, excl in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
-        if isinstance(out.get(excl), bool):
-            if out.pop(excl) and bound in out:
-                out[excl] = out.pop(bound)
-    if isinstance(out.get("$ref"), str):
-        out["$ref"] = _rewrite_ref(out["$ref"])
-    for k in _SUBSCHEMA_MAPS:
-        if isinstance(out.get(k), dict):
-            out[k] = {name: upgrade_draft(s, path + (k, name)) for name, s in out[k].items()}
-    for k in _SUBSCHEMA_LISTS:
-        if isinstance(out.get(k), list):
-            out[k] = [upgrade_draft(s, path + (k, i)) for i, s in enumerate(out[k])]
-    for k in _SUBSCHEMAS:
-        if k in out:
-            out[k] = upgrade_draft(out[k], path + (k,))
-    return out
 
 
 # ---- pass 2: audit, type inference, backend choice ------------------------------------------------------
