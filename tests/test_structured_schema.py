@@ -282,3 +282,13 @@ def test_guided_decoding_alias(llm, capsys):
 def test_unknown_backend_is_a_value_error(tiny_model_dir):
     with pytest.raises(ValueError, match="structured_outputs_backend must be"):
         LLM(tiny_model_dir("llama"), structured_outputs_backend="outlines")
+
+
+def test_hostile_nesting_is_a_value_error():
+    deep = {"type": "integer"}
+    for _ in range(5000):
+        deep = {"type": "array", "items": deep}
+    with pytest.raises(ValueError, match="nested too deeply"):
+        plan_constraint(StructuredOutputsParams(json=deep))
+    with pytest.raises(ValueError, match="nested too deeply"):
+        plan_constraint(StructuredOutputsParams(grammar="root ::= " + "(" * 5000 + '"a"' + ")" * 5000))

@@ -93,6 +93,8 @@ def plan_constraint(params: StructuredOutputsParams, mode: str = "auto", token_i
         return Plan(kind, "guidance" if mode == "guidance" else "xgrammar", list(params.choice))
     except ValueError as e:
         raise ValueError(f"structured_outputs.{kind}: {e}") from None
+    except RecursionError:  # a hostile schema or grammar nested thousands deep
+        raise ValueError(f"structured_outputs.{kind}: nested too deeply") from None
 
 
 class GrammarBackend:
