@@ -114,9 +114,16 @@ class StructuredOutputsParams:
 @dataclass
 class GuidedDecodingParams(StructuredOutputsParams):
     """vLLM's older name for StructuredOutputsParams (deprecated there and here): the same fields."""
+    backend: str | None = None  # vLLM's per-request backend and whitespace: refused with a reason, not ignored
+    whitespace_pattern: str | None = None
 
     def __post_init__(self):
         warn_deprecated("GuidedDecodingParams", "StructuredOutputsParams")
+        if self.backend is not None:
+            raise ValueError("GuidedDecodingParams.backend is not supported: the backend is chosen per engine "
+                             "(structured_outputs_backend='auto' | 'xgrammar' | 'guidance')")
+        if self.whitespace_pattern is not None:
+            raise ValueError("GuidedDecodingParams.whitespace_pattern is not supported")
         super().__post_init__()
 
 

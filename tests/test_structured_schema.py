@@ -274,6 +274,8 @@ def test_guided_decoding_alias(llm, capsys):
     assert "GuidedDecodingParams is deprecated" in err and "guided_decoding=...) is deprecated" in err
     assert params.structured_outputs.choice == ["left", "right"]
     assert llm.generate(["pick"], params, use_tqdm=False)[0].outputs[0].text in ("left", "right")
+    with pytest.raises(ValueError, match="backend is chosen per engine"):
+        GuidedDecodingParams(json={"type": "integer"}, backend="outlines")
     with pytest.raises(ValueError, match="not both"):
         SamplingParams(structured_outputs=StructuredOutputsParams(regex="a"),
                        guided_decoding=GuidedDecodingParams(regex="b"))
