@@ -36,16 +36,21 @@ def check_syntax(kind: str, payload) -> None:
     _validate(grammar_text(kind, payload, GENERATE_JSON))
 
 
+def _new_matcher(tokenizer, grammar: str):
+    from llguidance import LLMatcher
+
+    m = LLMatcher(tokenizer, grammar, log_level=0)
+    if m.is_error():
+        raise ValueError(f"could not compile: {m.get_error()}")
+    return m
+
+
 class GuidanceMatcher:
     """One sequence's state. llguidance's matcher enters a permanent error state on a refused token, so a token
     is validated before it is consumed; `accept_token` then answers False like xgrammar's and changes nothing."""
 
-    def __init__(self, tokenizer, grammar: str, stop_token_ids):
-        from llguidance import LLMatcher
-
-        self._m = LLMatcher(tokenizer, grammar, log_level=0)
-        if self._m.is_error():
-            raise ValueError(f"could not compile: {self._m.get_error()}")
+    def __init__(self, matcher, stop_token_ids):
+        self._m = matcher
         self._stop = set(stop_token_ids)
         self._terminated = False
 
@@ -102,13 +107,15 @@ class GuidanceBackend:
             raise ValueError(f"token {text} is not a single token of this tokenizer ({len(ids)} tokens)")
         return ids[0]
 
-    def compile(self, kind: str, payload) -> str:
+    def compile(self, kind: str, payload):
+        """A fresh matcher built on the worker thread (building it is llguidance's compile); every request gets a
+        deep copy, which is cheap."""
         grammar = grammar_text(kind, payload, GENERATE_JSON)
         _validate(grammar, self.tokenizer)
-        return grammar
+        return _new_matcher(self.tokenizer, grammar)
 
-    def matcher(self, compiled: str) -> GuidanceMatcher:
-        return GuidanceMatcher(self.tokenizer, compiled, self.stop_token_ids)
+    def matcher(self, compiled) -> GuidanceMatcher:
+        return GuidanceMatcher(compiled.deep_copy(), self.stop_token_ids)
 
 
 class _ByteTokenizer:
@@ -132,8 +139,10 @@ def checker(kind: str, payload):
     except ValueError as e:
         raise ValueError(str(e).replace("could not compile", "does not compile")) from None
 
+    template = _new_matcher(tokenizer, grammar)
+
     def check(text: str) -> tuple[bool, int | None]:
-        m = GuidanceMatcher(tokenizer, grammar, [256])
+        m = GuidanceMatcher(template.deep_copy(), [256])
         for i, ch in enumerate(text):
             if not all(m.accept_token(b) for b in ch.encode()):
                 return False, i
