@@ -1,6 +1,7 @@
 """LLM: the offline entry point (vLLM's shape): generate(), chat() and beam_search() over an LLMEngine."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Sequence
 
@@ -48,9 +49,7 @@ class LLM:
         params = _per_prompt(sampling_params if sampling_params is not None else SamplingParams(), n,
                              "sampling_params")
         # only the final output of each request is wanted (as vLLM's LLM does), without touching the caller's
-        params = [dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
-                  if isinstance(p, SamplingParams) and p.output_kind != RequestOutputKind.FINAL_ONLY else p
-                  for p in params]
+        params = [_final_only(p) for p in params]
         prios = _per_prompt(priority if priority is not None else 0, n, "priority")
         engine = self.llm_engine
         ids = []
@@ -132,6 +131,15 @@ class LLM:
         finally:
             bar.close()
         return [done[i] for i in ids]
+
+
+def _final_only(p):
+    """A shallow copy asking for the final output only (already validated: no second __post_init__)."""
+    if not isinstance(p, SamplingParams) or p.output_kind == RequestOutputKind.FINAL_ONLY:
+        return p
+    q = copy.copy(p)
+    q.output_kind = RequestOutputKind.FINAL_ONLY
+    return q
 
 
 def _per_prompt(x, n: int, name: str) -> list:
