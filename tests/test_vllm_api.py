@@ -161,6 +161,8 @@ def test_engine_surface_and_limits(tiny_model_dir):
     (lambda d: SamplingParams(allowed_token_ids=[]), "allowed_token_ids"),
     (lambda d: BeamSearchParams(beam_width=2), "needs max_tokens"),
     (lambda d: BeamSearchParams(beam_width=0, max_tokens=3), "beam_width"),
+    (lambda d: LLM(d).llm_engine.add_request(None, [1, 2], lora_request=object()), "lora_request=.* not supported"),
+    (lambda d: LLM(d).generate([1, 2], sampling_param=SamplingParams()), "unknown argument 'sampling_param'.*'sampling_params'"),
 ])
 def test_unsupported_and_unknown_are_value_errors(tiny_model_dir, make, match):
     with pytest.raises(ValueError, match=match):

@@ -41,7 +41,7 @@ class LLM:
                  use_tqdm: bool = True, priority: Sequence[int] | None = None, **kwargs) -> list[RequestOutput]:
         """Generate for one prompt or a list (strings, token-id lists or {"prompt_token_ids": ...} dicts);
         outputs come back in input order, each complete (the output_kind of the params does not matter here)."""
-        check_kwargs("LLM.generate", kwargs, (), _NOT_YET)
+        check_kwargs("LLM.generate", kwargs, ("prompts", "sampling_params", "use_tqdm", "priority"), _NOT_YET)
         if isinstance(prompts, (str, dict)) or _is_token_ids(prompts):
             prompts = [prompts]
         prompts = list(prompts)
@@ -68,7 +68,9 @@ class LLM:
              chat_template_content_format: str = "auto", **kwargs) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"} dicts) or a list of them, through the chat template.
         continue_final_message=True leaves the last (assistant) message open for the model to continue."""
-        check_kwargs("LLM.chat", kwargs, (), _NOT_YET)
+        check_kwargs("LLM.chat", kwargs, ("messages", "sampling_params", "use_tqdm", "add_generation_prompt",
+                                          "chat_template", "priority", "continue_final_message", "tools",
+                                          "chat_template_kwargs", "chat_template_content_format"), _NOT_YET)
         tok = self.get_tokenizer()
         if tok is None:
             raise ValueError("chat needs a tokenizer with a chat template; this model directory has none")
@@ -99,7 +101,7 @@ class LLM:
         Prompts: strings, token-id lists, or {"prompt": ...} / {"prompt_token_ids": ...} dicts."""
         from frontierlm.engine.beam_search import beam_search
 
-        check_kwargs("LLM.beam_search", kwargs, (), _NOT_YET)
+        check_kwargs("LLM.beam_search", kwargs, ("prompts", "params", "use_tqdm"), _NOT_YET)
         if not isinstance(params, BeamSearchParams):
             raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
         if isinstance(prompts, (str, dict)) or _is_token_ids(prompts):

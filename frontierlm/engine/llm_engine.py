@@ -7,6 +7,7 @@ from typing import Iterable
 
 import torch
 
+from frontierlm.compat import check_kwargs
 from frontierlm.config import EngineConfig, ModelConfig, check_attention_backend
 from frontierlm.engine.detokenizer import IncrementalDetokenizer
 from frontierlm.engine.kv_cache import KVCacheManager
@@ -154,7 +155,9 @@ class LLMEngine:
         return out
 
     def add_request(self, request_id: str | None, prompt, params: SamplingParams | None = None,
-                    priority: int = 0, arrival_time: float | None = None) -> str:
+                    priority: int = 0, arrival_time: float | None = None, **kwargs) -> str:
+        check_kwargs("add_request", kwargs, ("request_id", "prompt", "params", "priority", "arrival_time"), {"lora_request": None, "tokenization_kwargs": None,
+                                                 "trace_headers": None})
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
