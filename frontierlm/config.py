@@ -138,8 +138,8 @@ def check_model_dir(model, load_format: str = "auto") -> Path:
     if not path.exists():
         if _HUB_ID.match(str(model)) and not str(model).startswith("."):
             raise ModelPathError(
-                f"{str(model)!r} is not a local directory; it looks like a Hugging Face Hub id, and FrontierLM "
-                f"never downloads models. Get a local copy first, e.g. `hf download {model} --local-dir "
+                f"{str(model)!r} is not a local directory. If it is a Hugging Face Hub id: FrontierLM never "
+                f"downloads models; get a local copy first, e.g. `hf download {model} --local-dir "
                 f"./{Path(str(model)).name}` (pip install huggingface_hub), then pass that directory")
         raise ModelPathError(f"model directory {str(model)!r} does not exist")
     if not path.is_dir():

@@ -87,6 +87,9 @@ def test_truncate_prompt_tokens_keeps_the_tail(llm):
                                                 truncate_prompt_tokens=4), use_tqdm=False)[0]
     ref = llm.generate([PROMPT[-4:]], params, use_tqdm=False)[0]
     assert cut.prompt_token_ids == PROMPT[-4:] and cut.outputs[0].token_ids == ref.outputs[0].token_ids
+    text = llm.generate(["The def statement and the class"], SamplingParams(max_tokens=1, truncate_prompt_tokens=2),
+                        use_tqdm=False)[0]
+    assert len(text.prompt_token_ids) == 2 and text.prompt == llm.get_tokenizer().decode(text.prompt_token_ids)
     whole = llm.generate([PROMPT], SamplingParams(max_tokens=2, truncate_prompt_tokens=-1), use_tqdm=False)[0]
     assert whole.prompt_token_ids == PROMPT
 

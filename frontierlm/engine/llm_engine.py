@@ -178,8 +178,9 @@ class LLMEngine:
         keep = params.truncate_prompt_tokens
         if keep is not None:  # vLLM: keep the last k tokens (-1: as many as the context holds)
             keep = self.max_model_len if keep == -1 else keep
-            if len(ids) > keep:
-                text, ids = None, ids[-keep:]
+            if len(ids) > keep:  # the prompt text shown is then that of the kept tokens
+                ids = ids[-keep:]
+                text = self.tokenizer.decode(ids) if text is not None and self.tokenizer is not None else None
         if params.allowed_token_ids and max(params.allowed_token_ids) >= vocab:
             raise ValueError(f"allowed_token_ids contains ids outside the vocabulary [0, {vocab}): "
                              f"{[t for t in params.allowed_token_ids if t >= vocab][:5]}")
