@@ -84,11 +84,14 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _use_formatter(parser: argparse.ArgumentParser) -> None:
-    """Subcommand parsers built elsewhere (train, bench) show their defaults too."""
+    """Subcommand parsers built elsewhere (train, bench, serve) show their defaults too, also for options that
+    have no help text (argparse prints nothing for those)."""
+    parser.formatter_class = _Formatter
     for action in parser._actions:
+        if action.help is None and action.option_strings and action.default not in (None, False):
+            action.help = "(default: %(default)s)"
         if isinstance(action, argparse._SubParsersAction):
             for child in action.choices.values():
-                child.formatter_class = _Formatter
                 _use_formatter(child)
 
 

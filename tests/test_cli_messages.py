@@ -116,6 +116,10 @@ def test_help_shows_defaults(capsys):
     out = " ".join(capsys.readouterr().out.split())
     for shown in ("(default: 256)", "(default: 2048)", "(default: 1.0)", "(default: 16)", "--num-threads"):
         assert shown in out
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--port PORT (default: 8000)" in out and "(default: info)" in out
 
 
 def test_generate_logprobs_json_structured_and_n(capsys, tiny_model_dir):
