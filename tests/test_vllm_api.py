@@ -145,7 +145,7 @@ def test_chat_continue_final_message(llm):
 
 def test_engine_surface_and_limits(tiny_model_dir):
     llm = LLM(tiny_model_dir("llama"), max_model_len=64, tensor_parallel_size=1, trust_remote_code=True,
-              enforce_eager=True, swap_space=None)
+              enforce_eager=True, swap_space=4)
     assert llm.llm_engine.model_config.max_model_len == 64
     assert llm.llm_engine.model_config.max_position_embeddings == 512
     assert llm.llm_engine.get_tokenizer() is llm.get_tokenizer()
