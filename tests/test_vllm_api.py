@@ -143,6 +143,18 @@ def test_chat_continue_final_message(llm):
         llm.chat(conv, lora_request=object())
 
 
+def test_default_sampling_params_from_generation_config(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    d = shutil.copytree(tiny_model_dir("llama"), tmp_path / "m")
+    cfg = json.loads((d / "generation_config.json").read_text())
+    (d / "generation_config.json").write_text(json.dumps({**cfg, "temperature": 0.6, "top_p": 0.9, "top_k": 20,
+                                                          "max_new_tokens": 33}))
+    p = LLM(str(d)).get_default_sampling_params()
+    assert (p.temperature, p.top_p, p.top_k, p.max_tokens, p.min_p) == (0.6, 0.9, 20, 33, 0.0)
+
+
 def test_engine_surface_and_limits(tiny_model_dir):
     llm = LLM(tiny_model_dir("llama"), max_model_len=64, tensor_parallel_size=1, trust_remote_code=True,
               enforce_eager=True, swap_space=4)

@@ -73,6 +73,10 @@ for output in outputs:
 assert [o.prompt for o in outputs] == prompts
 assert all(len(o.outputs[0].token_ids) == 16 or o.outputs[0].finish_reason == "stop" for o in outputs)
 
+defaults = llm.get_default_sampling_params()  # the model's generation_config.json over vLLM's defaults
+defaults.max_tokens = 4
+assert len(llm.generate(prompts[0], defaults)[0].outputs[0].token_ids) <= 4
+
 tokenizer = llm.llm_engine.get_tokenizer()
 assert llm.llm_engine.model_config.max_model_len == 256
 

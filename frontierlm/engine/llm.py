@@ -37,6 +37,24 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: SamplingParams() with the sampling defaults of the model's generation_config.json (temperature,
+        top_p, top_k, min_p, repetition_penalty; max_new_tokens as max_tokens) where it sets them."""
+        import json
+        from pathlib import Path
+
+        path = Path(self.llm_engine.config.model) / "generation_config.json"
+        try:
+            gen = json.loads(path.read_text()) if path.is_file() else {}
+        except ValueError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        names = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                 "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+        kw = {ours: gen[theirs] for theirs, ours in names.items() if gen.get(theirs) is not None}
+        if gen.get("do_sample") is False:  # transformers' greedy flag
+            kw["temperature"] = 0.0
+        return SamplingParams(**kw)
+
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True, priority: Sequence[int] | None = None, **kwargs) -> list[RequestOutput]:
         """Generate for one prompt or a list (strings, token-id lists or {"prompt_token_ids": ...} dicts);
