@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from frontierlm import LLM, SamplingParams
-from frontierlm.layers.logits_processor import (BatchUpdate, LogitsProcessors, MoveDirectionality, _batch_update,
-                                                 process_dict_updates)
+from frontierlm.layers.logits_processor import (AdapterLogitsProcessor, BatchUpdate, LogitsProcessors,
+                                                 MoveDirectionality, _batch_update, process_dict_updates)
 from frontierlm.layers.sampler import Sampler
 from test_sampler import State
 
@@ -144,3 +144,32 @@ def test_processor_by_name_and_bad_requests(tiny_model_dir):
     assert not forced.llm_engine.has_unfinished_requests()
     with pytest.raises(ValueError, match="allowed_token_ids"):
         forced.generate([[1, 2]], SamplingParams(allowed_token_ids=[10**6]), use_tqdm=False)
+
+
+class BanFirstChoice(AdapterLogitsProcessor):
+    """Per-request functions: ban the token given in extra_args['ban'] (vLLM's AdapterLogitsProcessor shape)."""
+
+    def is_argmax_invariant(self):
+        return False
+
+    def new_req_logits_processor(self, params):
+        ban = (params.extra_args or {}).get("ban")
+        if ban is None:
+            return None
+
+        def fn(output_ids, row):
+            row[ban] = float("-inf")
+            return row
+        return fn
+
+
+def test_adapter_processor_per_request_functions(tiny_model_dir):
+    d = tiny_model_dir("llama")
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    plain = LLM(d, block_size=4).generate([[5, 6, 7], [9, 10]], greedy, use_tqdm=False)
+    first = plain[0].outputs[0].token_ids[0]
+    llm = LLM(d, block_size=4, logits_processors=[BanFirstChoice])
+    got = llm.generate([[5, 6, 7], [9, 10]], [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True,
+                                                             extra_args={"ban": first}), greedy], use_tqdm=False)
+    assert first not in got[0].outputs[0].token_ids and got[0].outputs[0].token_ids != plain[0].outputs[0].token_ids
+    assert got[1].outputs[0].token_ids == plain[1].outputs[0].token_ids
