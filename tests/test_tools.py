@@ -1,0 +1,237 @@
+"""Tool calling through the official openai client, LangChain and instructor: every call the server reports
+parses and validates against its function's schema (the call is decoded under a grammar built from it)."""
+import concurrent.futures as cf
+import json
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+jsonschema = pytest.importorskip("jsonschema")
+from test_server import MODEL, LiveServer  # noqa: E402
+
+from frontierlm.assets import DEMO_MODEL  # noqa: E402
+from frontierlm.server.options import ServeOptions  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                            "unit": {"enum": ["celsius", "fahrenheit"]}},
+           "required": ["city", "unit"]}
+ADD = {"type": "object", "properties": {"a": {"type": "integer", "minimum": -5, "maximum": 99},
+                                        "flags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 2}},
+       "required": ["a", "flags"]}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "add", "parameters": ADD}}]
+SCHEMAS = {"get_weather": WEATHER, "add": ADD}
+MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+SEEDS = range(50)
+MAX_TOKENS = 160  # the tiny tokenizer spells markup almost letter by letter; most of it is jump-forwarded
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    template = (DEMO_MODEL / "chat_template.jinja").read_text()  # the demo model's, with tools
+    srv = LiveServer(tiny_model_dir("llama", max_position_embeddings=2048), max_num_seqs=64,
+                     options=ServeOptions(chat_template=template, enable_auto_tool_choice=True, log_requests=False))
+    yield srv
+    srv.stop()
+
+
+def _validate(name: str, arguments: str) -> None:
+    assert name in SCHEMAS, name
+    jsonschema.validate(json.loads(arguments), SCHEMAS[name])
+
+
+def _concurrently(fn, seeds=SEEDS):
+    with cf.ThreadPoolExecutor(16) as pool:
+        return list(pool.map(fn, seeds))
+
+
+def _create(server, seed, **kw):
+    return server.client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, seed=seed,
+                                                 max_tokens=MAX_TOKENS, **kw)
+
+
+def _stream(server, seed, **kw) -> tuple[dict, str, str | None]:
+    """Accumulate a streamed choice the way clients do: ({index: [id, name, arguments]}, content, finish)."""
+    calls, content, finish = {}, "", None
+    for chunk in _create(server, seed, stream=True, **kw):
+        choice = chunk.choices[0]
+        content += choice.delta.content or ""
+        for d in choice.delta.tool_calls or []:
+            if d.index not in calls:
+                assert d.id and d.function.name and d.type == "function"  # the first delta of a call
+                calls[d.index] = [d.id, d.function.name, ""]
+            else:
+                assert d.id is None and d.function.name is None
+            calls[d.index][2] += d.function.arguments or ""
+        finish = choice.finish_reason or finish
+    return calls, content, finish
+
+
+def test_named_tool_choice_50_seeds(server):
+    for r in _concurrently(lambda s: _create(server, s, tool_choice=NAMED)):
+        c = r.choices[0]
+        assert c.finish_reason == "stop", c  # OpenAI: a forced function finishes with "stop"
+        assert c.message.content is None
+        (call,) = c.message.tool_calls
+        assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+        _validate(call.function.name, call.function.arguments)
+
+
+def test_named_tool_choice_streamed_50_seeds(server):
+    for calls, content, finish in _concurrently(lambda s: _stream(server, s, tool_choice=NAMED)):
+        assert finish == "stop" and content == ""
+        assert list(calls) == [0] and calls[0][1] == "get_weather"
+        _validate(calls[0][1], calls[0][2])
+
+
+def test_required_tool_choice_50_seeds(server):
+    names = set()
+    for r in _concurrently(lambda s: _create(server, s, tool_choice="required")):
+        c = r.choices[0]
+        assert c.message.tool_calls, c
+        assert c.finish_reason in ("tool_calls", "length")
+        if c.finish_reason == "tool_calls":
+            assert c.message.content is None
+        for call in c.message.tool_calls:
+            _validate(call.function.name, call.function.arguments)
+            names.add(call.function.name)
+    assert names == {"get_weather", "add"}  # the model chose between them
+
+
+def test_required_tool_choice_streamed_50_seeds(server):
+    for calls, content, finish in _concurrently(lambda s: _stream(server, s, tool_choice="required")):
+        assert calls and finish in ("tool_calls", "length") and content == ""
+        if finish == "tool_calls":
+            for _, name, arguments in calls.values():
+                _validate(name, arguments)
+        else:  # cut off by max_tokens: every call before the last is complete
+            for _, name, arguments in list(calls.values())[:-1]:
+                _validate(name, arguments)
+
+
+def test_streamed_and_plain_agree(server):
+    r = _create(server, 7, tool_choice="required", temperature=0)
+    calls, content, finish = _stream(server, 7, tool_choice="required", temperature=0)
+    c = r.choices[0]
+    assert finish == c.finish_reason and content == (c.message.content or "")
+    assert [(n, a) for _, n, a in calls.values()] == [(t.function.name, t.function.arguments)
+                                                      for t in c.message.tool_calls]
+
+
+def test_parallel_tool_calls_false_gives_one_call(server):
+    for r in _concurrently(lambda s: _create(server, s, tool_choice="required", parallel_tool_calls=False),
+                           range(10)):
+        c = r.choices[0]
+        assert len(c.message.tool_calls) == 1 and c.finish_reason == "tool_calls"
+        _validate(c.message.tool_calls[0].function.name, c.message.tool_calls[0].function.arguments)
+
+
+def test_auto_text_or_valid_calls(server):
+    """The random model mostly writes text under "auto"; whatever it writes, reported calls validate."""
+    for r in _concurrently(lambda s: _create(server, s, max_completion_tokens=24), range(10)):
+        c = r.choices[0]
+        for call in c.message.tool_calls or []:
+            _validate(call.function.name, call.function.arguments)
+        assert c.finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_tool_choice_none_is_plain_text(server):
+    r = _create(server, 1, tool_choice="none", max_completion_tokens=8)
+    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_history_with_tool_calls_and_tool_results(server):
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                             "arguments": '{"city": "Paris", "unit": "celsius"}'}}
+    history = MESSAGES + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                          {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 degrees"}]
+    r = server.client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, tool_choice="none",
+                                              max_tokens=4)
+    assert r.choices[0].message.role == "assistant"
+    ids = httpx.post(server.url + "/tokenize", json={"model": MODEL, "messages": history, "tools": TOOLS}).json()
+    assert ids["count"] == r.usage.prompt_tokens
+    text = httpx.post(server.url + "/detokenize", json={"tokens": ids["tokens"]}).json()["prompt"]
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}' in text
+    assert "<tool_response>\nsunny, 21 degrees\n</tool_response>" in text
+    assert '"name": "add"' in text  # the tools' signatures are in the prompt
+
+
+@pytest.mark.parametrize("body,match", [
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "'nope' is not among the tools"),
+    ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "not both"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "function names must be"),
+    ({"tools": None, "tool_choice": "required"}, "tool_choice needs tools"),
+    ({"tools": TOOLS + TOOLS[:1], "tool_choice": "required"}, "must be unique"),
+])
+def test_bad_tool_requests_are_400(server, body, match):
+    r = httpx.post(server.url + "/v1/chat/completions",
+                   json={"model": MODEL, "messages": MESSAGES, "tools": TOOLS, "max_tokens": 4, **body})
+    assert r.status_code == 400, r.text
+    assert match in r.json()["error"]["message"]
+
+
+def test_auto_needs_the_flag_and_completions_refuse_tools(tiny_model_dir):
+    srv = LiveServer(tiny_model_dir("llama", max_position_embeddings=2048), options=ServeOptions(
+        chat_template=(DEMO_MODEL / "chat_template.jinja").read_text(), log_requests=False))
+    try:
+        with pytest.raises(openai.BadRequestError, match="--enable-auto-tool-choice"):
+            srv.client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, max_tokens=4)
+        r = srv.client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice=NAMED,
+                                               max_tokens=MAX_TOKENS, seed=0)
+        _validate("get_weather", r.choices[0].message.tool_calls[0].function.arguments)
+        r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "tools": TOOLS})
+        assert r.status_code == 400 and "/v1/chat/completions" in r.json()["error"]["message"]
+    finally:
+        srv.stop()
+
+
+# ---- frameworks -------------------------------------------------------------------------------------------
+def test_langchain_bind_tools(server):
+    lc = pytest.importorskip("langchain_openai", reason="pip install langchain-openai")
+    from langchain_core.tools import tool
+    from pydantic import BaseModel, Field
+
+    class WeatherArgs(BaseModel):  # short strings, so the random model finishes within max_tokens
+        city: str = Field(max_length=8)
+        unit: str = Field(max_length=10)
+
+    @tool(args_schema=WeatherArgs)
+    def get_weather(city: str, unit: str) -> str:
+        """Weather of a city."""
+        return "sunny"
+
+    llm = lc.ChatOpenAI(base_url=server.url + "/v1", api_key="none", model=MODEL, max_tokens=MAX_TOKENS,
+                        temperature=1.0, seed=3, max_retries=0)
+    msg = llm.bind_tools([get_weather], tool_choice="get_weather").invoke("Weather in Paris?")
+    (call,) = msg.tool_calls
+    assert msg.response_metadata["finish_reason"] == "stop" and not msg.invalid_tool_calls
+    assert call["name"] == "get_weather" and set(call["args"]) == {"city", "unit"}
+    assert all(isinstance(v, str) for v in call["args"].values())
+    auto = llm.bind_tools([get_weather]).invoke("Weather in Paris?")  # tool_choice "auto": text or a call
+    assert isinstance(auto.content, str)
+    chunks = list(llm.bind_tools([get_weather], tool_choice="required").stream("Weather in Paris?"))
+    merged = chunks[0]
+    for c in chunks[1:]:
+        merged = merged + c
+    assert merged.tool_calls and merged.tool_calls[0]["name"] == "get_weather"
+
+
+def test_instructor_default_mode(server):
+    instructor = pytest.importorskip("instructor", reason="pip install instructor")
+    from pydantic import BaseModel, Field
+
+    class Weather(BaseModel):
+        city: str = Field(max_length=8)
+        unit: str = Field(pattern="^(celsius|fahrenheit)$")
+        days: int = Field(ge=1, le=7)
+
+    client = instructor.from_openai(openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0))
+    for seed in range(3):
+        w = client.chat.completions.create(model=MODEL, response_model=Weather, messages=MESSAGES, seed=seed,
+                                           max_tokens=MAX_TOKENS, max_retries=0)
+        assert isinstance(w, Weather) and 1 <= w.days <= 7
