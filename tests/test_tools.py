@@ -235,3 +235,108 @@ def test_instructor_default_mode(server):
         w = client.chat.completions.create(model=MODEL, response_model=Weather, messages=MESSAGES, seed=seed,
                                            max_tokens=MAX_TOKENS, max_retries=0)
         assert isinstance(w, Weather) and 1 <= w.days <= 7
+
+
+# ---- the formats, without a server: reading calls back, streamed or whole, and their grammars -----------------
+CALL = {"get_weather": '{"city": "Paris", "unit": "celsius"}', "add": '{"a": 3, "flags": [true]}'}
+SAMPLES = {
+    "hermes": "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": %s}\n</tool_call>\n"
+              "<tool_call>\n{\"name\": \"add\", \"arguments\": %s}\n</tool_call>",
+    "llama3_json": '{"name": "get_weather", "parameters": %s}; {"name": "add", "parameters": %s}',
+    "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": %s}, {"name": "add", "arguments": %s}]',
+    "deepseek_v3": "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n%s\n```"
+                   "<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function<｜tool▁sep｜>add\n```json\n%s\n```"
+                   "<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
+}
+
+
+def _plan(parser, choice="auto", parallel=None):
+    from frontierlm.server.tools.plan import plan_tools
+    from frontierlm.server.tools.protocol import NamedToolChoice, Tool
+
+    if isinstance(choice, dict):
+        choice = NamedToolChoice.model_validate(choice)
+    return plan_tools([Tool.model_validate(t) for t in TOOLS], choice, parallel, parser_name=parser,
+                      enable_auto=True, chat_template=None)
+
+
+def _matcher(plan):
+    import xgrammar as xgr
+
+    compiled = xgr.GrammarCompiler(xgr.TokenizerInfo([]), cache_enabled=False).compile_grammar(
+        plan.structured_outputs().grammar)
+    return xgr.GrammarMatcher(compiled, terminate_without_stop_token=True)
+
+
+@pytest.mark.parametrize("parser", sorted(SAMPLES))
+def test_parser_reads_calls_whole_and_streamed(parser):
+    from frontierlm.server.tools import ToolStreamer
+
+    text = SAMPLES[parser] % (CALL["get_weather"], CALL["add"])
+    plan = _plan(parser)
+    content, calls = plan.split(text, final=True)
+    assert [(c.name, c.arguments) for c in calls] == list(CALL.items())
+    assert content == ("Let me check." if parser == "hermes" else "")
+    streamer, streamed, args = ToolStreamer(plan), "", {}
+    for i in range(1, len(text) + 1):  # one character per step: the worst case for markers split across steps
+        delta = streamer.feed(text[:i], final=i == len(text))
+        streamed += delta.get("content", "")
+        for item in delta.get("tool_calls", []):
+            if "id" in item:  # the first delta of a call names it
+                args[item["index"]] = [item["function"]["name"], ""]
+            args[item["index"]][1] += item["function"]["arguments"]
+    assert streamed == content and [tuple(v) for v in args.values()] == list(CALL.items())
+
+
+@pytest.mark.parametrize("parser", sorted(SAMPLES))
+def test_grammar_accepts_the_format_and_refuses_bad_calls(parser):
+    text = SAMPLES[parser] % (CALL["get_weather"], CALL["add"])
+    calls_only = text.replace("Let me check.\n", "")
+    assert _matcher(_plan(parser, "required")).accept_string(calls_only)
+    assert not _matcher(_plan(parser, "required")).accept_string("Let me check.")  # required: calls only
+    assert not _matcher(_plan(parser, "required", parallel=False)).accept_string(calls_only)  # one call at most
+    bad_args = SAMPLES[parser] % ('{"city": "Paris", "unit": "kelvin"}', CALL["add"])
+    assert not _matcher(_plan(parser, "required")).accept_string(bad_args.replace("Let me check.\n", ""))
+    named = _matcher(_plan(parser, NAMED))
+    assert named.accept_string(_one_call(parser)) and named.is_completed()
+    assert not _matcher(_plan(parser, NAMED)).accept_string(_one_call(parser).replace("get_weather", "add"))
+    assert _matcher(_plan(parser, "required", parallel=False)).accept_string(_one_call(parser))
+
+
+def _one_call(parser) -> str:
+    return {"hermes": '<tool_call>\n{"name": "get_weather", "arguments": %s}\n</tool_call>',
+            "llama3_json": '{"name": "get_weather", "parameters": %s}',
+            "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": %s}]',
+            "deepseek_v3": "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n%s"
+                           "\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>"}[parser] % CALL["get_weather"]
+
+
+@pytest.mark.parametrize("parser", sorted(SAMPLES))
+def test_auto_allows_text_then_constrains_the_call(parser):
+    plan = _plan(parser, "auto")
+    assert _matcher(plan).accept_string("Plain text, no call at all.")
+    m = _matcher(plan)
+    trigger = plan.parser.trigger
+    assert m.accept_string("Some text first. " + trigger)
+    # once a call has begun, only a listed function with schema-valid arguments may follow
+    good = _one_call(parser)
+    assert _matcher(plan).accept_string("Some text first. " + good)
+    assert not _matcher(plan).accept_string("Some text first. " + good.replace("get_weather", "rm_rf"))
+    assert not _matcher(plan).accept_string("Some text first. " + good.replace("celsius", "kelvin"))
+
+
+def test_parser_detection_from_templates():
+    from frontierlm.server.tools import detect_parser
+
+    assert detect_parser((DEMO_MODEL / "chat_template.jinja").read_text()) == "hermes"
+    assert detect_parser("{{ '[TOOL_CALLS]' }}") == "mistral"
+    assert detect_parser("{{ '<｜tool▁calls▁begin｜>' }}") == "deepseek_v3"
+    assert detect_parser("{{ '<|python_tag|>' }}") == "llama3_json"
+    assert detect_parser(None) == "hermes"
+
+
+def test_control_characters_in_strings_are_escaped():
+    from frontierlm.server.tools.jsonscan import escape_controls
+
+    assert escape_controls('{"a": "x\x1ay", "b":\n1}') == '{"a": "x\\u001ay", "b":\n1}'
+    assert json.loads(escape_controls('{"a": "\x00\\"\x07"}')) == {"a": '\x00"\x07'}
