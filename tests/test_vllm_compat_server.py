@@ -156,6 +156,10 @@ def test_model_id_is_model_as_typed_and_inline_template(model_dir):
         assert [m.id for m in srv.client.models.list().data] == ["tiny-llama"]
         r = srv.client.completions.create(model="tiny-llama", prompt="The class", extra_body={"ignore_eos": True})
         assert r.usage.completion_tokens == 16  # generation_config ignored: the OpenAI default
+        deadline = time.time() + 10  # requests are logged by default (the reader thread may lag a little)
+        while not any("request cmpl" in line for line in srv.stderr) and time.time() < deadline:
+            time.sleep(0.05)
+        assert any("request cmpl" in line and "max_tokens=16" in line for line in srv.stderr)
         ids = httpx.post(srv.url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
         assert httpx.post(srv.url + "/detokenize", json={"tokens": ids["tokens"]}).json()["prompt"] == "[hi]"
     finally:
@@ -165,8 +169,8 @@ def test_model_id_is_model_as_typed_and_inline_template(model_dir):
 @pytest.mark.parametrize("flags,message", [
     (["--tensor-parallel-size", "2"], "--tensor-parallel-size 2: tensor parallelism (one device per server) is "
                                       "not supported yet"),
-    (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype fp8: a quantized KV cache (FP8) is not supported yet"),
-    (["--quantization", "fp8"], "--quantization fp8: quantized weights is not supported yet"),
+    (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype fp8: a quantized (FP8) KV cache is not supported yet"),
+    (["--quantization", "fp8"], "--quantization fp8: weight quantization is not supported yet"),
     (["--generation-config", "/nonexistent"], "--generation-config: /nonexistent is not 'auto', 'vllm' or a"),
     (["--chat-template", "missing.jinja"], "--chat-template: missing.jinja is neither a file nor"),
     (["--model", "elsewhere"], "the model is given twice"),
