@@ -333,6 +333,10 @@ def test_parser_detection_from_templates():
     assert detect_parser("{{ '<｜tool▁calls▁begin｜>' }}") == "deepseek_v3"
     assert detect_parser("{{ '<|python_tag|>' }}") == "llama3_json"
     assert detect_parser(None) == "hermes"
+    from frontierlm.server.args import TOOL_PARSERS
+    from frontierlm.server.tools import PARSERS
+
+    assert sorted(TOOL_PARSERS) == sorted(PARSERS)  # the serve flag's choices (kept import-free) match
 
 
 def test_control_characters_in_strings_are_escaped():
