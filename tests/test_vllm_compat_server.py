@@ -179,3 +179,16 @@ def test_bad_serve_flags_exit_2_with_one_line(model_dir, capsys, flags, message)
     assert main(["serve", str(model_dir), *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_packaged_model_is_served_as_demo():
+    from frontierlm.cli import _build_parser
+    from frontierlm.server.args import resolve_model
+    from frontierlm.server.launch import serve_options
+
+    args = _build_parser().parse_args(["serve"])
+    resolve_model(args)
+    args.model = str(DEMO_MODEL)  # what main() fills in when no MODEL is named
+    options = serve_options(args)
+    assert options.served_model_names == ["demo"] and options.sampling_defaults == {}
+    assert "<tool_call>" in (DEMO_MODEL / "chat_template.jinja").read_text()
