@@ -74,7 +74,7 @@ def expert_imbalance(counts: list[int]) -> float:
 
 class _MoECollector:
     """frontierlm:moe_expert_tokens_total{layer, expert} and frontierlm:moe_expert_imbalance{layer}, built at
-    scrape time from ServerMetrics.expert_load (nothing for dense models). `layer` is the model's own layer
+    scrape time from ServerMetrics.expert_snapshot (nothing for dense models). `layer` is the model's own layer
     number (LLMEngine.expert_layers(): dense layers and DeepSeek-V3's MTP modules have no series)."""
 
     def __init__(self, metrics: "ServerMetrics"):
@@ -141,7 +141,7 @@ class ServerMetrics(StatsSink):
             self._failure.labels(model_name, reason)
         self._last = {"prefix_cache_queries": 0, "prefix_cache_hits": 0, "num_preemptions": 0}
         self.series = _Series()
-        # MoE expert load: the last snapshot of LLMEngine.expert_load(), exported by _MoECollector.
+        # MoE expert load: the last (expert_layers(), expert_load()) of the engine, exported by _MoECollector.
         self.expert_snapshot: tuple[list[int], list[list[int]]] = ([], [])  # (layer numbers, rows)
         self._dense = False  # set once a snapshot comes back empty: dense models skip the engine round trip
         self.registry.register(_MoECollector(self))
