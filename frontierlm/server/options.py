@@ -50,4 +50,7 @@ def generation_defaults(mode: str, model_dir: str) -> dict:
         config = json.loads(path.read_text())
     except ValueError as e:
         raise ValueError(f"--generation-config: {path} is not valid JSON: {e}") from None
-    return {ours: config[key] for key, ours in GENERATION_DEFAULTS.items() if config.get(key) is not None}
+    defaults = {ours: config[key] for key, ours in GENERATION_DEFAULTS.items() if config.get(key) is not None}
+    if config.get("do_sample") is False:  # transformers' greedy flag (as LLM.get_default_sampling_params reads it)
+        defaults["temperature"] = 0.0
+    return defaults
