@@ -272,6 +272,14 @@ def cmd_bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = _build_parser().parse_args(argv)
+    if args.command == "serve":
+        from frontierlm.server.args import resolve_model
+
+        try:
+            resolve_model(args)  # --model, and the model id as typed
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if args.command in ("generate", "chat", "serve"):
         try:
             if args.model is None:

@@ -404,3 +404,7 @@ class LLMEngine:
         rather than every step."""
         return self.runner.model.expert_load()
 
+    def expert_layers(self) -> list[int]:
+        """The model's own layer number of each row of expert_load() (dense layers and MTP modules skipped)."""
+        return self.runner.model.expert_layers()
+
