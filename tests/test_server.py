@@ -13,7 +13,8 @@ MODEL = "tiny"
 
 
 class LiveServer:
-    def __init__(self, model_dir, max_queue=None, request_timeout=None, security=None, **engine_kwargs):
+    def __init__(self, model_dir, max_queue=None, request_timeout=None, options=None, security=None,
+                 **engine_kwargs):
         import uvicorn
 
         from frontierlm.engine.async_engine import AsyncEngine
@@ -22,7 +23,7 @@ class LiveServer:
 
         self.engine = AsyncEngine(lambda: LLMEngine.from_engine_args(model_dir, **engine_kwargs)).start()
         self.app = build_app(self.engine, MODEL, max_queue=max_queue, request_timeout=request_timeout,
-                             security=security)
+                             options=options, security=security)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -232,7 +233,7 @@ def test_constrained_output_through_the_api(server):
     r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 20,
                                                          "grammar": 'root ::= "a" "b"+'})
     assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith("ab")
-    for bad in ({"grammar": "root ::= "}, {"structured_outputs": {"regex": "(x"}},
+    for bad in ({"grammar": "root ::= ("}, {"structured_outputs": {"regex": "(x"}},
                 {"response_format": {"type": "xml"}}, {"grammar": 'root ::= "a"', "json_schema": schema}):
         r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "x", **bad})
         assert r.status_code == 400 and r.json()["error"]["message"], bad

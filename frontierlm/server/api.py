@@ -12,10 +12,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import frontierlm
 from frontierlm.engine.async_engine import AsyncEngine, EngineDeadError
 from frontierlm.logger import init_logger
-from frontierlm.server import dashboard
+from frontierlm.server import dashboard, responses, routes
 from frontierlm.server.errors import APIError
 from frontierlm.server.metrics import ServerMetrics
 from frontierlm.server.middleware import BodySizeLimitMiddleware, BodyTooLarge, RequestIdMiddleware
+from frontierlm.server.options import ServeOptions
 from frontierlm.server.protocol import ChatCompletionRequest, CompletionRequest, FieldError
 from frontierlm.server.security import SecurityOptions, add_api_key_check, add_cors, docs_kwargs
 from frontierlm.server.serving import ServerContext, create_chat_completion, create_completion
@@ -38,13 +39,19 @@ def _validation_error(exc: RequestValidationError) -> APIError:
 
 
 def build_app(async_engine: AsyncEngine, served_model_name: str, max_queue: int | None = None,
-              request_timeout: float | None = None, security: SecurityOptions | None = None) -> FastAPI:
-    """App around a started AsyncEngine (the model may still be loading: /health answers 503 until ready)."""
+              request_timeout: float | None = None, options: ServeOptions | None = None,
+              security: SecurityOptions | None = None) -> FastAPI:
+    """App around a started AsyncEngine (the model may still be loading: /health answers 503 until ready).
+    `options` carries the serve flags that shape requests (more served names, chat template, tools...),
+    `security` the keys, CORS, docs and limits (security.py)."""
+    options = options or ServeOptions()
+    names = options.served_model_names = options.served_model_names or [served_model_name]
+    served_model_name = names[0]
     metrics = async_engine.stats
     if not isinstance(metrics, ServerMetrics):
         metrics = async_engine.stats = ServerMetrics(served_model_name)
     opts = security or SecurityOptions()
-    ctx = ServerContext(async_engine, served_model_name, max_queue, request_timeout, None, metrics,
+    ctx = ServerContext(async_engine, served_model_name, max_queue, request_timeout, None, metrics, options=options,
                         parse_special_tokens_in_content=opts.parse_special_tokens_in_content)
     app = FastAPI(title="FrontierLM", version=frontierlm.__version__, **docs_kwargs(opts))
     app.state.ctx = ctx
@@ -71,9 +78,9 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, max_queue: int 
         return ctx
 
     def check_model(name: str | None) -> None:
-        if name is not None and name != served_model_name:
-            raise APIError(400, f"model {name!r} does not exist; this server serves {served_model_name!r}",
-                           param="model", code="model_not_found")
+        if name is not None and name not in names:
+            raise APIError(400, f"model {name!r} does not exist; this server serves "
+                           f"{', '.join(map(repr, names))}", param="model", code="model_not_found")
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -113,10 +120,7 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, max_queue: int 
     @app.get("/v1/models")
     async def models():
         c = await ready_context()
-        return {"object": "list", "data": [{
-            "id": served_model_name, "object": "model", "created": int(time.time()), "owned_by": "frontierlm",
-            # root names the model as clients know it: the directory's path stays private to the host
-            "root": served_model_name, "max_model_len": c.engine.engine.max_model_len}]}
+        return {"object": "list", "data": [model_card(c, name) for name in names]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request):
@@ -135,6 +139,8 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, max_queue: int 
         return Response(data, media_type=content_type)
 
     dashboard.add_routes(app, ctx)
+    routes.add_routes(app, ctx, ready_context, check_model)
+    responses.add_routes(app, ctx, ready_context, check_model)
     return app
 
 
@@ -145,3 +151,9 @@ def _add_middleware(app: FastAPI, opts: SecurityOptions, metrics: ServerMetrics)
     add_api_key_check(app, opts, on_reject=metrics.on_failure)
     app.add_middleware(RequestIdMiddleware, on_failure=metrics.on_failure)
     add_cors(app, opts)
+
+
+def model_card(ctx: ServerContext, name: str) -> dict:
+    # root names the model as clients know it: the directory's path stays private to the host
+    return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "frontierlm",
+            "root": name, "max_model_len": ctx.engine.engine.max_model_len}

@@ -11,7 +11,8 @@ from frontierlm.server.protocol import PASSTHROUGH
 T = TypeVar("T")
 # names a ValueError message may start with that are request fields (SamplingParams names the field first)
 _FIELDS = set(PASSTHROUGH) | {"max_tokens", "logprobs", "prompt", "messages", "priority", "model", "top_logprobs",
-                              "min_tokens", "n", "response_format", "structured_outputs", "grammar", "json_schema"}
+                              "min_tokens", "n", "response_format", "structured_outputs", "grammar", "json_schema",
+                              "tools", "tool_choice", "guided_json", "guided_regex", "guided_choice", "guided_grammar"}
 
 
 class APIError(Exception):
