@@ -7,7 +7,7 @@ import random
 from dataclasses import dataclass, field
 
 from frontierlm.engine.kv_cache import KVCacheManager
-from frontierlm.engine.request import Request
+from frontierlm.engine.request import Request, RequestStatus
 from frontierlm.engine.scheduler import RunnerOutput, Scheduler, SchedulerOutput
 from frontierlm.sampling_params import SamplingParams
 from frontierlm.sim.timing import BatchShape, prefill_pairs
@@ -158,11 +158,13 @@ class Instance:
                 accepted = 0
                 while accepted < spec.k and self.rng.random() < spec.acceptance:
                     accepted += 1
-                # extra accepted tokens join the request uncomputed, like a draft the engine accepted; the last
-                # token of a request is left to the scheduler's own stop check
-                extra = max(0, min(accepted, r.max_tokens - r.num_output_tokens - 1))
+                # extra accepted tokens join the request uncomputed, as accepted drafts do in the engine; one that
+                # reaches max_tokens ends the request as the engine's length check would
+                extra = min(accepted, r.max_tokens - r.num_output_tokens)
                 for _ in range(extra):
                     r.append_token(TOKEN)
+                if r.num_output_tokens >= r.max_tokens:
+                    self.scheduler.finish_request(r.request_id, RequestStatus.FINISHED_LENGTH)
             advanced.append((r, 1 + extra))
         finished = [r for r in updated if r.is_finished]
         for r in finished:
