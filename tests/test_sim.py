@@ -188,3 +188,16 @@ def test_profile_command_feeds_the_simulator(tiny_model_dir, tmp_path, capsys):
     assert main(["sim", "--profile", str(prof), "--num-requests", "5", "--input-len", "8", "--output-len", "4",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["completed"] == 5
+
+
+def test_serving_overheads_and_ingress_latency():
+    # the hand-checked schedule again, with 0.5 s ingress: everything shifts by 0.5 s after the arrival
+    wl = [SimRequest("A", 0.0, 10, 3), SimRequest("B", 0.5, 4, 2)]
+    inst = InstanceConfig(num_blocks=100, block_size=4, max_num_batched_tokens=8)
+    a, b = simulate(wl, LinearTimer(), FleetConfig(inst, ingress_latency=0.5)).records
+    assert a.ttft == pytest.approx(3.9) and b.ttft == pytest.approx(3.4) and a.finish == pytest.approx(6.2)
+    timer = ProfileTimer({"points": [{"prefill_tokens": 0, "prefill_pairs": 0, "decode_reqs": 1, "decode_ctx": 1,
+                                      "step_s": 1.0}], "overhead": {"step_s": 0.25, "row_s": 0.5}})
+    from frontierlm.sim.timing import BatchShape
+
+    assert timer.step_time(BatchShape(decode_reqs=2, rows=2)) == pytest.approx(timer.step_time(BatchShape()) + 1.0)

@@ -16,7 +16,10 @@ def add_parsers(sub) -> None:
     t.add_argument("--tp", type=int, default=1, help="roofline: tensor-parallel GPUs per instance")
     t.add_argument("--mfu", type=float, default=0.6, help="roofline: share of peak FLOP/s reached")
     t.add_argument("--mbu", type=float, default=0.8, help="roofline: share of peak bandwidth reached")
-    t.add_argument("--step-overhead-ms", type=float, default=0.0, help="roofline: fixed time per step")
+    t.add_argument("--step-overhead-ms", type=float, default=None,
+                   help="fixed time added to each step (default: 0, or the profile's overhead block)")
+    t.add_argument("--row-overhead-ms", type=float, default=None, help="time added per request in a step")
+    t.add_argument("--ingress-latency-ms", type=float, default=0.0, help="client send -> engine queue")
     t.add_argument("--weight-dtype", default="bf16")
     t.add_argument("--kv-dtype", default="bf16")
     w = sim.add_argument_group("workload")

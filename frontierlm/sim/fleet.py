@@ -24,6 +24,7 @@ class FleetConfig:
     kv_bytes_per_token: float = 0.0  # for the prefill -> decode transfer
     kv_transfer_bw: float = 50e9  # bytes/s per prefill instance's link
     kv_transfer_latency: float = 0.0005
+    ingress_latency: float = 0.0  # from a client's send to the engine's queue (HTTP, parsing); counts in TTFT
 
     def __post_init__(self):
         if self.router not in ROUTERS:
@@ -32,8 +33,8 @@ class FleetConfig:
             raise ValueError(f"replicas must be positive, got {self.replicas}")
         if self.disagg is not None and (len(self.disagg) != 2 or min(self.disagg) <= 0):
             raise ValueError(f"disaggregation needs N_p:N_d with both positive, got {self.disagg}")
-        if self.kv_transfer_bw <= 0 or self.kv_transfer_latency < 0:
-            raise ValueError("kv transfer bandwidth must be > 0 and latency >= 0")
+        if self.kv_transfer_bw <= 0 or self.kv_transfer_latency < 0 or self.ingress_latency < 0:
+            raise ValueError("kv transfer bandwidth must be > 0, its latency and the ingress latency >= 0")
 
 
 @dataclass
@@ -120,7 +121,7 @@ def simulate(workload: list[SimRequest], timer, cfg: FleetConfig, decode_timer=N
                 push(t + d, "step", inst)
 
     for r in workload:
-        push(r.arrival, "arrive", r)
+        push(r.arrival + cfg.ingress_latency, "arrive", r)
     by_id = {r.request_id: r for r in workload}
     while events:
         now, _, kind, data = heapq.heappop(events)
@@ -135,7 +136,7 @@ def simulate(workload: list[SimRequest], timer, cfg: FleetConfig, decode_timer=N
                 continue
             ids = [TOKEN] * r.prompt_len if not inst.config.enable_prefix_caching else \
                 [random.Random(hash(r.request_id)).randrange(1000) for _ in range(r.prompt_len)]
-            inst.add(r.request_id, ids, 1 if cfg.disagg else r.output_len, r.priority, r.arrival)
+            inst.add(r.request_id, ids, 1 if cfg.disagg else r.output_len, r.priority, now)
             kick(inst, now)
         elif kind == "step":
             inst = data

@@ -108,6 +108,7 @@ class Instance:
         shape, decode_rows = self._batch_shape(sched)
         if self.config.policy == "static" and decode_rows:  # finished rows of a static batch still run (padding)
             shape.decode_ctx = shape.decode_ctx * self.batch_size // decode_rows
+            shape.rows += self.batch_size - decode_rows
             shape.decode_reqs = self.batch_size
         duration = self.timer.step_time(shape)
         self.kv_trace.append((now, self.kv.usage, len(self.scheduler.running)))
@@ -130,6 +131,7 @@ class Instance:
             start, q = start + skip, q - skip
             if q == 0:
                 continue
+            b.rows += 1
             decoding = (r.num_output_tokens > 0 or skip > 0) and start + q == r.num_tokens and q <= max(1, k + 1)
             if decoding:
                 decode_rows += 1

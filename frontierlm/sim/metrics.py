@@ -27,13 +27,21 @@ def summarize(res: SimResult, slo_ttft_ms: float | None = None, slo_tpot_ms: flo
         if inst.config.policy == "static" and inst.slot_steps:
             row["static_waste"] = 1 - inst.useful_slot_steps / inst.slot_steps
         insts.append(row)
-    edges = [res.start_time + duration * i / bins for i in range(bins + 1)]
-    util, kv = [], []
-    for lo, hi in zip(edges, edges[1:]):
-        busy = sum(max(0.0, min(e, hi) - max(s, lo)) for inst in res.instances for s, e in inst.busy_trace)
-        util.append(busy / ((hi - lo) * len(res.instances)))
-        samples = [u for inst in res.instances for t, u, _ in inst.kv_trace if lo <= t < hi]
-        kv.append(sum(samples) / len(samples) if samples else None)
+    width = duration / bins
+    edges = [res.start_time + width * i for i in range(bins + 1)]
+    busy = [0.0] * bins
+    kv_sum, kv_n = [0.0] * bins, [0] * bins
+    for inst in res.instances:  # one pass over each instance's steps, spread over the bins they overlap
+        for s, e in inst.busy_trace:
+            first, last = int((s - res.start_time) / width), int((e - res.start_time) / width)
+            for k in range(max(0, first), min(bins - 1, last) + 1):
+                busy[k] += max(0.0, min(e, edges[k + 1]) - max(s, edges[k]))
+        for t, u, _ in inst.kv_trace:
+            k = min(bins - 1, max(0, int((t - res.start_time) / width)))
+            kv_sum[k] += u
+            kv_n[k] += 1
+    util = [b / (width * len(res.instances)) for b in busy]
+    kv = [kv_sum[k] / kv_n[k] if kv_n[k] else None for k in range(bins)]
     rep = {
         "num_requests": len(res.records), "completed": len(done),
         "rejected": sum(1 for r in res.records if r.rejected), "duration_s": round(duration, 6),

@@ -32,7 +32,8 @@ def build_timer(args) -> tuple[object, int, float]:
     if (args.profile is None) == (args.roofline is None):
         raise ValueError("give exactly one of --profile PROFILE.json or --roofline MODEL")
     if args.profile is not None:
-        timer = ProfileTimer.load(args.profile)
+        ms = lambda v: None if v is None else v / 1e3  # noqa: E731
+        timer = ProfileTimer.load(args.profile, ms(args.step_overhead_ms), ms(args.row_overhead_ms))
         blocks = timer.profile.get("num_blocks")
         if args.num_blocks is None and blocks is None:
             raise ValueError(f"profile {args.profile!r} has no num_blocks; pass --num-blocks")
@@ -41,7 +42,7 @@ def build_timer(args) -> tuple[object, int, float]:
 
     shape, gpu = load_model_shape(args.roofline), get_gpu(args.gpu)
     timer = RooflineTimer(shape, gpu, args.tp, args.weight_dtype, args.kv_dtype, args.mfu, args.mbu,
-                          args.step_overhead_ms / 1e3)
+                          (args.step_overhead_ms or 0.0) / 1e3)
     rep = serve_report(shape, gpu, args.block_size, args.weight_dtype, args.kv_dtype, args.memory_utilization,
                        args.tp, args.block_size)
     if not rep.get("fits"):
@@ -68,7 +69,8 @@ def run_once(args) -> tuple[dict, object]:
     disagg = parse_pd(args.disagg) if args.disagg else None
     fleet = FleetConfig(inst, replicas=args.replicas, disagg=disagg, router=args.router, kv_bytes_per_token=kv_bpt,
                         kv_transfer_bw=args.kv_transfer_gbps * 1e9,
-                        kv_transfer_latency=args.kv_transfer_latency_ms / 1e3)
+                        kv_transfer_latency=args.kv_transfer_latency_ms / 1e3,
+                        ingress_latency=args.ingress_latency_ms / 1e3)
     res = simulate(build_workload(args), timer, fleet, seed=args.seed)
     res.meta = {"timer": timer.describe(), "fleet": {"replicas": args.replicas, "disagg": args.disagg,
                 "router": args.router, "policy": args.policy, "kv_blocks": inst.num_blocks,

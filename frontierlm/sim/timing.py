@@ -23,6 +23,7 @@ class BatchShape:
     spec_tokens: int = 0  # draft tokens scored with the decode rows
     spec_ctx: int = 0  # keys the draft tokens attend to
     prefill_ctx: int = 0  # distinct positions the prefill chunks read (for the KV bytes)
+    rows: int = 0  # requests in the step (decode rows and prefill chunks)
 
     @property
     def num_tokens(self) -> int:
@@ -52,9 +53,11 @@ def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 class ProfileTimer:
-    """Step time = a linear model over BatchShape features, fitted (non-negative) to the measured grid."""
+    """Step time = a linear model over BatchShape features, fitted (non-negative) to the measured grid, plus an
+    optional serving overhead per step and per row (what a server adds around the engine step: streaming each
+    row's token out, the HTTP side's share of the CPU), from the profile's "overhead" block or the arguments."""
 
-    def __init__(self, profile: dict):
+    def __init__(self, profile: dict, step_overhead_s: float | None = None, row_overhead_s: float | None = None):
         points = profile.get("points")
         if not points:
             raise ValueError("the profile has no measured points")
@@ -67,9 +70,15 @@ class ProfileTimer:
         pred = rows @ self.coef
         self.rel_err = np.abs(pred - y) / y
         self.kv_bytes_per_token = profile.get("kv_bytes_per_token")
+        over = profile.get("overhead") or {}
+        self.step_overhead_s = over.get("step_s", 0.0) if step_overhead_s is None else step_overhead_s
+        self.row_overhead_s = over.get("row_s", 0.0) if row_overhead_s is None else row_overhead_s
+        if self.step_overhead_s < 0 or self.row_overhead_s < 0:
+            raise ValueError("serving overheads must be >= 0")
 
     @classmethod
-    def load(cls, path: str) -> "ProfileTimer":
+    def load(cls, path: str, step_overhead_s: float | None = None, row_overhead_s: float | None = None
+             ) -> "ProfileTimer":
         try:
             with open(path) as f:
                 data = json.load(f)
@@ -79,15 +88,16 @@ class ProfileTimer:
             raise ValueError(f"profile {path!r} is not valid JSON: {e}") from None
         if not isinstance(data, dict):
             raise ValueError(f"profile {path!r} must hold a JSON object")
-        return cls(data)
+        return cls(data, step_overhead_s, row_overhead_s)
 
     def step_time(self, b: BatchShape) -> float:
-        return float(np.dot(self.coef, b.features()))
+        return float(np.dot(self.coef, b.features())) + self.step_overhead_s + self.row_overhead_s * b.rows
 
     def describe(self) -> dict:
         return {"kind": "profile", "model": self.profile.get("model"), "device": self.profile.get("device"),
                 "coef": dict(zip(FEATURES, self.coef.tolist())),
-                "fit_rel_err_p50": float(np.median(self.rel_err)), "fit_rel_err_max": float(self.rel_err.max())}
+                "fit_rel_err_p50": float(np.median(self.rel_err)), "fit_rel_err_max": float(self.rel_err.max()),
+                "step_overhead_s": self.step_overhead_s, "row_overhead_s": self.row_overhead_s}
 
 
 class RooflineTimer:
