@@ -196,8 +196,12 @@ def test_serving_overheads_and_ingress_latency():
     inst = InstanceConfig(num_blocks=100, block_size=4, max_num_batched_tokens=8)
     a, b = simulate(wl, LinearTimer(), FleetConfig(inst, ingress_latency=0.5)).records
     assert a.ttft == pytest.approx(3.9) and b.ttft == pytest.approx(3.4) and a.finish == pytest.approx(6.2)
-    timer = ProfileTimer({"points": [{"prefill_tokens": 0, "prefill_pairs": 0, "decode_reqs": 1, "decode_ctx": 1,
-                                      "step_s": 1.0}], "overhead": {"step_s": 0.25, "row_s": 0.5}})
+    points = [{"prefill_tokens": 0, "prefill_pairs": 0, "decode_reqs": d, "decode_ctx": 10 * d,
+               "step_s": 0.01 + 0.002 * d} for d in (1, 2, 4, 8)]
+    bare = ProfileTimer({"points": points})
+    served = ProfileTimer({"points": points, "overhead": {"step_s": 0.25, "row_s": 0.5}})
     from frontierlm.sim.timing import BatchShape
 
-    assert timer.step_time(BatchShape(decode_reqs=2, rows=2)) == pytest.approx(timer.step_time(BatchShape()) + 1.0)
+    b = BatchShape(decode_reqs=2, decode_ctx=20, rows=2)
+    assert bare.step_time(b) == pytest.approx(0.014)
+    assert served.step_time(b) == pytest.approx(0.014 + 0.25 + 2 * 0.5)
