@@ -225,7 +225,7 @@ def _cpu() -> str:
 
 # ---- DistServe-style study ---------------------------------------------------------------------------
 def _attainment(layout: dict, rate: float, args) -> dict:
-    n = max(args.min_requests, int(args.requests_per_gpu * layout["gpus"]))
+    n = max(args.min_requests, int(rate * args.sim_seconds))  # long enough for a queue to build when overloaded
     argv = ["--roofline", "llama-3-8b", "--gpu", "h100", "--num-requests", str(n), "--request-rate", str(rate),
             "--input-len", args.ds_input_len, "--output-len", args.ds_output_len, "--slo-ttft-ms",
             str(args.slo_ttft_ms), "--slo-tpot-ms", str(args.slo_tpot_ms), "--max-num-batched-tokens",
@@ -240,23 +240,26 @@ def _attainment(layout: dict, rate: float, args) -> dict:
 
 
 def max_goodput(layout: dict, args) -> dict:
-    """Highest rate with >= 90% SLO attainment (geometric search, then bisection)."""
-    lo, hi, tried = 0.0, None, []
-    rate = args.start_rate_per_gpu * layout["gpus"]
-    while hi is None:
+    """Highest rate with >= 90% SLO attainment: steps of x1.5 to bracket it, then bisection."""
+    tried = []
+
+    def ok(rate):
         r = _attainment(layout, rate, args)
         tried.append(r)
-        if r["attainment"] >= 0.9:
-            lo, rate = rate, rate * 2
-        else:
-            hi = rate
-        if rate > 1e4:
-            break
+        return r["attainment"] >= 0.9
+
+    rate = args.start_rate_per_gpu * layout["gpus"]
+    if ok(rate):
+        lo, hi = rate, rate * 1.5
+        while ok(hi):
+            lo, hi = hi, hi * 1.5
+    else:
+        lo, hi = rate / 1.5, rate
+        while not ok(lo) and lo > 0.01:
+            lo, hi = lo / 1.5, lo
     for _ in range(args.bisect):
-        mid = (lo + hi) / 2 if lo else hi / 2
-        r = _attainment(layout, mid, args)
-        tried.append(r)
-        if r["attainment"] >= 0.9:
+        mid = (lo + hi) / 2
+        if ok(mid):
             lo = mid
         else:
             hi = mid
@@ -271,9 +274,16 @@ def cmd_distserve(args) -> None:
                "kv_transfer_gbps": args.kv_gbps, "budget": args.budget, "by_gpus": []}
     for g in [int(x) for x in args.gpus.split(",")]:
         t0 = time.time()
-        layouts = [{"gpus": g, "disagg": None, "name": f"colocated x{g}"},
+        layouts = [{"gpus": g, "disagg": None, "name": "colocated, budget 2048", "budget": 2048},
                    {"gpus": g, "disagg": None, "name": "colocated, budget 512", "budget": 512}]
-        for frac in (0.125, 0.25, 0.375, 0.5, 0.625):
+        fracs = (0.375, 0.5, 0.625, 0.75)
+        prev = results["by_gpus"][-1] if results["by_gpus"] else None
+        if prev and g > args.full_up_to:  # large fleets: only the best layouts of the previous size, scaled
+            layouts = [lay for lay in layouts if lay["name"] == prev["best_colocated"]]
+            p_prev, d_prev = (int(x) for x in prev["best_split"].split(":"))
+            f = p_prev / (p_prev + d_prev)
+            fracs = tuple(x for x in (f - 0.125, f, f + 0.125) if 0 < x < 1)
+        for frac in fracs:
             p = max(1, round(g * frac))
             if 0 < p < g:
                 layouts.append({"gpus": g, "disagg": f"{p}:{g - p}", "name": f"{p}:{g - p}"})
@@ -335,13 +345,14 @@ def main() -> None:
     d.add_argument("--ds-input-len", default="256:2048")
     d.add_argument("--ds-output-len", default="32:256")
     d.add_argument("--slo-ttft-ms", type=float, default=250.0)
-    d.add_argument("--slo-tpot-ms", type=float, default=25.0)
+    d.add_argument("--slo-tpot-ms", type=float, default=15.0)
     d.add_argument("--kv-gbps", type=float, default=50.0, help="KV link per prefill instance (400 Gb/s InfiniBand)")
     d.add_argument("--budget", type=int, default=2048, help="chunked-prefill token budget")
-    d.add_argument("--requests-per-gpu", type=float, default=15)
+    d.add_argument("--sim-seconds", type=float, default=3.0, help="simulated arrival span of each run")
     d.add_argument("--min-requests", type=int, default=150)
-    d.add_argument("--start-rate-per-gpu", type=float, default=2.0)
-    d.add_argument("--bisect", type=int, default=3)
+    d.add_argument("--start-rate-per-gpu", type=float, default=8.0)
+    d.add_argument("--bisect", type=int, default=2)
+    d.add_argument("--full-up-to", type=int, default=8, help="try every layout up to this many GPUs")
     a = p.parse_args()
     {"calibrate": cmd_calibrate, "distserve": cmd_distserve}[a.cmd](a)
 

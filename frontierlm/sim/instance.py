@@ -103,7 +103,6 @@ class Instance:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return None
-        assert self.kv.pool.num_free_blocks >= 0
         self.in_flight = sched
         shape, decode_rows = self._batch_shape(sched)
         if self.config.policy == "static" and decode_rows:  # finished rows of a static batch still run (padding)
