@@ -316,6 +316,8 @@ def _plot_distserve(results: dict, path: Path) -> None:
         ax[0].annotate(e["best_split"], (e["gpus"], e["best_disagg_goodput"] / e["gpus"]))
     ax[0].set(xlabel="H100s", ylabel="goodput per GPU (req/s)", xscale="log", xticks=gs, xticklabels=gs,
               title=f"Llama-3-8B, SLO TTFT {results['slo']['ttft_ms']} ms / TPOT {results['slo']['tpot_ms']} ms")
+    ax[0].minorticks_off()
+    ax[0].set_ylim(bottom=0)
     ax[0].legend()
     last = results["by_gpus"][-1]
     names = [r["name"] for r in last["layouts"]]
