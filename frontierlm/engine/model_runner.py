@@ -8,8 +8,10 @@ import numpy as np
 import torch
 
 from frontierlm.config import EngineConfig, ModelConfig
+from frontierlm.engine.prompt_logprobs import compute_prompt_logprobs
 from frontierlm.engine.scheduler import RunnerOutput, SchedulerOutput
 from frontierlm.layers.attention import AttentionMetadata
+from frontierlm.layers.logits_processor import LogitsProcessors
 from frontierlm.layers.sampler import Sampler
 from frontierlm.models.loader import load_model
 
@@ -20,7 +22,8 @@ class ModelRunner:
         self.model_config = model_config
         self.device = torch.device(config.device)
         self.model = load_model(model_config, self.device, config.load_format, seed=config.seed)
-        self.sampler = Sampler(model_config.vocab_size, seed=config.seed)
+        procs = LogitsProcessors(config.logits_processors, config, self.device) if config.logits_processors else None
+        self.sampler = Sampler(model_config.vocab_size, seed=config.seed, logits_processors=procs)
         self.kv_caches: list[torch.Tensor] = []
         self._pool: ThreadPoolExecutor | None = None  # host work overlapped with the forward (grammar masks)
         self.block_size = config.block_size
@@ -105,8 +108,11 @@ class ModelRunner:
 
             bitmask_job = self._host_pool().submit(fill_grammar_bitmask, matchers, self.model_config.vocab_size)
         hidden = self.model(self._dev["input_ids"][:num_tokens], self._dev["positions"][:num_tokens], meta)
+        prompt_lps = {}
+        if any(s.request.sampling_params.prompt_logprobs is not None for s in sched.scheduled):
+            prompt_lps = compute_prompt_logprobs(self.model, hidden, sched.scheduled)
         if not logits_index:
-            return RunnerOutput(sampled={})
+            return RunnerOutput(sampled={}, prompt_logprobs=prompt_lps)
         if len(logits_index) == num_tokens:  # pure decode step: every row yields a token
             logits = self.model.compute_logits(hidden)
         else:
@@ -118,7 +124,7 @@ class ModelRunner:
             apply_grammar_bitmask(logits, bitmask_job.result(), matchers)
         out = self.sampler(logits, rows, self.model_config.eos_token_ids)
         tokens = out.sampled_token_ids.tolist()  # the one device-to-host copy of the step
-        result = RunnerOutput(sampled={r.request_id: t for r, t in zip(rows, tokens)})
+        result = RunnerOutput(sampled={r.request_id: t for r, t in zip(rows, tokens)}, prompt_logprobs=prompt_lps)
         if out.logprobs is not None:
             ids, lps = out.logprobs_token_ids.tolist(), out.logprobs.tolist()
             ranks = out.sampled_ranks.tolist()
