@@ -256,6 +256,8 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--max-num-seqs", type=int, help="FrontierLM engine argument (default: the engine's)")
     p.add_argument("--max-num-batched-tokens", type=int, help="FrontierLM engine argument (default: the engine's)")
+    p.add_argument("--dtype", help="FrontierLM engine argument (default: the engine's, 'auto')")
+    p.add_argument("--enforce-eager", action="store_true", help="FrontierLM: turn the compiled decode path off")
     p.add_argument("--hf-batch-size", type=int, default=8)
     p.add_argument("--decode-new-tokens", type=int, default=256)
     p.add_argument("--decode-repeats", type=int, default=3, help="batch-1 decode runs (median reported)")
@@ -286,7 +288,9 @@ def main(argv=None) -> dict:
     reqs = make_workload(a.num_requests, shape["vocab"], a.seed)
     d_ids = decode_prompt(shape["vocab"])
     engine_kwargs = {k: v for k, v in (("max_num_seqs", a.max_num_seqs),
-                                       ("max_num_batched_tokens", a.max_num_batched_tokens)) if v is not None}
+                                       ("max_num_batched_tokens", a.max_num_batched_tokens),
+                                       ("dtype", a.dtype), ("enforce_eager", a.enforce_eager or None))
+                     if v is not None}
     desc = ", ".join(f"{k}={v}" for k, v in engine_kwargs.items()) or "default engine settings"
     workload = dict(num_requests=len(reqs), prompt_tokens=sum(len(r[0]) for r in reqs),
                     output_tokens=sum(r[1] for r in reqs), decode_prompt=len(d_ids), decode_new=a.decode_new_tokens,

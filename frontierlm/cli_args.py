@@ -20,6 +20,7 @@ ENGINE_FLAGS = [
     ("--max-model-len", "max_model_len", int, "context length (default: the model's)"),
     ("--tokenizer", "tokenizer", str, "tokenizer directory (default: the model's)"),
     ("--load-format", "load_format", str, "auto (safetensors) or dummy (random weights from config.json)"),
+    ("--enforce-eager", "enforce_eager", bool, "no compiled / CUDA-graphed decode step"),
 ]
 
 SAMPLING_FLAGS = [

@@ -24,6 +24,7 @@ class EngineConfig:
     max_model_len: int | None = None
     tokenizer: str | None = None
     load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmark real shapes)
+    enforce_eager: bool = False  # True: no compiled / CUDA-graphed decode step (engine/fast_decode.py)
 
     def __post_init__(self):
         def positive(name):
