@@ -58,7 +58,14 @@ def bench_frontierlm(model_dir: str, reqs, engine_kwargs: dict, decode_ids: list
     load_s = time.perf_counter() - t0
     vocab = llm.llm_engine.model_config.vocab_size
     warm = [[(i * 37 + j) % (vocab - NUM_SPECIAL) + NUM_SPECIAL for j in range(16)] for i in range(2)]
-    llm.generate(warm, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    # Warm-up, not timed: past the fast path's eager warm-up steps, so that its compiles (one graph for batch 1,
+    # one for larger batches) happen here; their time is reported as compile_s.
+    fast = llm.llm_engine.runner.fast_decode
+    t0 = time.perf_counter()
+    n_warm = 8 + (fast.warmup_steps if fast is not None else 0)
+    llm.generate(warm, SamplingParams(temperature=0, max_tokens=n_warm, ignore_eos=True), use_tqdm=False)
+    llm.generate(warm[:1], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    warm_s = time.perf_counter() - t0
 
     prompts = [ids for ids, _ in reqs]
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in reqs]
@@ -96,7 +103,9 @@ def bench_frontierlm(model_dir: str, reqs, engine_kwargs: dict, decode_ids: list
                total_tok_s=(num_out + sum(len(p) for p in prompts)) / wall,
                decode_tok_s=statistics.median(decode_runs), decode_runs=decode_runs,
                decode_ttft_s=statistics.median(ttfts), tokens=tokens,
-               startup_report=getattr(engine, "startup_report", ""))
+               startup_report=getattr(engine, "startup_report", ""), warmup_s=warm_s,
+               compile_s=sum(fast.compile_seconds.values()) if fast is not None else 0.0,
+               fast_decode_steps=fast.fast_steps if fast is not None else 0)
     del llm, engine
     gc.collect()
     return res

@@ -119,7 +119,10 @@ class DecodeMeta:
     rope table covers the whole context, so no step grows it) and, for dynamic NTK rope, the per-row lengths."""
     max_seq_len: int
     seq_lens: torch.Tensor
-    query_lens_cpu: list
+
+    @property
+    def query_lens_cpu(self) -> list[int]:  # built only when read: a list of B ones would fix B in the graph
+        return [1] * self.seq_lens.shape[0]
 
 
 def decode_forward(model, max_model_len: int, block_size: int, input_ids, positions, slot_mapping,
@@ -127,7 +130,7 @@ def decode_forward(model, max_model_len: int, block_size: int, input_ids, positi
     """One decode step of `model` on static-shape inputs -> float32 logits [B, vocab]. Only tensors and
     constants flow in, so a compiled or captured copy of it is valid for every step of the same shape."""
     plan = PagedDecodePlan(slot_mapping, block_tables, seq_lens, block_size, real_rows)
-    meta = DecodeMeta(max_model_len, seq_lens, [1] * input_ids.shape[0])
+    meta = DecodeMeta(max_model_len, seq_lens)
     hidden = model.model(input_ids, positions, meta, plan)
     return model.compute_logits(hidden)
 
