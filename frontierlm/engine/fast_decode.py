@@ -66,14 +66,16 @@ def rung(ladder: list[int], n: int) -> int | None:
 
 
 class DecodeInputs:
-    """Persistent host and device buffers of the largest decode step, filled without per-request Python math."""
+    """Persistent host and device buffers of the largest decode step, filled without per-request Python math.
+    The block table of a [batch, width] step is the contiguous front of a flat buffer, so every step hands the
+    graph the same strides (a strided slice of a wider table would make the compiler guard on its stride)."""
 
     def __init__(self, max_seqs: int, max_blocks: int, scratch_block: int, block_size: int,
                  device: torch.device):
         self.block_size, self.scratch_block = block_size, scratch_block
         pin = device.type == "cuda"
         shapes = {"input_ids": (max_seqs,), "positions": (max_seqs,), "slot_mapping": (max_seqs,),
-                  "block_tables": (max_seqs, max_blocks), "seq_lens": (max_seqs,), "real_rows": (max_seqs,)}
+                  "block_tables": (max_seqs * max_blocks,), "seq_lens": (max_seqs,), "real_rows": (max_seqs,)}
         self.host = {k: torch.zeros(s, dtype=torch.long, pin_memory=pin) for k, s in shapes.items()}
         self.dev = {k: torch.zeros(s, dtype=torch.long, device=device) for k, s in shapes.items()}
         self.non_blocking = pin
@@ -88,7 +90,7 @@ class DecodeInputs:
         h["positions"][:n] = pos
         h["seq_lens"][:n] = pos + 1
         h["real_rows"][:n] = 1
-        tables = h["block_tables"][:batch, :width]
+        tables = h["block_tables"][:batch * width].reshape(batch, width)
         counts = np.fromiter((len(s.block_ids) for s in sched.scheduled), dtype=np.int64, count=n)
         flat = np.fromiter(itertools.chain.from_iterable(s.block_ids for s in sched.scheduled), dtype=np.int64,
                            count=int(counts.sum()))
@@ -102,15 +104,13 @@ class DecodeInputs:
         h["real_rows"][n:batch] = 0
         h["slot_mapping"][n:batch] = self.scratch_block * bs
         for k, host in self.host.items():
-            if k == "block_tables":
-                self.dev[k][:batch, :width].copy_(host[:batch, :width], non_blocking=self.non_blocking)
-            else:
-                self.dev[k][:batch].copy_(host[:batch], non_blocking=self.non_blocking)
+            rows = batch * width if k == "block_tables" else batch
+            self.dev[k][:rows].copy_(host[:rows], non_blocking=self.non_blocking)
 
     def views(self, batch: int, width: int) -> tuple[torch.Tensor, ...]:
         d = self.dev
         return (d["input_ids"][:batch], d["positions"][:batch], d["slot_mapping"][:batch],
-                d["block_tables"][:batch, :width], d["seq_lens"][:batch], d["real_rows"][:batch])
+                d["block_tables"][:batch * width].view(batch, width), d["seq_lens"][:batch], d["real_rows"][:batch])
 
 
 @dataclass
