@@ -8,8 +8,10 @@ import numpy as np
 import torch
 
 from frontierlm.config import EngineConfig, ModelConfig
+from frontierlm.engine.prompt_logprobs import compute_prompt_logprobs
 from frontierlm.engine.scheduler import RunnerOutput, SchedulerOutput
 from frontierlm.layers.attention import AttentionMetadata
+from frontierlm.layers.logits_processor import LogitsProcessors
 from frontierlm.layers.sampler import Sampler
 from frontierlm.models.loader import load_model
 
@@ -20,7 +22,8 @@ class ModelRunner:
         self.model_config = model_config
         self.device = torch.device(config.device)
         self.model = load_model(model_config, self.device, config.load_format, seed=config.seed)
-        self.sampler = Sampler(model_config.vocab_size, seed=config.seed)
+        procs = LogitsProcessors(config.logits_processors, config, self.device) if config.logits_processors else None
+        self.sampler = Sampler(model_config.vocab_size, seed=config.seed, logits_processors=procs)
         self.kv_caches: list[torch.Tensor] = []
         self.fast_decode = None  # engine/fast_decode.py, built with the KV cache unless enforce_eager
         self._pool: ThreadPoolExecutor | None = None  # host work overlapped with the forward (grammar masks)
@@ -114,32 +117,36 @@ class ModelRunner:
             bitmask_job = self._host_pool().submit(fill_grammar_bitmask, matchers, self.model_config.vocab_size)
         # pure decode steps: the static-shape compiled / graphed forward; None = take the eager path
         logits = self.fast_decode.run(sched) if self.fast_decode is not None else None
+        prompt_lps = {}  # a pure decode step has no prompt tokens
         if logits is None:
-            logits = self._eager_logits(sched)
+            logits, prompt_lps = self._eager_logits(sched)
             if logits is None:
-                return RunnerOutput(sampled={})
-        return self._sample(logits, rows, matchers, bitmask_job)
+                return RunnerOutput(sampled={}, prompt_logprobs=prompt_lps)
+        return self._sample(logits, rows, matchers, bitmask_job, prompt_lps)
 
-    def _eager_logits(self, sched: SchedulerOutput) -> torch.Tensor | None:
+    def _eager_logits(self, sched: SchedulerOutput) -> tuple[torch.Tensor | None, dict]:
         num_tokens, meta, logits_index = self._prepare(sched)
         hidden = self.model(self._dev["input_ids"][:num_tokens], self._dev["positions"][:num_tokens], meta)
+        prompt_lps = {}
+        if any(s.request.sampling_params.prompt_logprobs is not None for s in sched.scheduled):
+            prompt_lps = compute_prompt_logprobs(self.model, hidden, sched.scheduled)
         if not logits_index:
-            return None
+            return None, prompt_lps
         if len(logits_index) == num_tokens:  # pure decode step: every row yields a token
             logits = self.model.compute_logits(hidden)
         else:
             index = torch.tensor(logits_index, dtype=torch.long).to(self.device, non_blocking=True)
             logits = self.model.compute_logits(hidden.index_select(0, index))
-        return logits
+        return logits, prompt_lps
 
-    def _sample(self, logits: torch.Tensor, rows, matchers, bitmask_job) -> RunnerOutput:
+    def _sample(self, logits: torch.Tensor, rows, matchers, bitmask_job, prompt_lps: dict) -> RunnerOutput:
         if bitmask_job is not None:
             from frontierlm.structured.backend import apply_grammar_bitmask
 
             apply_grammar_bitmask(logits, bitmask_job.result(), matchers)
         out = self.sampler(logits, rows, self.model_config.eos_token_ids)
         tokens = out.sampled_token_ids.tolist()  # the one device-to-host copy of the step
-        result = RunnerOutput(sampled={r.request_id: t for r, t in zip(rows, tokens)})
+        result = RunnerOutput(sampled={r.request_id: t for r, t in zip(rows, tokens)}, prompt_logprobs=prompt_lps)
         if out.logprobs is not None:
             ids, lps = out.logprobs_token_ids.tolist(), out.logprobs.tolist()
             ranks = out.sampled_ranks.tolist()

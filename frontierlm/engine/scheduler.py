@@ -42,6 +42,7 @@ class RunnerOutput:
     sampled: dict[str, int]  # request id -> new token
     logprobs: dict[str, tuple[list[int], list[float], int]] = field(default_factory=dict)
     mirostat_mu: dict[str, float] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list] = field(default_factory=dict)  # engine/prompt_logprobs.py entries
 
 
 class Scheduler:
@@ -142,6 +143,8 @@ class Scheduler:
                 continue
             request.num_computed_tokens += s.num_new_tokens
             request.check_invariants()
+            if request.request_id in result.prompt_logprobs:
+                request.prompt_logprobs.extend(result.prompt_logprobs[request.request_id])
             token = result.sampled.get(request.request_id)
             if token is None:
                 continue

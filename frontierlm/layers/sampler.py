@@ -1,6 +1,7 @@
 """The batched sampler: logits [B, V] -> one token per row, on the logits' device.
 
-Pipeline (DESIGN.md "Sampling"): logit bias + bans -> grammar bitmask -> penalties -> temperature ->
+Pipeline (DESIGN.md "Sampling"): logit bias + bans -> grammar bitmask -> allowed_token_ids mask + custom
+logits processors (layers/logits_processor.py) -> penalties -> temperature ->
 top-k -> top-p -> min-p -> typical-p (or Mirostat for the rows that ask) -> exponential-race sample -> logprobs.
 Per-row parameters are gathered on the host into small tensors; all [B, V] work is batched tensor ops and
 nothing reads device values back to the host except Mirostat's new mu (it must be returned as floats).
@@ -12,6 +13,7 @@ from typing import Protocol, Sequence
 
 import torch
 
+from frontierlm.layers.logits_processor import LogitsProcessors, apply_allowed_token_ids
 from frontierlm.sampling_params import SamplingParams
 
 MIROSTAT_M = 100  # top probabilities used by Mirostat v1 to estimate the Zipf exponent (paper and llama.cpp)
@@ -40,9 +42,10 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, seed: int | None = None):
+    def __init__(self, vocab_size: int, seed: int | None = None, logits_processors: LogitsProcessors | None = None):
         self.vocab_size = vocab_size
         self.seed = seed
+        self.logits_processors = logits_processors  # custom processors, told about the rows every step
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -65,15 +68,22 @@ class Sampler:
         device = logits.device
         greedy = [p.greedy for p in params]
         old_mu = [_initial_mu(s) for s in states]
+        procs = self.logits_processors
+        if procs:
+            procs.update(states)
 
         # Fast path: nothing can change the argmax and nobody wants logprobs.
         if all(greedy) and not any(_modifies_logits(s, eos_token_ids) or s.sampling_params.logprobs is not None
-                                   for s in states):
+                                   for s in states) and not (procs and not procs.argmax_invariant()):
             return SamplerOutput(logits.argmax(dim=-1), None, None, None, old_mu)
 
         x = logits.to(torch.float32, copy=True)  # never modify the caller's logits
         self._apply_bias_and_bans(x, states, eos_token_ids)
-        # 2. Grammar bitmask goes here (structured outputs): disallowed tokens -> -inf before penalties.
+        # 2. The grammar bitmask was applied by the runner (structured outputs) before the sampler.
+        # 2b. allowed_token_ids, then the user's logits processors (the documented stage for them).
+        apply_allowed_token_ids(x, states)
+        if procs:
+            x = procs.apply(x)
         self._apply_penalties(x, states)
 
         # 4. Temperature. Greedy rows keep temperature 1 so their logprobs are of the penalized distribution.
@@ -253,7 +263,7 @@ def _min_tokens_active(s: SamplingState) -> bool:
 def _modifies_logits(s: SamplingState, eos_token_ids: Sequence[int]) -> bool:
     p = s.sampling_params
     return bool(p.logit_bias or p.banned_token_ids or s.bad_words_token_ids or p.uses_penalties
-                or _min_tokens_active(s))
+                or p.allowed_token_ids or _min_tokens_active(s))
 
 
 def _banned_tokens(s: SamplingState, eos_token_ids: Sequence[int]) -> list[int]:
