@@ -152,9 +152,6 @@ class FastDecode:
         self.compile_seconds: dict[tuple[int, int], float] = {}
         self._seen: set[tuple[int, int]] = set()
         self.disabled = False
-        # one compiled graph per ladder shape, all from the same code object
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                                   len(self.batch_sizes) * len(self.widths) + 8)
         if device.type == "cuda":
             from frontierlm.engine.cuda_graphs import CudaGraphPool
 
@@ -162,8 +159,7 @@ class FastDecode:
             self._compiled = None
         else:
             self._graphs = None
-            self._compiled = torch.compile(self._forward, dynamic=None if CPU_DYNAMIC_SHAPES else False,
-                                           fullgraph=True)
+            self._compiled = None  # built on first use: importing the compiler stack costs seconds
 
     def describe(self) -> str:
         how = "CUDA graphs" if self._graphs is not None else "torch.compile (inductor)"
@@ -174,6 +170,12 @@ class FastDecode:
         return decode_forward(self.model, self.max_model_len, self.block_size, *args)
 
     def _run_compiled(self, args: tuple) -> torch.Tensor:
+        if self._compiled is None:
+            # at most one graph per ladder shape, all from the same code object
+            limit = len(self.batch_sizes) * len(self.widths) + 8
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+            self._compiled = torch.compile(self._forward, dynamic=None if CPU_DYNAMIC_SHAPES else False,
+                                           fullgraph=True)
         if CPU_DYNAMIC_SHAPES:  # one graph for every batch > 1 and every width: few compiles on a slow host
             for t in args:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
