@@ -62,6 +62,11 @@ class LLMEngine:
         t0 = time.perf_counter()
         self.config = config
         self.model_config = ModelConfig.from_pretrained(config.model, config.torch_dtype, config.load_format)
+        dtype_reason = "as requested"
+        if config.dtype == "auto":  # the checkpoint's, unless this CPU computes it slowly (engine/dtype_policy.py)
+            from frontierlm.engine.dtype_policy import choose_dtype
+
+            self.model_config.dtype, dtype_reason = choose_dtype(self.model_config.dtype, torch.device(config.device))
         mc = self.model_config
         check_attention_backend(torch.device(config.device), mc.is_mla)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
@@ -87,7 +92,9 @@ class LLMEngine:
             f"FrontierLM: {mc.architecture} ({mc.dtype}, {self.runner.device}) | KV cache: {num_blocks} blocks x "
             f"{config.block_size} tokens = {num_blocks * config.block_size} tokens, {bpt} bytes/token{mla}, "
             f"{num_blocks * config.block_size * bpt / 2**30:.2f} GiB | structured outputs: "
-            f"{config.structured_outputs_backend} | loaded in {time.perf_counter() - t0:.1f}s")
+            f"{config.structured_outputs_backend} | loaded in {time.perf_counter() - t0:.1f}s"
+            f" | dtype {mc.dtype}: {dtype_reason} | "
+            + (self.runner.fast_decode.describe() if self.runner.fast_decode else "decode: eager (enforce_eager)"))
         logger.info(self.startup_report)
 
     def get_tokenizer(self):

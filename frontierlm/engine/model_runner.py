@@ -25,6 +25,7 @@ class ModelRunner:
         procs = LogitsProcessors(config.logits_processors, config, self.device) if config.logits_processors else None
         self.sampler = Sampler(model_config.vocab_size, seed=config.seed, logits_processors=procs)
         self.kv_caches: list[torch.Tensor] = []
+        self.fast_decode = None  # engine/fast_decode.py, built with the KV cache unless enforce_eager
         self._pool: ThreadPoolExecutor | None = None  # host work overlapped with the forward (grammar masks)
         self.block_size = config.block_size
         # Persistent device buffers sized for the largest step, so decode shapes can later be CUDA-graphed.
@@ -46,9 +47,17 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         # Each layer says what it stores per token: [2, blocks, block_size, kv_heads, head_dim] for dense
         # attention, [blocks, block_size, kv_lora_rank + rope_dim] for MLA's latent cache.
-        shapes = self.model.kv_cache_shapes(num_blocks, self.block_size)
+        # The decode fast path gets one scratch block past the managed ones for its padding rows.
+        scratch = 0 if self.config.enforce_eager else 1
+        shapes = self.model.kv_cache_shapes(num_blocks + scratch, self.block_size)
         self.kv_caches = [torch.zeros(s, dtype=self.model_config.dtype, device=self.device) for s in shapes]
         self.model.bind_kv_cache(self.kv_caches)
+        if scratch:
+            from frontierlm.engine.fast_decode import FastDecode
+
+            self.fast_decode = FastDecode(self.model, self.device, self.config.max_num_seqs,
+                                          self.config.max_model_len or self.model_config.max_model_len,
+                                          self.block_size, scratch_block=num_blocks)
 
     # ---- one step --------------------------------------------------------------------------------
     def _prepare(self, sched: SchedulerOutput) -> tuple[int, AttentionMetadata, list[int]]:
@@ -99,7 +108,6 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        num_tokens, meta, logits_index = self._prepare(sched)
         rows = [s.request for s in sched.scheduled if s.samples]
         matchers = [r.grammar for r in rows]
         bitmask_job = None
@@ -107,17 +115,31 @@ class ModelRunner:
             from frontierlm.structured.backend import fill_grammar_bitmask
 
             bitmask_job = self._host_pool().submit(fill_grammar_bitmask, matchers, self.model_config.vocab_size)
+        # pure decode steps: the static-shape compiled / graphed forward; None = take the eager path
+        logits = self.fast_decode.run(sched) if self.fast_decode is not None else None
+        prompt_lps = {}  # a pure decode step has no prompt tokens
+        if logits is None:
+            logits, prompt_lps = self._eager_logits(sched)
+            if logits is None:
+                return RunnerOutput(sampled={}, prompt_logprobs=prompt_lps)
+        return self._sample(logits, rows, matchers, bitmask_job, prompt_lps)
+
+    def _eager_logits(self, sched: SchedulerOutput) -> tuple[torch.Tensor | None, dict]:
+        num_tokens, meta, logits_index = self._prepare(sched)
         hidden = self.model(self._dev["input_ids"][:num_tokens], self._dev["positions"][:num_tokens], meta)
         prompt_lps = {}
         if any(s.request.sampling_params.prompt_logprobs is not None for s in sched.scheduled):
             prompt_lps = compute_prompt_logprobs(self.model, hidden, sched.scheduled)
         if not logits_index:
-            return RunnerOutput(sampled={}, prompt_logprobs=prompt_lps)
+            return None, prompt_lps
         if len(logits_index) == num_tokens:  # pure decode step: every row yields a token
             logits = self.model.compute_logits(hidden)
         else:
             index = torch.tensor(logits_index, dtype=torch.long).to(self.device, non_blocking=True)
             logits = self.model.compute_logits(hidden.index_select(0, index))
+        return logits, prompt_lps
+
+    def _sample(self, logits: torch.Tensor, rows, matchers, bitmask_job, prompt_lps: dict) -> RunnerOutput:
         if bitmask_job is not None:
             from frontierlm.structured.backend import apply_grammar_bitmask
 
