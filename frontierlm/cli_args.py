@@ -20,6 +20,8 @@ ENGINE_FLAGS = [
     ("--max-model-len", "max_model_len", int, "context length (default: the model's)"),
     ("--tokenizer", "tokenizer", str, "tokenizer directory (default: the model's)"),
     ("--load-format", "load_format", str, "auto (safetensors) or dummy (random weights from config.json)"),
+    ("--speculative-config", "speculative_config", "json",
+     'speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\''),
 ]
 
 SAMPLING_FLAGS = [

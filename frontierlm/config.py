@@ -24,6 +24,7 @@ class EngineConfig:
     max_model_len: int | None = None
     tokenizer: str | None = None
     load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmark real shapes)
+    speculative_config: dict | None = None  # frontierlm/spec/config.py: {"method", "num_speculative_tokens", ...}
 
     def __post_init__(self):
         def positive(name):
@@ -43,6 +44,10 @@ class EngineConfig:
             raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {self.load_format!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.speculative_config is not None:
+            from frontierlm.spec.config import SpeculativeConfig
+
+            self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         try:

@@ -71,6 +71,11 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
         self.grammar_backend = None  # built on the first structured request (importing xgrammar takes a while)
+        self.spec = None  # speculative decoding (frontierlm/spec) when speculative_config is set
+        if config.speculative_config is not None:
+            from frontierlm.spec.decoder import SpecDecoder
+
+            self.spec = self.runner.spec = SpecDecoder(config.speculative_config, self)
         self.groups: dict[str, _Group] = {}
         self._compiling: list[_Group] = []  # groups whose grammar is still compiling
         self._child_to_group: dict[str, _Group] = {}
@@ -82,6 +87,10 @@ class LLMEngine:
             f"FrontierLM: {mc.architecture} ({mc.dtype}, {self.runner.device}) | KV cache: {num_blocks} blocks x "
             f"{config.block_size} tokens = {num_blocks * config.block_size} tokens, {bpt} bytes/token{mla}, "
             f"{num_blocks * config.block_size * bpt / 2**30:.2f} GiB | loaded in {time.perf_counter() - t0:.1f}s")
+        if self.spec is not None:
+            sc = config.speculative_config
+            self.startup_report += (f" | speculative decoding: {sc.method}{' ' + sc.model if sc.model else ''}, "
+                                    f"K={sc.num_speculative_tokens}{' adaptive' if sc.adaptive else ''}")
         logger.info(self.startup_report)
 
     @classmethod
@@ -262,7 +271,10 @@ class LLMEngine:
             if not failed and self.has_unfinished_requests():
                 time.sleep(0.001)  # only grammar compiles are pending: do not spin
             return failed
+        t0 = time.perf_counter()
         result = self.runner.execute(sched)
+        if self.spec is not None:  # the cost model behind the adaptive draft length
+            self.spec.observe_step(sched.num_tokens, time.perf_counter() - t0)
         updated = self.scheduler.update_from_output(sched, result)
         touched: dict[str, _Group] = {}
         for req in updated:
@@ -279,6 +291,8 @@ class LLMEngine:
             outputs.append(self._make_output(group))
             if group.finished:
                 self._forget(group)
+        if self.spec is not None:  # proposals for the next step
+            self.spec.propose(self.scheduler.running)
         return outputs
 
     def _detokenize(self, group: _Group, idx: int, req: Request) -> None:
@@ -346,7 +360,12 @@ class LLMEngine:
             "prefix_cache_queries": self.kv.prefix_queries,
             "prefix_cache_hits": self.kv.prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions,
+            **({"spec_decode": self.spec.stats.as_dict()} if self.spec is not None else {}),
         }
+
+    def spec_decode_summary(self) -> str | None:
+        """One line on speculative decoding so far (logged at shutdown), or None when it is off."""
+        return None if self.spec is None else f"speculative decoding: {self.spec.stats.summary()}"
 
     def expert_load(self) -> list[list[int]]:
         """MoE models: tokens routed to each expert, per MoE layer, since start (empty for dense models).

@@ -23,6 +23,7 @@ class ModelRunner:
         self.sampler = Sampler(model_config.vocab_size, seed=config.seed)
         self.kv_caches: list[torch.Tensor] = []
         self._pool: ThreadPoolExecutor | None = None  # host work overlapped with the forward (grammar masks)
+        self.spec = None  # frontierlm.spec.decoder.SpecDecoder when speculative decoding is on (set by the engine)
         self.block_size = config.block_size
         # Persistent device buffers sized for the largest step, so decode shapes can later be CUDA-graphed.
         n, seqs = config.max_num_batched_tokens, config.max_num_seqs
@@ -48,8 +49,9 @@ class ModelRunner:
         self.model.bind_kv_cache(self.kv_caches)
 
     # ---- one step --------------------------------------------------------------------------------
-    def _prepare(self, sched: SchedulerOutput) -> tuple[int, AttentionMetadata, list[int]]:
-        """Fill the pinned host buffers, then copy each used slice to its device buffer (non-blocking)."""
+    def _prepare(self, sched: SchedulerOutput) -> tuple[int, AttentionMetadata, list[int], list[int]]:
+        """Fill the pinned host buffers, then copy each used slice to its device buffer (non-blocking).
+        Returns the rows whose logits sample a token, and the K + 1 rows of each request with proposals."""
         bs = self.block_size
         num_seqs = len(sched.scheduled)
         query_lens = [s.num_new_tokens for s in sched.scheduled]
@@ -59,7 +61,7 @@ class ModelRunner:
         host = {k: v.numpy() for k, v in self._host.items()}
         ids, pos, slots, tables = host["input_ids"], host["positions"], host["slot_mapping"], host["block_tables"]
         tables[:num_seqs, :max_blocks] = 0
-        logits_index = []
+        logits_index, spec_index = [], []
         offset = 0
         for i, s in enumerate(sched.scheduled):
             req, q = s.request, s.num_new_tokens
@@ -67,11 +69,15 @@ class ModelRunner:
             table = np.asarray(s.block_ids, dtype=np.int64)
             tables[i, :len(table)] = table
             p = np.arange(start, start + q)
-            ids[offset:offset + q] = req.all_token_ids[start:start + q]
+            k = len(s.spec_token_ids)
+            ids[offset:offset + q - k] = req.all_token_ids[start:start + q - k]
+            ids[offset + q - k:offset + q] = s.spec_token_ids
             pos[offset:offset + q] = p
             slots[offset:offset + q] = table[p // bs] * bs + p % bs
             offset += q
-            if s.samples:
+            if k:
+                spec_index += range(offset - k - 1, offset)
+            elif s.samples:
                 logits_index.append(offset - 1)
         host["query_start_loc"][0] = 0
         np.cumsum(query_lens, out=host["query_start_loc"][1:num_seqs + 1])
@@ -92,19 +98,44 @@ class ModelRunner:
             slot_mapping=dev["slot_mapping"], query_start_loc=dev["query_start_loc"], seq_lens=dev["seq_lens"],
             block_tables=dev["block_tables"], query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
             max_query_len=max(query_lens), max_seq_len=max(seq_lens), block_size=bs)
-        return num_tokens, meta, logits_index
+        return num_tokens, meta, logits_index, spec_index
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        num_tokens, meta, logits_index = self._prepare(sched)
-        rows = [s.request for s in sched.scheduled if s.samples]
+        num_tokens, meta, logits_index, spec_index = self._prepare(sched)
+        rows = [s.request for s in sched.scheduled if s.samples and not s.spec_token_ids]
+        spec_rows = [s for s in sched.scheduled if s.spec_token_ids]
         matchers = [r.grammar for r in rows]
-        bitmask_job = None
+        bitmask_job = spec_mask_job = None
         if any(m is not None for m in matchers):  # fill grammar masks on a thread, overlapped with the forward
             from frontierlm.structured.backend import fill_grammar_bitmask
 
             bitmask_job = self._host_pool().submit(fill_grammar_bitmask, matchers, self.model_config.vocab_size)
+        if any(s.request.grammar is not None for s in spec_rows):
+            from frontierlm.spec.grammar import fill_spec_bitmask
+
+            spec_mask_job = self._host_pool().submit(fill_spec_bitmask, [s.request.grammar for s in spec_rows],
+                                                     [s.spec_token_ids for s in spec_rows],
+                                                     self.model_config.vocab_size)
         hidden = self.model(self._dev["input_ids"][:num_tokens], self._dev["positions"][:num_tokens], meta)
+        result = self._sample(hidden, num_tokens, logits_index, rows, matchers, bitmask_job)
+        if spec_rows:
+            index = torch.tensor(spec_index, dtype=torch.long).to(self.device, non_blocking=True)
+            logits = self.model.compute_logits(hidden.index_select(0, index))
+            if spec_mask_job is not None:
+                from frontierlm.spec.grammar import apply_spec_bitmask
+
+                apply_spec_bitmask(logits, spec_mask_job.result(), [s.request.grammar for s in spec_rows],
+                                   [s.spec_token_ids for s in spec_rows])
+            verified = self.spec.verify(self.sampler, logits, spec_rows, self.model_config.eos_token_ids)
+            for s, (accepted, token) in zip(spec_rows, verified):
+                result.sampled[s.request.request_id] = token
+                result.spec_accepted[s.request.request_id] = accepted
+        if self.spec is not None:
+            self.spec.observe(sched, hidden, result.spec_accepted)
+        return result
+
+    def _sample(self, hidden, num_tokens, logits_index, rows, matchers, bitmask_job) -> RunnerOutput:
         if not logits_index:
             return RunnerOutput(sampled={})
         if len(logits_index) == num_tokens:  # pure decode step: every row yields a token

@@ -72,22 +72,8 @@ class Sampler:
             return SamplerOutput(logits.argmax(dim=-1), None, None, None, old_mu)
 
         x = logits.to(torch.float32, copy=True)  # never modify the caller's logits
-        self._apply_bias_and_bans(x, states, eos_token_ids)
-        # 2. Grammar bitmask goes here (structured outputs): disallowed tokens -> -inf before penalties.
-        self._apply_penalties(x, states)
-
-        # 4. Temperature. Greedy rows keep temperature 1 so their logprobs are of the penalized distribution.
-        temps = [1.0 if g else p.temperature for g, p in zip(greedy, params)]
-        if any(t != 1.0 for t in temps):
-            x.div_(torch.tensor(temps, dtype=x.dtype).to(device, non_blocking=True).unsqueeze(1))
-
-        # 5-9. Truncation (or Mirostat) for sampled rows; greedy rows are left whole, as in vLLM.
+        mu_t = self._process(x, states, eos_token_ids, old_mu)
         mu_rows = [i for i, (g, p) in enumerate(zip(greedy, params)) if not g and p.mirostat_mode]
-        trunc_rows = [i for i, (g, p) in enumerate(zip(greedy, params)) if not g and not p.mirostat_mode and (
-            p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 or p.typical_p < 1.0)]
-        mu_t = None
-        if mu_rows or trunc_rows:
-            mu_t = self._truncate(x, params, trunc_rows, mu_rows, old_mu)
 
         # 10. Sample. The final distribution is softmax(x); masked tokens are -inf there.
         probs = torch.softmax(x, dim=-1)
@@ -123,6 +109,37 @@ class Sampler:
         ids = torch.cat([tokens.unsqueeze(1), top_ids], dim=1)
         lps = torch.cat([tok_lp, top_lp], dim=1)
         return SamplerOutput(tokens, ids, lps, ranks, new_mu)
+
+    def processed_logits(self, logits: torch.Tensor, states: Sequence[SamplingState],
+                         eos_token_ids: Sequence[int]) -> torch.Tensor:
+        """Stages 1-9 without sampling, for rows without Mirostat: float32 logits whose softmax is exactly the
+        distribution __call__ draws from (greedy rows: whose argmax it takes). Speculative verification
+        scores proposals against these."""
+        x = logits.to(torch.float32, copy=True)
+        self._process(x, states, eos_token_ids, [None] * len(states))
+        return x
+
+    def _process(self, x: torch.Tensor, states: Sequence[SamplingState], eos_token_ids: Sequence[int],
+                 old_mu: list[float | None]) -> torch.Tensor | None:
+        """Stages 1-9 on x in place; returns Mirostat rows' current mu (see _truncate)."""
+        params = [s.sampling_params for s in states]
+        greedy = [p.greedy for p in params]
+        self._apply_bias_and_bans(x, states, eos_token_ids)
+        # 2. Grammar bitmask goes here (structured outputs): disallowed tokens -> -inf before penalties.
+        self._apply_penalties(x, states)
+
+        # 4. Temperature. Greedy rows keep temperature 1 so their logprobs are of the penalized distribution.
+        temps = [1.0 if g else p.temperature for g, p in zip(greedy, params)]
+        if any(t != 1.0 for t in temps):
+            x.div_(torch.tensor(temps, dtype=x.dtype).to(x.device, non_blocking=True).unsqueeze(1))
+
+        # 5-9. Truncation (or Mirostat) for sampled rows; greedy rows are left whole, as in vLLM.
+        mu_rows = [i for i, (g, p) in enumerate(zip(greedy, params)) if not g and p.mirostat_mode]
+        trunc_rows = [i for i, (g, p) in enumerate(zip(greedy, params)) if not g and not p.mirostat_mode and (
+            p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 or p.typical_p < 1.0)]
+        if mu_rows or trunc_rows:
+            return self._truncate(x, params, trunc_rows, mu_rows, old_mu)
+        return None
 
     # ---- 1. bias and bans ---------------------------------------------------------------------------------
     @staticmethod
