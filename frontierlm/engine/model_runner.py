@@ -27,6 +27,8 @@ class ModelRunner:
         self.block_size = config.block_size
         # Persistent device buffers sized for the largest step, so decode shapes can later be CUDA-graphed.
         n, seqs = config.max_num_batched_tokens, config.max_num_seqs
+        if config.speculative_config is not None:  # each verified token attends as its own decode (_prepare)
+            seqs = min(seqs * (1 + config.speculative_config.num_speculative_tokens), seqs + n)
         max_blocks = -(-(config.max_model_len or model_config.max_model_len) // config.block_size)
         shapes = {"input_ids": ((n,), torch.long), "positions": ((n,), torch.long),
                   "slot_mapping": ((n,), torch.long), "query_start_loc": ((seqs + 1,), torch.int32),
@@ -53,21 +55,40 @@ class ModelRunner:
         """Fill the pinned host buffers, then copy each used slice to its device buffer (non-blocking).
         Returns the rows whose logits sample a token, and the K + 1 rows of each request with proposals."""
         bs = self.block_size
-        num_seqs = len(sched.scheduled)
-        query_lens = [s.num_new_tokens for s in sched.scheduled]
-        seq_lens = [s.request.num_computed_tokens + s.num_new_tokens for s in sched.scheduled]
+        # Attention sequences: one per scheduled request, except that a request with proposals attends as
+        # K + 1 one-token sequences over its own cache (token j sees positions <= its own). Every K/V of the
+        # step is written before attention reads, so verification runs the batched decode path.
+        attn_rows = None
+        if not any(s.spec_token_ids for s in sched.scheduled):
+            query_lens = [s.num_new_tokens for s in sched.scheduled]
+            seq_lens = [s.request.num_computed_tokens + s.num_new_tokens for s in sched.scheduled]
+        else:
+            attn_rows = []
+            for s in sched.scheduled:
+                start = s.request.num_computed_tokens
+                if s.spec_token_ids:
+                    attn_rows += [(s, 1, start + j + 1) for j in range(s.num_new_tokens)]
+                else:
+                    attn_rows.append((s, s.num_new_tokens, start + s.num_new_tokens))
+            query_lens = [q for _, q, _ in attn_rows]
+            seq_lens = [n for _, _, n in attn_rows]
+        num_seqs = len(query_lens)
         num_tokens = sum(query_lens)
         max_blocks = max(len(s.block_ids) for s in sched.scheduled)
         host = {k: v.numpy() for k, v in self._host.items()}
         ids, pos, slots, tables = host["input_ids"], host["positions"], host["slot_mapping"], host["block_tables"]
         tables[:num_seqs, :max_blocks] = 0
+        if attn_rows is not None:
+            for i, (s, _, _) in enumerate(attn_rows):
+                tables[i, :len(s.block_ids)] = s.block_ids
         logits_index, spec_index = [], []
         offset = 0
         for i, s in enumerate(sched.scheduled):
             req, q = s.request, s.num_new_tokens
             start = req.num_computed_tokens
             table = np.asarray(s.block_ids, dtype=np.int64)
-            tables[i, :len(table)] = table
+            if attn_rows is None:
+                tables[i, :len(table)] = table
             p = np.arange(start, start + q)
             k = len(s.spec_token_ids)
             ids[offset:offset + q - k] = req.all_token_ids[start:start + q - k]

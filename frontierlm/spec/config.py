@@ -16,7 +16,7 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 1  # ngram: shortest suffix to match
     prompt_lookup_max: int = 4  # ngram: longest suffix to match (tried first)
     adaptive: bool = True  # K follows acceptance and the measured step cost; False pins K
-    mtp_window: int = 32  # mtp: positions the MTP module attends over (recomputed each step)
+    mtp_window: int = 8  # mtp: positions the MTP module attends over (recomputed each step)
 
     @classmethod
     def from_dict(cls, value) -> "SpeculativeConfig":
