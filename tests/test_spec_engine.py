@@ -140,3 +140,25 @@ def test_demo_model_mtp_and_draft_are_lossless():
         assert token_ids(llm, ps, params) == ref
         st = llm.llm_engine.spec.stats
         assert st.acceptance_rate > least, st.summary()
+
+
+def test_stop_strings_and_stop_tokens_inside_accepted_proposals(tiny_model_dir):
+    """Several tokens land per step; a stop rule met by one of them ends the output there, as without spec."""
+    target = tiny_model_dir("llama")
+    ps = prompts(lens=(6, 12, 9), seed=11)
+    base = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    ref = LLM(target, block_size=4).generate(ps, base, use_tqdm=False)
+    spec = {"method": "draft_model", "model": target, "num_speculative_tokens": 4, "adaptive": False}
+    llm = LLM(target, block_size=4, speculative_config=spec)
+    for o in ref:
+        c = o.outputs[0]
+        mid = c.text[len(c.text) // 2:len(c.text) // 2 + 3]
+        for params in (SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, stop=[mid]),
+                       SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True,
+                                      stop_token_ids=[c.token_ids[13]])):
+            want = LLM(target, block_size=4).generate([o.prompt_token_ids], params, use_tqdm=False)[0].outputs[0]
+            got = llm.generate([o.prompt_token_ids], params, use_tqdm=False)[0].outputs[0]
+            assert (got.text, got.token_ids, got.finish_reason, got.stop_reason) == \
+                (want.text, want.token_ids, want.finish_reason, want.stop_reason)
+            assert want.finish_reason == "stop"
+    assert llm.llm_engine.spec.stats.num_accepted_tokens > 20

@@ -297,7 +297,19 @@ class LLMEngine:
 
     def _detokenize(self, group: _Group, idx: int, req: Request) -> None:
         detok = group.detoks[idx]
-        stop = detok.update(req.output_token_ids[group.num_detokenized[idx]:])
+        new = req.output_token_ids[group.num_detokenized[idx]:]
+        if len(new) == 1:
+            stop = detok.update(new)
+        else:  # several tokens this step (speculation, jump-forward): stop at the one that ends a stop string
+            stop, fed = None, 0
+            while stop is None and fed < len(new):
+                stop = detok.update(new[fed:fed + 1])
+                fed += 1
+            if stop is not None and fed < len(new):  # the tokens after it were never generated
+                del req.output_token_ids[fed - len(new):]
+                del req.all_token_ids[fed - len(new):]
+                if req.is_finished:  # by a rule that a later token met: the stop string came first
+                    req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop
         group.num_detokenized[idx] = req.num_output_tokens
         if stop is not None and not req.is_finished:
             req.stop_reason = stop

@@ -82,7 +82,7 @@ class AdaptiveK:
         """K per request. caps: the most each may propose (K, max_tokens, context); pinned: requests whose K
         must not depend on the batch (seeded sampling stays reproducible); other_tokens: prefill tokens
         expected in the step besides these decodes."""
-        if not self.adaptive or self.step_cost.num_observations < 8:  # no cost model yet: measure with full K
+        if not self.adaptive or not self.step_cost.num_observations:  # no cost model yet: measure with full K
             return list(caps)
         ks = [c if p else 0 for c, p in zip(caps, pinned)]
         cands = []  # (value, request index, j)

@@ -80,10 +80,32 @@ class SpecDecoder:
         self.config = cfg
         self.proposer = build_proposer(cfg, engine)
         self.adaptive = AdaptiveK(cfg.num_speculative_tokens, cfg.adaptive)
+        if cfg.adaptive:
+            self._profile(engine)
         self.stats = SpecStats(accepted_per_pos=[0] * cfg.num_speculative_tokens)
         self.max_model_len = engine.max_model_len
         self.max_num_batched_tokens = engine.config.max_num_batched_tokens
         self._q: dict[str, torch.Tensor | None] = {}
+
+    def _profile(self, engine) -> None:
+        """Seed the cost model: target decode batches of 1 .. 256 tokens, and the proposer's forwards."""
+        from frontierlm.spec.profile import profile_decode, profile_mtp
+
+        runner, cfg = engine.runner, engine.config
+        most = min(cfg.max_num_batched_tokens, cfg.max_num_seqs * (1 + self.config.num_speculative_tokens))
+        sizes = [n for n in (1, 4, 16, 64, 256) if n <= most]
+        for n, t in profile_decode(runner.model, runner.device, cfg.block_size, sizes):
+            self.adaptive.step_cost.observe(n, t)
+        seqs = [n for n in (1, 4, 16, 64) if n <= cfg.max_num_seqs]
+        prop = self.proposer
+        if self.config.method == "draft_model":
+            samples = profile_decode(prop.model, runner.device, cfg.block_size, seqs)
+        elif self.config.method == "mtp":
+            samples = profile_mtp(runner.model, runner.device, self.config.mtp_window, seqs)
+        else:
+            samples = []
+        for n, t in samples:
+            prop.cost.observe(n, t)
 
     # ---- between steps ------------------------------------------------------------------------------
     def propose(self, running: list) -> None:
