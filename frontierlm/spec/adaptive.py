@@ -22,10 +22,13 @@ class LinearCost:
         self.obs: deque[tuple[float, float]] = deque(maxlen=window)
         self.prior_ratio, self.prior_weight = prior_ratio, prior_weight
         self._fit: tuple[float, float] | None = None
+        self._since_fit = 0
 
     def observe(self, x: float, seconds: float) -> None:
         self.obs.append((float(x), float(seconds)))
-        self._fit = None
+        self._since_fit += 1
+        if self._fit is None or self._since_fit >= 16:  # refit now and then: a step must stay cheap
+            self._fit, self._since_fit = None, 0
 
     @property
     def num_observations(self) -> int:
@@ -85,37 +88,29 @@ class AdaptiveK:
         if not self.adaptive or not self.step_cost.num_observations:  # no cost model yet: measure with full K
             return list(caps)
         ks = [c if p else 0 for c, p in zip(caps, pinned)]
-        cands = []  # (value, request index, j)
-        for i, (r, c, p) in enumerate(zip(requests, caps, pinned)):
-            if p or c == 0:
-                continue
-            alpha = self.acceptance(r.request_id)
-            cands += [(alpha ** j, i, j) for j in range(1, c + 1)]
-        if not cands:
+        alphas = np.array([self.acceptance(r.request_id) for r in requests])
+        free = [(i, c) for i, (c, p) in enumerate(zip(caps, pinned)) if not p and c > 0]
+        if not free:
             return ks
-        cands.sort(key=lambda c: -c[0])
+        # every candidate proposal (request i, its j-th token) with its expected value alpha_i ** j
+        idx = np.concatenate([np.full(c, i) for i, c in free])
+        js = np.concatenate([np.arange(1, c + 1) for _, c in free])
+        values = alphas[idx] ** js
+        order = np.argsort(-values, kind="stable")  # within a request j rises, so prefixes stay consistent
+        idx, js, values = idx[order], js[order], values[order]
         n = len(requests)
-        tokens = other_tokens + n + sum(ks)
-        value = n + sum(self.acceptance(r.request_id) ** j for r, k in zip(requests, ks) for j in range(1, k + 1))
-        spec_reqs = sum(1 for k in ks if k)
-        k_top = max(ks)
-
-        def rate(tokens, value, spec_reqs, k_top):
-            cost = self.step_cost.predict(tokens) + (proposer.expected_cost(spec_reqs, k_top) if k_top else 0.0)
-            return value / cost if cost > 0 else float("inf")
-
-        best, best_m = rate(tokens, value, spec_reqs, k_top), 0
-        cur = list(ks)
-        for m, (v, i, j) in enumerate(cands, start=1):
-            if cur[i] == 0:
-                spec_reqs += 1
-            cur[i] = j
-            k_top = max(k_top, j)
-            tokens += 1
-            value += v
-            r = rate(tokens, value, spec_reqs, k_top)
-            if r > best * (1 + 1e-9):
-                best, best_m = r, m
-        for v, i, j in cands[:best_m]:
-            ks[i] = max(ks[i], j)
+        base_tokens = other_tokens + n + sum(ks)
+        base_value = n + sum(float(alphas[i]) ** j for i, k in enumerate(ks) for j in range(1, k + 1))
+        base_reqs, base_top = sum(1 for k in ks if k), max(ks)
+        # after taking the first m candidates (m = 0 .. M)
+        tokens = base_tokens + np.arange(len(values) + 1)
+        value = base_value + np.concatenate([[0.0], np.cumsum(values)])
+        new_req = (js == 1) & np.array([ks[i] == 0 for i in idx])  # a request's first proposal
+        reqs = base_reqs + np.concatenate([[0], np.cumsum(new_req)])
+        top = np.maximum(base_top, np.concatenate([[0], np.maximum.accumulate(js)]))
+        cost = self.step_cost.predict(tokens) + np.where(top > 0, proposer.expected_cost(reqs, top), 0.0)
+        rate = np.where(cost > 0, value / np.maximum(cost, 1e-12), np.inf)
+        best_m = int(np.argmax(rate)) if rate.max() > rate[0] * (1 + 1e-9) else 0
+        for i, j in zip(idx[:best_m], js[:best_m]):
+            ks[i] = max(ks[i], int(j))
         return ks
