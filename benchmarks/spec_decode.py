@@ -12,7 +12,8 @@ measured acceptance and step costs predict (all times are CPU seconds of the ben
 torch on one thread: on a shared CPU that is the work done, whatever else runs; wall-clock figures are
 recorded beside them):
 
-    predicted = mean accepted length * (plain step seconds) / (verify step seconds + proposer seconds per step)
+    predicted = (tokens per request-step: generated / (generated - accepted))
+                * (plain step seconds) / (verify step seconds + proposer seconds per step)
 
 beside the measured end-to-end ratio. A last row per batch size runs adaptive K (up to the largest K).
 """
@@ -206,8 +207,9 @@ def main() -> None:
                    "lossless": got == ref, "load": load()}
             if st:
                 per_step = (t.step_s + t.propose_s) / t.steps
-                row.update(predicted=(st["mean_accepted_length"] * base_step / per_step if st["num_drafts"]
-                                      else base_step / per_step),
+                total = b * args.tokens
+                per_req_step = total / (total - st["num_accepted_tokens"])  # tokens a request gains per step
+                row.update(predicted=per_req_step * base_step / per_step,
                            acceptance_rate=st["acceptance_rate"], mean_accepted_length=st["mean_accepted_length"],
                            draft_tokens_per_step=st["num_draft_tokens"] / max(t.steps, 1))
             results["throughput"].append(row)

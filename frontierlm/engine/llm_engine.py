@@ -271,10 +271,10 @@ class LLMEngine:
             if not failed and self.has_unfinished_requests():
                 time.sleep(0.001)  # only grammar compiles are pending: do not spin
             return failed
-        t0 = time.perf_counter()
+        t0 = self.spec.clock() if self.spec is not None else 0.0
         result = self.runner.execute(sched)
         if self.spec is not None:  # the cost model behind the adaptive draft length
-            self.spec.observe_step(sched.num_tokens, time.perf_counter() - t0)
+            self.spec.observe_step(sched.num_tokens, self.spec.clock() - t0)
         updated = self.scheduler.update_from_output(sched, result)
         touched: dict[str, _Group] = {}
         for req in updated:

@@ -9,9 +9,17 @@ second of the step. A large batch makes each verified token cost as much as a ge
 there; a lone request with a good proposer gets the full K."""
 from __future__ import annotations
 
+import time
 from collections import deque
 
 import numpy as np
+
+
+def cost_clock(device) -> callable:
+    """What the cost model times with: CPU seconds of the process on a CPU device (the work done, which a
+    CPU shared with other processes does not inflate the way it inflates wall time), wall seconds on an
+    accelerator (its work is not CPU time)."""
+    return time.process_time if str(device).startswith("cpu") else time.perf_counter
 
 
 class LinearCost:

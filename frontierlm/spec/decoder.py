@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from frontierlm.spec.adaptive import AdaptiveK
+from frontierlm.spec.adaptive import AdaptiveK, cost_clock
 from frontierlm.spec.config import SpeculativeConfig
 from frontierlm.spec.verify import Proposal, verify
 
@@ -80,6 +80,7 @@ class SpecDecoder:
         self.config = cfg
         self.proposer = build_proposer(cfg, engine)
         self.adaptive = AdaptiveK(cfg.num_speculative_tokens, cfg.adaptive)
+        self.clock = cost_clock(engine.runner.device)
         if cfg.adaptive:
             self._profile(engine)
         self.stats = SpecStats(accepted_per_pos=[0] * cfg.num_speculative_tokens)

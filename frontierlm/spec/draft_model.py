@@ -7,7 +7,6 @@ they are allocated as it grows, rolled back past rejected proposals, and freed w
 aborted or is preempted (`release`, called before every round with the running requests)."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +15,7 @@ from frontierlm.config import ModelConfig
 from frontierlm.engine.kv_cache import KVCacheManager
 from frontierlm.layers.attention import AttentionMetadata
 from frontierlm.models.loader import load_model
-from frontierlm.spec.adaptive import LinearCost
+from frontierlm.spec.adaptive import LinearCost, cost_clock
 from frontierlm.spec.proposer import Proposer
 from frontierlm.spec.verify import Proposal, RowState, draw
 
@@ -64,6 +63,7 @@ class DraftModelProposer(Proposer):
         self.seqs: dict[str, _DraftSeq] = {}
         self.sampler, self.eos = sampler, eos_token_ids
         self.cost = LinearCost()  # seconds per draft forward vs sequences in it
+        self.clock = cost_clock(device)
 
     def expected_cost(self, num_requests: int, k: int) -> float:
         return k * self.cost.predict(num_requests)
@@ -98,7 +98,7 @@ class DraftModelProposer(Proposer):
     def _forward(self, chunks: list[tuple[_DraftSeq, list[int]]]) -> torch.Tensor:
         """One paged forward over `chunks` (tokens after each sequence's computed ones); logits of the last
         token of each chunk."""
-        t0 = time.perf_counter()
+        t0 = self.clock()
         bs = self.block_size
         ids, pos, slots, qlens, slens, tables = [], [], [], [], [], []
         for seq, toks in chunks:
@@ -127,7 +127,7 @@ class DraftModelProposer(Proposer):
         logits = self.model.compute_logits(hidden.index_select(0, last))
         for seq, toks in chunks:
             seq.num_computed_tokens += len(toks)
-        self.cost.observe(len(chunks), time.perf_counter() - t0)
+        self.cost.observe(len(chunks), self.clock() - t0)
         return logits
 
     def propose(self, requests, ks):

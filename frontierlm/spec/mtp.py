@@ -8,12 +8,11 @@ request (`observe`); positions before the window are not seen, which can only lo
 an output token."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
-from frontierlm.spec.adaptive import LinearCost
+from frontierlm.spec.adaptive import LinearCost, cost_clock
 from frontierlm.spec.proposer import Proposer
 from frontierlm.spec.verify import Proposal, RowState, draw
 
@@ -40,6 +39,7 @@ class MTPProposer(Proposer):
         self.windows: dict[str, _Window] = {}
         self.sampler, self.eos = sampler, eos_token_ids
         self.cost = LinearCost()  # seconds per chained MTP forward vs requests in it
+        self.clock = cost_clock(model.lm_head.weight.device)
 
     def expected_cost(self, num_requests: int, k: int) -> float:
         return k * self.cost.predict(num_requests)
@@ -87,11 +87,11 @@ class MTPProposer(Proposer):
         qs: list[list[torch.Tensor]] = [[] for _ in items]
         alive = list(range(len(items)))
         for j in range(max(it[2] for it in items)):
-            t0 = time.perf_counter()
+            t0 = self.clock()
             head, nxt = self.model.mtp_forward(ids, pos, prev, 0, return_next_hidden=True)
             logits = self.model.mtp_logits(head[:, -1])
             tokens, q = draw(self.sampler, logits, [RowState(items[a][1], drafted[a]) for a in alive], self.eos)
-            self.cost.observe(len(alive), time.perf_counter() - t0)
+            self.cost.observe(len(alive), self.clock() - t0)
             for n, a in enumerate(alive):
                 drafted[a].append(tokens[n])
                 qs[a].append(q[n])

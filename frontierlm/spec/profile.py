@@ -3,17 +3,16 @@ different sizes, timed. They write into block 0 of the model's cache, which noth
 run, the prefix cache is empty), and their outputs are thrown away."""
 from __future__ import annotations
 
-import time
-
 import torch
 
 from frontierlm.layers.attention import AttentionMetadata
+from frontierlm.spec.adaptive import cost_clock
 
 
 @torch.inference_mode()
 def profile_decode(model, device, block_size: int, sizes, reps: int = 2) -> list[tuple[int, float]]:
     """[(tokens, seconds)] of model forward + logits for `tokens` one-token decodes with a block of context."""
-    out = []
+    out, clock = [], cost_clock(device)
     for n in sizes:
         meta = AttentionMetadata(
             slot_mapping=(torch.arange(n) % block_size).to(device),
@@ -25,16 +24,16 @@ def profile_decode(model, device, block_size: int, sizes, reps: int = 2) -> list
         ids = torch.zeros(n, dtype=torch.long, device=device)
         pos = torch.full((n,), block_size - 1, dtype=torch.long, device=device)
         for r in range(reps + 1):
-            t0 = time.perf_counter()
+            t0 = clock()
             model.compute_logits(model(ids, pos, meta)).float().sum().item()
             if r:  # the first is a warm-up
-                out.append((n, time.perf_counter() - t0))
+                out.append((n, clock() - t0))
     return out
 
 
 @torch.inference_mode()
 def profile_mtp(model, device, window: int, sizes, reps: int = 2) -> list[tuple[int, float]]:
-    out = []
+    out, clock = [], cost_clock(device)
     h = model.config.hidden_size
     dtype = model.lm_head.weight.dtype
     for n in sizes:
@@ -42,9 +41,9 @@ def profile_mtp(model, device, window: int, sizes, reps: int = 2) -> list[tuple[
         pos = torch.arange(window, device=device).expand(n, -1)
         prev = torch.zeros(n, window, h, dtype=dtype, device=device)
         for r in range(reps + 1):
-            t0 = time.perf_counter()
+            t0 = clock()
             head, _ = model.mtp_forward(ids, pos, prev, 0, return_next_hidden=True)
             model.mtp_logits(head[:, -1]).float().sum().item()
             if r:
-                out.append((n, time.perf_counter() - t0))
+                out.append((n, clock() - t0))
     return out
