@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+from pathlib import Path
 
 from frontierlm.config import EngineConfig
-from frontierlm.sampling_params import SamplingParams
+from frontierlm.sampling_params import SamplingParams, StructuredOutputsParams
 
 # (flag, field, type, help); a type of bool makes a --flag / --no-flag pair
 ENGINE_FLAGS = [
@@ -20,6 +22,8 @@ ENGINE_FLAGS = [
     ("--max-model-len", "max_model_len", int, "context length (default: the model's)"),
     ("--tokenizer", "tokenizer", str, "tokenizer directory (default: the model's)"),
     ("--load-format", "load_format", str, "auto (safetensors) or dummy (random weights from config.json)"),
+    ("--structured-outputs-backend", "structured_outputs_backend", str,
+     "auto (xgrammar, guidance where xgrammar cannot enforce the constraint), xgrammar or guidance"),
     ("--speculative-config", "speculative_config", "json",
      'speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\''),
 ]
@@ -40,7 +44,7 @@ SAMPLING_FLAGS = [
     ("--max-tokens", "max_tokens", int, None),
     ("--min-tokens", "min_tokens", int, None),
     ("--sampling-seed", "seed", int, "per-request sampling seed"),
-    ("--logprobs", "logprobs", int, "return the top-N log-probs per token"),
+    ("--logprobs", "logprobs", int, "print the sampled token's log-prob and the top N per token"),
     ("--ignore-eos", "ignore_eos", bool, "keep generating past EOS"),
     ("--stop", "stop", "list", "stop string (repeatable)"),
     ("--stop-token-ids", "stop_token_ids", "ints", "comma-separated token ids"),
@@ -49,8 +53,28 @@ SAMPLING_FLAGS = [
 ]
 
 
-def _add(group, flags):
+def _defaults(cls) -> dict:
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+    return out
+
+
+def _with_default(help_: str | None, dest: str, defaults: dict) -> str | None:
+    """Show the value the engine uses when the flag is left out (the flags themselves default to None)."""
+    if help_ and "default" in help_:
+        return help_
+    value = defaults.get(dest)
+    if value is None or value == [] or dest not in defaults:
+        return help_
+    shown = f"(default: {value})"
+    return f"{help_} {shown}" if help_ else shown
+
+
+def _add(group, flags, defaults: dict):
     for flag, dest, typ, help_ in flags:
+        help_ = _with_default(help_, dest, defaults)
         if typ is bool:
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif typ == "list":
@@ -66,12 +90,63 @@ def _add(group, flags):
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
-    _add(group, ENGINE_FLAGS)
-    group.add_argument("--seed", dest="engine_seed", type=int, default=None, help="engine random seed")
+    _add(group, ENGINE_FLAGS, _defaults(EngineConfig) | {"device": "auto (cuda if available, else cpu)"})
+    group.add_argument("--seed", dest="engine_seed", type=int, default=None, help="engine random seed (default: 0)")
+    group.add_argument("--num-threads", type=_positive_int, default=None,
+                       help="CPU threads for PyTorch (default: torch's choice, one per core); on a shared or busy "
+                            "machine fewer threads than cores is often much faster")
 
 
-def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    _add(parser.add_argument_group("sampling"), SAMPLING_FLAGS)
+def add_sampling_args(parser: argparse.ArgumentParser, structured: bool = False) -> None:
+    group = parser.add_argument_group("sampling")
+    _add(group, SAMPLING_FLAGS, _defaults(SamplingParams))
+    if structured:  # one of these: StructuredOutputsParams
+        so = parser.add_argument_group("structured output (one of)")
+        so.add_argument("--json-schema", default=None, metavar="SCHEMA",
+                        help="a JSON schema, inline or a file path; the output is JSON that validates")
+        so.add_argument("--grammar", default=None, metavar="GBNF",
+                        help="a GBNF grammar: inline, a .gbnf file, or builtin:NAME (e.g. builtin:json)")
+        so.add_argument("--regex", default=None, help="a regular expression the whole output matches")
+        so.add_argument("--choice", action="append", default=None,
+                        help="the output is exactly one of these strings (repeatable)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def structured_outputs(args: argparse.Namespace) -> StructuredOutputsParams | None:
+    """The structured-output flags as StructuredOutputsParams (a file path is read), or None."""
+    given = {k: getattr(args, k, None) for k in ("json_schema", "grammar", "regex", "choice")}
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        return None
+    if len(given) > 1:
+        raise ValueError(f"give only one of --json-schema, --grammar, --regex, --choice (got "
+                         f"{', '.join('--' + k.replace('_', '-') for k in given)})")
+    kind, value = next(iter(given.items()))
+    if kind in ("json_schema", "grammar") and not value.startswith("builtin:") and _is_file(value):
+        value = Path(value).read_text()
+    if kind == "json_schema":
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise ValueError(f"--json-schema is neither a file nor valid JSON: {e}") from None
+        return StructuredOutputsParams(json=value)
+    return StructuredOutputsParams(**{kind: value})
+
+
+def _is_file(value: str) -> bool:
+    try:
+        return len(value) < 4096 and Path(value).is_file()
+    except OSError:
+        return False
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -88,4 +163,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 def sampling_params(args: argparse.Namespace, **defaults) -> SamplingParams:
     kw = dict(defaults)
     kw.update({dest: getattr(args, dest) for _, dest, _, _ in SAMPLING_FLAGS if getattr(args, dest) is not None})
+    so = structured_outputs(args)
+    if so is not None:
+        kw["structured_outputs"] = so
     return SamplingParams(**kw)

@@ -1,9 +1,14 @@
 """Engine configuration (validated on construction) and the normalized model configuration."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+
+from frontierlm.compat import UNSUPPORTED_ENGINE_ARGS, strict_dataclass_init
 
 _DTYPES = {"auto": None, "float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
@@ -24,6 +29,12 @@ class EngineConfig:
     max_model_len: int | None = None
     tokenizer: str | None = None
     load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmark real shapes)
+    structured_outputs_backend: str = "auto"  # "xgrammar", "guidance" (llguidance), or auto: per constraint
+    tensor_parallel_size: int = 1  # only 1 today: anything else is refused
+    trust_remote_code: bool = False  # accepted for vLLM scripts; no model code is ever loaded from a checkpoint
+    enforce_eager: bool = False  # accepted for vLLM scripts; the engine always runs eagerly (no CUDA graphs yet)
+    # custom logits processors (classes or "module:Class" / "module.Class" names), vLLM v1's interface
+    logits_processors: list = field(default_factory=list)
     speculative_config: dict | None = None  # frontierlm/spec/config.py: {"method", "num_speculative_tokens", ...}
 
     def __post_init__(self):
@@ -42,23 +53,67 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {self.load_format!r}")
+        if self.structured_outputs_backend not in ("auto", "xgrammar", "guidance"):
+            raise ValueError("structured_outputs_backend must be 'auto', 'xgrammar' or 'guidance', got "
+                             f"{self.structured_outputs_backend!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.speculative_config is not None:
             from frontierlm.spec.config import SpeculativeConfig
 
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
+        if not isinstance(self.tensor_parallel_size, int) or isinstance(self.tensor_parallel_size, bool) \
+                or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
+        if self.tensor_parallel_size > 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet: FrontierLM "
+                             "runs a model on one device (tensor_parallel_size=1)")
+        for name in ("trust_remote_code", "enforce_eager"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.logits_processors is None:
+            self.logits_processors = []
+        if not isinstance(self.logits_processors, (list, tuple)):
+            raise ValueError(f"logits_processors must be a list of classes or 'module:Class' names, "
+                             f"got {self.logits_processors!r}")
+        self.logits_processors = list(self.logits_processors)
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
-            torch.device(self.device)
-        except RuntimeError as e:
+            dev = torch.device(self.device)
+        except (RuntimeError, TypeError) as e:
             raise ValueError(f"device {self.device!r} is not a valid torch device: {e}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {self.device!r} was asked for but CUDA is not available ({why}, torch "
+                             f"{torch.__version__}); use --device cpu (or device='cpu')")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {self.device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        check_attention_backend(dev)
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
         """The requested dtype, or None for 'auto' (take the checkpoint's)."""
         return _DTYPES[self.dtype]
+
+
+strict_dataclass_init(EngineConfig, UNSUPPORTED_ENGINE_ARGS)
+
+
+def check_attention_backend(device: torch.device, is_mla: bool = False) -> None:
+    """Refuse FRONTIERLM_ATTENTION_BACKEND values that cannot work here, saying what does."""
+    choice = os.environ.get("FRONTIERLM_ATTENTION_BACKEND", "").strip().lower()
+    if choice in ("", "torch"):
+        return
+    if choice != "triton":
+        raise ValueError(f"FRONTIERLM_ATTENTION_BACKEND must be 'torch' or 'triton', got {choice!r}; "
+                         "unset it for the default")
+    if is_mla:
+        raise ValueError("FRONTIERLM_ATTENTION_BACKEND=triton: the Triton backend has no MLA kernels yet; MLA "
+                         "models (DeepSeek-V2/V3) run on the reference backend: unset it or set it to 'torch'")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"FRONTIERLM_ATTENTION_BACKEND=triton needs a CUDA GPU (this run is on {device.type}); "
+                         "unset it (or set 'torch') for the reference PyTorch backend, which runs everywhere")
 
 
 def _resolve_dtype(value) -> torch.dtype | None:
@@ -76,26 +131,83 @@ def _as_id_list(value) -> list[int]:
     return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
 
 
-def _weight_files(model_dir) -> list:
-    """The safetensors files to load, checked to exist (index first, then single/glob)."""
+class ModelPathError(ValueError, FileNotFoundError):
+    """A model directory that cannot be used: a ValueError (bad input) that is also a FileNotFoundError."""
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_model_dir(model, load_format: str = "auto") -> Path:
+    """The model directory as a Path, or a ValueError saying in one line what is wrong with it and what to do:
+    missing, a Hugging Face Hub id (nothing is downloaded), no config.json, missing or truncated weights."""
+    if not isinstance(model, (str, os.PathLike)):
+        raise ModelPathError(f"model must be a path to a model directory, got {type(model).__name__}")
+    path = Path(model).expanduser()
+    if not path.exists():
+        if _HUB_ID.match(str(model)) and not str(model).startswith("."):
+            raise ModelPathError(
+                f"{str(model)!r} is not a local directory. If it is a Hugging Face Hub id: FrontierLM never "
+                f"downloads models; get a local copy first, e.g. `hf download {model} --local-dir "
+                f"./{Path(str(model)).name}` (pip install huggingface_hub), then pass that directory")
+        raise ModelPathError(f"model directory {str(model)!r} does not exist")
+    if not path.is_dir():
+        raise ModelPathError(f"{str(model)!r} is a file; pass the model's directory (with config.json and weights)")
+    if not (path / "config.json").is_file():
+        raise ModelPathError(f"{str(model)!r} has no config.json (not a Hugging Face model directory)")
+    if load_format != "dummy":
+        _weight_files(path)
+    return path
+
+
+def _check_safetensors(file: Path) -> None:
+    """A truncated download fails here with the file named, not deep inside the loader."""
     import json
-    from pathlib import Path
+    import struct
+
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ModelPathError(f"weights file {file} is truncated ({size} bytes): download it again")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise ModelPathError(f"weights file {file} is truncated or not safetensors (header of {n} bytes, file of "
+                             f"{size}): download it again")
+        try:
+            header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise ModelPathError(f"weights file {file} is not a valid safetensors file ({e}): download it again") from None
+    if 8 + n + end > size:
+        raise ModelPathError(f"weights file {file} is truncated ({size} of {8 + n + end} bytes): download it again")
+
+
+def _weight_files(model_dir) -> list:
+    """The safetensors files to load, checked to exist and to be whole (index first, then single/glob)."""
+    import json
 
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"{index} is not a valid safetensors index (need a 'weight_map'): {e}") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise ModelPathError(f"{index} is not a valid safetensors index (need a 'weight_map'): {e}") from None
         names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (model_dir / n).is_file()]
         if missing:
-            raise FileNotFoundError(f"{index} names shards that are missing from {model_dir}: {missing}")
-        return [model_dir / n for n in names]
-    files = sorted(model_dir.glob("*.safetensors"))
+            raise ModelPathError(f"{index} names shards that are missing from {model_dir}: {', '.join(missing)}")
+        files = [model_dir / n for n in names]
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {model_dir} (only safetensors checkpoints are supported)")
+        others = sorted(p.name for p in model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
+        raise ModelPathError(f"no *.safetensors weights in {model_dir}" + (
+            f" (found {', '.join(others[:3])}: only safetensors checkpoints are supported)" if others else
+            " (only safetensors checkpoints are supported)"))
+    for f in files:
+        _check_safetensors(f)
     return files
 
 
@@ -118,7 +230,8 @@ class ModelConfig:
         self.num_heads: int = c.num_attention_heads
         self.num_kv_heads: int = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         self.head_dim: int = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        self.max_model_len: int = c.max_position_embeddings
+        self.max_position_embeddings: int = c.max_position_embeddings
+        self.max_model_len: int = c.max_position_embeddings  # the engine lowers it to the limit in force
         self.tie_word_embeddings: bool = bool(getattr(c, "tie_word_embeddings", False))
         # DeepSeek MLA: the cache holds a latent of kv_lora_rank plus one shared rope key per token and layer.
         self.kv_lora_rank: int | None = getattr(c, "kv_lora_rank", None)
@@ -161,16 +274,11 @@ class ModelConfig:
     def from_pretrained(cls, model_dir, dtype: torch.dtype | str | None = None,
                         load_format: str = "auto") -> "ModelConfig":
         import json
-        from pathlib import Path
 
         from frontierlm.models.registry import supported_architectures
 
-        path = Path(model_dir)
-        if not path.is_dir():
-            raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
+        path = check_model_dir(model_dir, "dummy")  # weights are checked below, after the architecture
         cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"{str(path)!r} has no config.json (not a Hugging Face model directory)")
         try:
             raw = json.loads(cfg_file.read_text())
         except ValueError as e:

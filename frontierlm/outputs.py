@@ -38,3 +38,6 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
+    # SamplingParams.prompt_logprobs: None for the first prompt token, then one dict per prompt token (the token
+    # itself plus the top N), as in vLLM
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

@@ -6,10 +6,13 @@ field name, so the server can turn it into an HTTP 400 without guessing what was
 from __future__ import annotations
 
 import copy
+import enum
 import json as _json
 import math
 from dataclasses import dataclass
 from typing import Any, Iterable
+
+from frontierlm.compat import UNSUPPORTED_SAMPLING_ARGS, strict_dataclass_init
 
 # Temperatures below this are treated as greedy (as vLLM does): dividing by ~0 would overflow.
 GREEDY_TEMPERATURE_EPS = 1e-5
@@ -111,6 +114,42 @@ class StructuredOutputsParams:
             raise ValueError(f"json_object must be a bool, got {self.json_object!r}")
 
 
+class RequestOutputKind(enum.IntEnum):
+    """What each streamed RequestOutput carries (vLLM's names): everything so far, only what is new since the
+    previous output, or nothing until the request finishes."""
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
+
+
+@dataclass
+class GuidedDecodingParams(StructuredOutputsParams):
+    """vLLM's older name for StructuredOutputsParams (deprecated there and here): the same fields."""
+    backend: str | None = None  # vLLM's per-request backend and whitespace: refused with a reason, not ignored
+    whitespace_pattern: str | None = None
+
+    def __post_init__(self):
+        warn_deprecated("GuidedDecodingParams", "StructuredOutputsParams")
+        if self.backend is not None:
+            raise ValueError("GuidedDecodingParams.backend is not supported: the backend is chosen per engine "
+                             "(structured_outputs_backend='auto' | 'xgrammar' | 'guidance')")
+        if self.whitespace_pattern is not None:
+            raise ValueError("GuidedDecodingParams.whitespace_pattern is not supported")
+        super().__post_init__()
+
+
+_warned: set[str] = set()
+
+
+def warn_deprecated(old: str, new: str) -> None:
+    """One log line per old name and process: vLLM's older structured-output spellings still work."""
+    if old not in _warned:
+        _warned.add(old)
+        import logging
+
+        logging.getLogger("frontierlm.sampling_params").warning("%s is deprecated; use %s", old, new)
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -138,6 +177,15 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
     structured_outputs: StructuredOutputsParams | None = None
+    guided_decoding: StructuredOutputsParams | None = None  # vLLM's older name of structured_outputs
+    # top-N log-probs of every prompt token after the first, from the prefill logits (raw model distribution)
+    prompt_logprobs: int | None = None
+    allowed_token_ids: list[int] | None = None  # sample only among these (a mask before penalties)
+    detokenize: bool = True  # False: token ids only, text stays ""
+    truncate_prompt_tokens: int | None = None  # keep the last k prompt tokens (-1: the context length)
+    spaces_between_special_tokens: bool = True  # passed to decode; HF fast tokenizers ignore it, as in vLLM
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    extra_args: dict[str, Any] | None = None  # free-form per-request arguments for custom logits processors
 
     def __post_init__(self):
         _check_int("n", self.n, lo=1)
@@ -177,6 +225,32 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, lo=0)
         if self.logit_bias is not None:
             self.logit_bias = self._normalize_logit_bias(self.logit_bias)
+        if self.guided_decoding is not None:
+            warn_deprecated("SamplingParams(guided_decoding=...)", "structured_outputs")
+            if self.structured_outputs is not None:
+                raise ValueError("give structured_outputs or guided_decoding (its older name), not both")
+            self.structured_outputs = self.guided_decoding
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, lo=0)
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = _check_token_ids("allowed_token_ids", self.allowed_token_ids)
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids must not be empty")
+        for name in ("detokenize", "spaces_between_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not self.detokenize and self.stop:
+            raise ValueError("stop strings need detokenize=True (use stop_token_ids with detokenize=False)")
+        if self.truncate_prompt_tokens is not None:
+            _check_int("truncate_prompt_tokens", self.truncate_prompt_tokens, lo=-1)
+            if self.truncate_prompt_tokens == 0:
+                raise ValueError("truncate_prompt_tokens must be >= 1 or -1 (the context length), got 0")
+        try:
+            self.output_kind = RequestOutputKind(self.output_kind)
+        except ValueError:
+            raise ValueError(f"output_kind must be a RequestOutputKind (0, 1 or 2), got {self.output_kind!r}") from None
+        if self.extra_args is not None and not isinstance(self.extra_args, dict):
+            raise ValueError(f"extra_args must be a dict, got {self.extra_args!r}")
         if isinstance(self.structured_outputs, dict):
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
@@ -218,3 +292,29 @@ class SamplingParams:
     def clone(self) -> "SamplingParams":
         """A deep copy (the engine fans one request out to n sequences and may adjust each)."""
         return copy.deepcopy(self)
+
+
+strict_dataclass_init(SamplingParams, UNSUPPORTED_SAMPLING_ARGS)
+
+
+@dataclass
+class BeamSearchParams:
+    """LLM.beam_search options (vLLM's names). The search itself is engine/beam_search.py."""
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0  # > 0: search over the temperature-scaled log-probs
+    length_penalty: float = 1.0  # score = cumulative logprob / generated_length ** length_penalty
+    include_stop_str_in_output: bool = False  # keep the EOS token in `tokens` of a finished sequence
+
+    def __post_init__(self):
+        _check_int("beam_width", self.beam_width, lo=1)
+        _check_int("max_tokens", self.max_tokens, lo=1)
+        self.temperature = _check_float("temperature", self.temperature, lo=0.0)
+        self.length_penalty = _check_float("length_penalty", self.length_penalty)
+        for name in ("ignore_eos", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+
+strict_dataclass_init(BeamSearchParams)

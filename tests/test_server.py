@@ -231,7 +231,7 @@ def test_constrained_output_through_the_api(server):
     r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 20,
                                                          "grammar": 'root ::= "a" "b"+'})
     assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith("ab")
-    for bad in ({"grammar": "root ::= "}, {"structured_outputs": {"regex": "(x"}},
+    for bad in ({"grammar": "root ::= ("}, {"structured_outputs": {"regex": "(x"}},
                 {"response_format": {"type": "xml"}}, {"grammar": 'root ::= "a"', "json_schema": schema}):
         r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "x", **bad})
         assert r.status_code == 400 and r.json()["error"]["message"], bad

@@ -4,6 +4,7 @@ import json
 
 import jsonschema
 import pytest
+import torch
 
 from frontierlm import LLM, SamplingParams, StructuredOutputsParams
 
@@ -72,7 +73,7 @@ def test_bad_constraints_raise_and_cache_hits(llm):
         llm.generate(["x"], SamplingParams(structured_outputs=StructuredOutputsParams(regex="(unclosed")),
                      use_tqdm=False)
     with pytest.raises(ValueError, match="structured_outputs.grammar"):
-        llm.generate(["x"], SamplingParams(structured_outputs=StructuredOutputsParams(grammar="root ::= ")),
+        llm.generate(["x"], SamplingParams(structured_outputs=StructuredOutputsParams(grammar="root ::= (")),
                      use_tqdm=False)
     assert not llm.llm_engine.has_unfinished_requests()
     backend = llm.llm_engine.grammar_backend
@@ -171,9 +172,9 @@ def test_slow_compile_does_not_stall_running_requests(tiny_model_dir, monkeypatc
     release = threading.Event()
     original = GrammarBackend.compile
 
-    def slow_compile(self, params):
+    def slow_compile(self, *args):
         release.wait(30)  # held until the other request has finished
-        return original(self, params)
+        return original(self, *args)
 
     monkeypatch.setattr(GrammarBackend, "compile", slow_compile)
     engine.add_request("plain", [5, 6, 7], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
@@ -202,7 +203,7 @@ def test_failed_compile_ends_only_that_request(tiny_model_dir, monkeypatch):
 
     llm = LLM(tiny_model_dir("llama"), block_size=4)
 
-    def broken(self, params):
+    def broken(self, *args):
         raise RuntimeError("compiler exploded")
 
     monkeypatch.setattr(GrammarBackend, "compile", broken)
@@ -214,8 +215,9 @@ def test_failed_compile_ends_only_that_request(tiny_model_dir, monkeypatch):
     assert not llm.llm_engine.has_unfinished_requests()
 
 
-def test_jump_forward_appends_forced_tokens(tiny_model_dir):
-    llm = LLM(tiny_model_dir("llama"), block_size=4)
+@pytest.mark.parametrize("backend", ["xgrammar", "guidance"])
+def test_jump_forward_appends_forced_tokens(tiny_model_dir, backend):
+    llm = LLM(tiny_model_dir("llama"), block_size=4, structured_outputs_backend=backend)
     engine = llm.llm_engine
     schema = SCHEMAS["nested"]
     params = SamplingParams(temperature=1.0, seed=3, max_tokens=80, structured_outputs=StructuredOutputsParams(
@@ -234,3 +236,33 @@ def test_jump_forward_appends_forced_tokens(tiny_model_dir):
     assert steps < len(c.token_ids)
     tok = llm.get_tokenizer()
     assert c.text == tok.decode(c.token_ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("backend", ["xgrammar", "guidance"])
+def test_matcher_interface_of_both_backends(tiny_model_dir, backend):
+    """The calls the engine makes on a matcher behave alike on both backends: bitmask fill, accept (a refused
+    token changes nothing), rollback, termination on the stop token, jump-forward text."""
+    from frontierlm.structured.backend import GrammarBackend, fill_grammar_bitmask
+
+    llm = LLM(tiny_model_dir("llama"), block_size=4)
+    tok, mc = llm.get_tokenizer(), llm.llm_engine.model_config
+    gb = GrammarBackend(tok, mc.vocab_size, list(mc.eos_token_ids), mode=backend)
+    params = StructuredOutputsParams(json={"type": "object", "properties": {"k": {"enum": ["yes", "no"]}},
+                                           "required": ["k"], "additionalProperties": False})
+    m = gb.matcher(gb.compile_async(params).result())
+    assert gb.served[backend] == 1
+    assert m.find_jump_forward_string().startswith('{"k": "')
+    start = fill_grammar_bitmask([m], mc.vocab_size).clone()
+    brace = tok.encode("{", add_special_tokens=False)[0]
+    assert not m.accept_token(tok.encode("x", add_special_tokens=False)[0])  # refused, state unchanged
+    assert m.accept_token(brace)
+    assert not torch.equal(fill_grammar_bitmask([m], mc.vocab_size), start)
+    m.rollback(1)
+    assert torch.equal(fill_grammar_bitmask([m], mc.vocab_size), start)
+    for t in tok.encode('{"k": "no"}', add_special_tokens=False):
+        assert m.accept_token(t)
+    assert not m.is_terminated()
+    eos = mc.eos_token_ids[0]
+    allowed = fill_grammar_bitmask([m], mc.vocab_size)[0]
+    assert (allowed[eos // 32] >> (eos % 32)) & 1  # only now may the sequence end
+    assert m.accept_token(eos) and m.is_terminated()

@@ -26,13 +26,15 @@ _CONTEXT_TOKENS = 5
 _MAX_CONTEXT_TOKENS = 64
 
 
-def _make_decode(tokenizer) -> Callable[[list[int], bool], str]:
+def _make_decode(tokenizer, spaces_between_special_tokens: bool = True) -> Callable[[list[int], bool], str]:
     backend = getattr(tokenizer, "_tokenizer", None)  # tokenizers.Tokenizer behind a PreTrainedTokenizerFast
     if backend is not None and hasattr(backend, "decode"):
         # Same call transformers' decode makes, minus its Python overhead. clean_up_tokenization_spaces is not
         # applied: it rewrites text non-locally and transformers already skips it for BPE tokenizers.
         return backend.decode
-    return lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+    # Slow (Python) tokenizers honour spaces_between_special_tokens; the Rust decoder above has no such option.
+    return lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False,
+                                              spaces_between_special_tokens=spaces_between_special_tokens)
 
 
 class IncrementalDetokenizer:
@@ -50,8 +52,9 @@ class IncrementalDetokenizer:
     """
 
     def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True,
-                 stop: list[str] | None = None, include_stop_str_in_output: bool = False):
-        self._decode_fn = _make_decode(tokenizer)
+                 stop: list[str] | None = None, include_stop_str_in_output: bool = False,
+                 spaces_between_special_tokens: bool = True):
+        self._decode_fn = _make_decode(tokenizer, spaces_between_special_tokens)
         self.skip_special_tokens = skip_special_tokens
         self.include_stop_str_in_output = include_stop_str_in_output
         self._stops = list(dict.fromkeys(s for s in (stop or ()) if s))  # dedupe, keep order, drop ""

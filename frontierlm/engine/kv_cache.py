@@ -118,8 +118,9 @@ class KVCacheManager:
         return keys
 
     def get_computed_blocks(self, request: Request) -> tuple[list[Block], int]:
-        """Longest cached prefix of full blocks, capped so the last token is always computed."""
-        if not self.enable_prefix_caching:
+        """Longest cached prefix of full blocks, capped so the last token is always computed. Requests asking
+        for prompt_logprobs compute every position (cached ones would have no logits)."""
+        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
             return [], 0
         max_blocks = (request.num_tokens - 1) // self.block_size
         hit: list[Block] = []

@@ -7,7 +7,8 @@ from typing import Iterable
 
 import torch
 
-from frontierlm.config import EngineConfig, ModelConfig
+from frontierlm.compat import check_kwargs
+from frontierlm.config import EngineConfig, ModelConfig, check_attention_backend
 from frontierlm.engine.detokenizer import IncrementalDetokenizer
 from frontierlm.engine.kv_cache import KVCacheManager
 from frontierlm.engine.model_runner import ModelRunner
@@ -16,7 +17,7 @@ from frontierlm.engine.scheduler import Scheduler
 from frontierlm.engine.tokenizer import load_tokenizer
 from frontierlm.logger import init_logger
 from frontierlm.outputs import CompletionOutput, Logprob, RequestOutput
-from frontierlm.sampling_params import SamplingParams
+from frontierlm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = init_logger(__name__)
 
@@ -35,6 +36,8 @@ class _Group:
     # streamed text per sample: grows monotonically and never shows a prefix of a stop string that is cut later
     texts: list[str] = field(default_factory=list)
     num_detokenized: list[int] = field(default_factory=list)  # output tokens already given to each detokenizer
+    sent: list[tuple[int, int]] = field(default_factory=list)  # (text chars, tokens) already sent, for DELTA
+    prompt_logprobs: list | None = None  # built once the prefill has scored every prompt token
 
     @property
     def finished(self) -> bool:
@@ -60,12 +63,14 @@ class LLMEngine:
         self.config = config
         self.model_config = ModelConfig.from_pretrained(config.model, config.torch_dtype, config.load_format)
         mc = self.model_config
+        check_attention_backend(torch.device(config.device), mc.is_mla)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
         if config.max_model_len is not None and config.max_model_len > mc.max_model_len:
             raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's context "
                              f"({mc.max_model_len} tokens, max_position_embeddings)")
         self.max_model_len = config.max_model_len or mc.max_model_len
         self.runner = ModelRunner(config, mc)
+        mc.max_model_len = self.max_model_len  # what vLLM users read as model_config.max_model_len
         num_blocks = self._num_kv_blocks()
         self.runner.allocate_kv_cache(num_blocks)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -86,12 +91,16 @@ class LLMEngine:
         self.startup_report = (
             f"FrontierLM: {mc.architecture} ({mc.dtype}, {self.runner.device}) | KV cache: {num_blocks} blocks x "
             f"{config.block_size} tokens = {num_blocks * config.block_size} tokens, {bpt} bytes/token{mla}, "
-            f"{num_blocks * config.block_size * bpt / 2**30:.2f} GiB | loaded in {time.perf_counter() - t0:.1f}s")
+            f"{num_blocks * config.block_size * bpt / 2**30:.2f} GiB | structured outputs: "
+            f"{config.structured_outputs_backend} | loaded in {time.perf_counter() - t0:.1f}s")
         if self.spec is not None:
             sc = config.speculative_config
             self.startup_report += (f" | speculative decoding: {sc.method}{' ' + sc.model if sc.model else ''}, "
                                     f"K={sc.num_speculative_tokens}{' adaptive' if sc.adaptive else ''}")
         logger.info(self.startup_report)
+
+    def get_tokenizer(self):
+        return self.tokenizer
 
     @classmethod
     def from_engine_args(cls, model: str, **kwargs) -> "LLMEngine":
@@ -156,7 +165,9 @@ class LLMEngine:
         return out
 
     def add_request(self, request_id: str | None, prompt, params: SamplingParams | None = None,
-                    priority: int = 0, arrival_time: float | None = None) -> str:
+                    priority: int = 0, arrival_time: float | None = None, **kwargs) -> str:
+        check_kwargs("add_request", kwargs, ("request_id", "prompt", "params", "priority", "arrival_time"), {"lora_request": None, "tokenization_kwargs": None,
+                                                 "trace_headers": None})
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
@@ -174,6 +185,18 @@ class LLMEngine:
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        keep = params.truncate_prompt_tokens
+        if keep is not None:  # vLLM: keep the last k tokens (-1: as many as the context holds)
+            keep = self.max_model_len if keep == -1 else keep
+            if len(ids) > keep:  # the prompt text shown is then that of the kept tokens
+                ids = ids[-keep:]
+                text = self.tokenizer.decode(ids) if text is not None and self.tokenizer is not None else None
+        if params.allowed_token_ids and max(params.allowed_token_ids) >= vocab:
+            raise ValueError(f"allowed_token_ids contains ids outside the vocabulary [0, {vocab}): "
+                             f"{[t for t in params.allowed_token_ids if t >= vocab][:5]}")
+        procs = self.runner.sampler.logits_processors
+        if procs:
+            procs.validate_params(params)
         max_tokens = self._resolve_max_tokens(len(ids), params)
         bad_words = self._bad_words_ids(params) if params.bad_words else []
         grammar_future = self._compile_grammar(params) if params.structured_outputs is not None else None
@@ -191,10 +214,11 @@ class LLMEngine:
                           bad_words_token_ids=bad_words, grammar_future=grammar_future)
             children.append(req)
             detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop,
-                                                 params.include_stop_str_in_output)
-                          if self.tokenizer is not None else _NoText())
+                                                 params.include_stop_str_in_output,
+                                                 params.spaces_between_special_tokens)
+                          if self.tokenizer is not None and params.detokenize else _NoText())
         group = _Group(request_id, text, ids, children, detoks, [[] for _ in children], [""] * len(children),
-                       [0] * len(children))
+                       [0] * len(children), [(0, 0)] * len(children))
         self.groups[request_id] = group
         for req in children:
             self._child_to_group[req.request_id] = group
@@ -210,7 +234,8 @@ class LLMEngine:
             from frontierlm.structured.backend import GrammarBackend
 
             self.grammar_backend = GrammarBackend(self.tokenizer, self.model_config.vocab_size,
-                                                  list(self.model_config.eos_token_ids))
+                                                  list(self.model_config.eos_token_ids),
+                                                  mode=self.config.structured_outputs_backend)
         return self.grammar_backend.compile_async(params.structured_outputs)
 
     def _resolve_grammars(self) -> list[RequestOutput]:
@@ -288,7 +313,8 @@ class LLMEngine:
             touched[group.request_id] = group
         outputs = failed
         for group in touched.values():
-            outputs.append(self._make_output(group))
+            if group.finished or group.children[0].sampling_params.output_kind != RequestOutputKind.FINAL_ONLY:
+                outputs.append(self._make_output(group))
             if group.finished:
                 self._forget(group)
         if self.spec is not None:  # proposals for the next step
@@ -322,11 +348,25 @@ class LLMEngine:
                 req.stop_reason = detok.stop_str
                 req.status = RequestStatus.FINISHED_STOPPED
         if req.sampling_params.logprobs is not None and req.logprobs:
-            ids, lps, rank = req.logprobs[-1]
-            entry = {ids[0]: Logprob(lps[0], rank, self._decode_one(ids[0]))}
-            for r, (t, lp) in enumerate(zip(ids[1:], lps[1:]), start=1):
-                entry.setdefault(t, Logprob(lp, r, self._decode_one(t)))
-            group.logprobs[idx].append(entry)
+            group.logprobs[idx].append(self._logprob_dict(req.logprobs[-1], req.sampling_params.detokenize))
+
+    def _logprob_dict(self, entry, detokenize: bool) -> dict[int, Logprob]:
+        """(ids, logprobs, rank) -> {token id: Logprob}: the chosen token first, then the top N by rank."""
+        ids, lps, rank = entry
+        decode = self._decode_one if detokenize else (lambda t: None)
+        out = {ids[0]: Logprob(lps[0], rank, decode(ids[0]))}
+        for r, (t, lp) in enumerate(zip(ids[1:], lps[1:]), start=1):
+            out.setdefault(t, Logprob(lp, r, decode(t)))
+        return out
+
+    def _prompt_logprobs(self, group: _Group) -> list | None:
+        first = group.children[0]
+        if first.sampling_params.prompt_logprobs is None:
+            return None
+        if group.prompt_logprobs is None and len(first.prompt_logprobs) >= first.num_prompt_tokens - 1:
+            detok = first.sampling_params.detokenize
+            group.prompt_logprobs = [None] + [self._logprob_dict(e, detok) for e in first.prompt_logprobs]
+        return group.prompt_logprobs
 
     def _jump_forward(self, req: Request) -> None:
         """Append the text the grammar forces next as tokens, without sampling them: the scheduler then computes
@@ -350,17 +390,25 @@ class LLMEngine:
 
     def _make_output(self, group: _Group) -> RequestOutput:
         outs = []
+        delta = group.children[0].sampling_params.output_kind == RequestOutputKind.DELTA
         for i, req in enumerate(group.children):
             params = req.sampling_params
+            text, ids, lps = group.texts[i], list(req.output_token_ids), group.logprobs[i]
+            if delta:  # only what is new since this sample's previous output
+                (t0, k0), group.sent[i] = group.sent[i], (len(text), len(ids))
+                text, ids, lps = text[t0:], ids[k0:], lps[k0:]
             outs.append(CompletionOutput(
-                index=i, text=group.texts[i], token_ids=list(req.output_token_ids),
+                index=i, text=text, token_ids=ids,
                 cumulative_logprob=req.cumulative_logprob if params.logprobs is not None else None,
-                logprobs=list(group.logprobs[i]) if params.logprobs is not None else None,
+                logprobs=list(lps) if params.logprobs is not None else None,
                 finish_reason=req.status.value if req.is_finished else None,
                 stop_reason=req.stop_reason))
         first = group.children[0]
+        prompt_lps = self._prompt_logprobs(group)
+        if delta and prompt_lps is not None:  # sent once, with the first output that has them ([] = sent)
+            prompt_lps, group.prompt_logprobs = (prompt_lps or None), []
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outs, group.finished,
-                             num_cached_tokens=max(first.num_cached_tokens, 0))
+                             num_cached_tokens=max(first.num_cached_tokens, 0), prompt_logprobs=prompt_lps)
 
     def get_stats(self) -> dict:
         return {
@@ -372,6 +420,8 @@ class LLMEngine:
             "prefix_cache_queries": self.kv.prefix_queries,
             "prefix_cache_hits": self.kv.prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions,
+            # structured-output requests per backend since start ({} before the first one)
+            "structured_output_requests": dict(self.grammar_backend.served) if self.grammar_backend else {},
             **({"spec_decode": self.spec.stats.as_dict()} if self.spec is not None else {}),
         }
 

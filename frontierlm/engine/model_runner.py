@@ -8,8 +8,10 @@ import numpy as np
 import torch
 
 from frontierlm.config import EngineConfig, ModelConfig
+from frontierlm.engine.prompt_logprobs import compute_prompt_logprobs
 from frontierlm.engine.scheduler import RunnerOutput, SchedulerOutput
 from frontierlm.layers.attention import AttentionMetadata
+from frontierlm.layers.logits_processor import LogitsProcessors
 from frontierlm.layers.sampler import Sampler
 from frontierlm.models.loader import load_model
 
@@ -20,7 +22,8 @@ class ModelRunner:
         self.model_config = model_config
         self.device = torch.device(config.device)
         self.model = load_model(model_config, self.device, config.load_format, seed=config.seed)
-        self.sampler = Sampler(model_config.vocab_size, seed=config.seed)
+        procs = LogitsProcessors(config.logits_processors, config, self.device) if config.logits_processors else None
+        self.sampler = Sampler(model_config.vocab_size, seed=config.seed, logits_processors=procs)
         self.kv_caches: list[torch.Tensor] = []
         self._pool: ThreadPoolExecutor | None = None  # host work overlapped with the forward (grammar masks)
         self.spec = None  # frontierlm.spec.decoder.SpecDecoder when speculative decoding is on (set by the engine)
@@ -140,6 +143,8 @@ class ModelRunner:
                                                      self.model_config.vocab_size)
         hidden = self.model(self._dev["input_ids"][:num_tokens], self._dev["positions"][:num_tokens], meta)
         result = self._sample(hidden, num_tokens, logits_index, rows, matchers, bitmask_job)
+        if any(s.request.sampling_params.prompt_logprobs is not None for s in sched.scheduled):
+            result.prompt_logprobs = compute_prompt_logprobs(self.model, hidden, sched.scheduled)
         if spec_rows:
             index = torch.tensor(spec_index, dtype=torch.long).to(self.device, non_blocking=True)
             logits = self.model.compute_logits(hidden.index_select(0, index))

@@ -51,6 +51,7 @@ class Request:
     # logprobs of each output token: (ids, logprobs, rank of sampled) rows as host lists
     logprobs: list[tuple[list[int], list[float], int]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
+    prompt_logprobs: list = field(default_factory=list)  # one (ids, logprobs, rank) per prompt token after the first
     first_token_time: float | None = None
     block_keys: list = field(default_factory=list)  # memoized prefix-cache hashes of full blocks (kv_cache.py)
     spec_token_ids: list[int] = field(default_factory=list)  # proposals to verify next step (frontierlm/spec)

@@ -45,6 +45,7 @@ class RunnerOutput:
     spec_accepted: dict[str, list[int]] = field(default_factory=dict)  # accepted proposals, before `sampled`
     logprobs: dict[str, tuple[list[int], list[float], int]] = field(default_factory=dict)
     mirostat_mu: dict[str, float] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list] = field(default_factory=dict)  # engine/prompt_logprobs.py entries
 
 
 class Scheduler:
@@ -154,6 +155,8 @@ class Scheduler:
             accepted = result.spec_accepted.get(request.request_id, [])
             # rejected proposals are wound back: their KV slots are overwritten later, their blocks freed below
             request.num_computed_tokens += s.num_new_tokens - (len(s.spec_token_ids) - len(accepted))
+            if request.request_id in result.prompt_logprobs:
+                request.prompt_logprobs.extend(result.prompt_logprobs[request.request_id])
             token = result.sampled.get(request.request_id)
             if token is None:
                 request.check_invariants()

@@ -1,6 +1,7 @@
 """The batched sampler: logits [B, V] -> one token per row, on the logits' device.
 
-Pipeline (DESIGN.md "Sampling"): logit bias + bans -> grammar bitmask -> penalties -> temperature ->
+Pipeline (DESIGN.md "Sampling"): logit bias + bans -> grammar bitmask -> allowed_token_ids mask + custom
+logits processors (layers/logits_processor.py) -> penalties -> temperature ->
 top-k -> top-p -> min-p -> typical-p (or Mirostat for the rows that ask) -> exponential-race sample -> logprobs.
 Per-row parameters are gathered on the host into small tensors; all [B, V] work is batched tensor ops and
 nothing reads device values back to the host except Mirostat's new mu (it must be returned as floats).
@@ -12,6 +13,7 @@ from typing import Protocol, Sequence
 
 import torch
 
+from frontierlm.layers.logits_processor import LogitsProcessors, apply_allowed_token_ids
 from frontierlm.sampling_params import SamplingParams
 
 MIROSTAT_M = 100  # top probabilities used by Mirostat v1 to estimate the Zipf exponent (paper and llama.cpp)
@@ -40,9 +42,10 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, seed: int | None = None):
+    def __init__(self, vocab_size: int, seed: int | None = None, logits_processors: LogitsProcessors | None = None):
         self.vocab_size = vocab_size
         self.seed = seed
+        self.logits_processors = logits_processors  # custom processors, told about the rows every step
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -65,14 +68,17 @@ class Sampler:
         device = logits.device
         greedy = [p.greedy for p in params]
         old_mu = [_initial_mu(s) for s in states]
+        procs = self.logits_processors
+        if procs:
+            procs.update(states)
 
         # Fast path: nothing can change the argmax and nobody wants logprobs.
         if all(greedy) and not any(_modifies_logits(s, eos_token_ids) or s.sampling_params.logprobs is not None
-                                   for s in states):
+                                   for s in states) and not (procs and not procs.argmax_invariant()):
             return SamplerOutput(logits.argmax(dim=-1), None, None, None, old_mu)
 
         x = logits.to(torch.float32, copy=True)  # never modify the caller's logits
-        mu_t = self._process(x, states, eos_token_ids, old_mu)
+        x, mu_t = self._process(x, states, eos_token_ids, old_mu)
         mu_rows = [i for i, (g, p) in enumerate(zip(greedy, params)) if not g and p.mirostat_mode]
 
         # 10. Sample. The final distribution is softmax(x); masked tokens are -inf there.
@@ -116,16 +122,20 @@ class Sampler:
         distribution __call__ draws from (greedy rows: whose argmax it takes). Speculative verification
         scores proposals against these."""
         x = logits.to(torch.float32, copy=True)
-        self._process(x, states, eos_token_ids, [None] * len(states))
-        return x
+        return self._process(x, states, eos_token_ids, [None] * len(states), logits_processors=False)[0]
 
     def _process(self, x: torch.Tensor, states: Sequence[SamplingState], eos_token_ids: Sequence[int],
-                 old_mu: list[float | None]) -> torch.Tensor | None:
-        """Stages 1-9 on x in place; returns Mirostat rows' current mu (see _truncate)."""
+                 old_mu: list[float | None], logits_processors: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Stages 1-9 on x (in place but for the custom processors); returns (x, Mirostat rows' current mu).
+        The custom processors are stateful per batch row, so speculation (which refuses them) skips them."""
         params = [s.sampling_params for s in states]
         greedy = [p.greedy for p in params]
         self._apply_bias_and_bans(x, states, eos_token_ids)
-        # 2. Grammar bitmask goes here (structured outputs): disallowed tokens -> -inf before penalties.
+        # 2. The grammar bitmask was applied by the runner (structured outputs) before the sampler.
+        # 2b. allowed_token_ids, then the user's logits processors (the documented stage for them).
+        apply_allowed_token_ids(x, states)
+        if logits_processors and self.logits_processors:
+            x = self.logits_processors.apply(x)
         self._apply_penalties(x, states)
 
         # 4. Temperature. Greedy rows keep temperature 1 so their logprobs are of the penalized distribution.
@@ -138,8 +148,8 @@ class Sampler:
         trunc_rows = [i for i, (g, p) in enumerate(zip(greedy, params)) if not g and not p.mirostat_mode and (
             p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 or p.typical_p < 1.0)]
         if mu_rows or trunc_rows:
-            return self._truncate(x, params, trunc_rows, mu_rows, old_mu)
-        return None
+            return x, self._truncate(x, params, trunc_rows, mu_rows, old_mu)
+        return x, None
 
     # ---- 1. bias and bans ---------------------------------------------------------------------------------
     @staticmethod
@@ -270,7 +280,7 @@ def _min_tokens_active(s: SamplingState) -> bool:
 def _modifies_logits(s: SamplingState, eos_token_ids: Sequence[int]) -> bool:
     p = s.sampling_params
     return bool(p.logit_bias or p.banned_token_ids or s.bad_words_token_ids or p.uses_penalties
-                or _min_tokens_active(s))
+                or p.allowed_token_ids or _min_tokens_active(s))
 
 
 def _banned_tokens(s: SamplingState, eos_token_ids: Sequence[int]) -> list[int]:

@@ -109,7 +109,11 @@ def load_weights(model: nn.Module, weight_files: list[str]) -> None:
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     loaded, unexpected = set(), []
     for path in weight_files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own error type for a damaged file
+            raise ValueError(f"cannot read weights file {path}: {e} (truncated or damaged? download it again)") from None
+        with handle as f:
             for name in f.keys():
                 if name.endswith(_SKIP_SUFFIXES) or (tied and name == "lm_head.weight") or skip(name):
                     continue

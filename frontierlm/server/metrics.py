@@ -134,7 +134,12 @@ class ServerMetrics(StatsSink):
                                 lab + ["finished_reason"], registry=r)
         self._failure = Counter(p + "request_failure", "Requests that failed, by reason.", lab + ["reason"],
                                 registry=r)
+        self._structured = Counter(p + "structured_output_requests", "Structured-output requests by the backend "
+                                   "that served them (auto picks guidance where xgrammar cannot enforce).",
+                                   lab + ["backend"], registry=r)
         self.model_name = model_name
+        for backend in ("xgrammar", "guidance"):
+            self._structured.labels(model_name, backend)
         for reason in ("stop", "length"):  # export zeros so dashboards and tests see every series
             self._success.labels(model_name, reason)
         for reason in FAILURE_REASONS:
@@ -163,6 +168,11 @@ class ServerMetrics(StatsSink):
                 if key != "num_preemptions":
                     self.series.add(**{key.replace("cache_", ""): delta})
             self._last[key] = stats[key]
+        for backend, count in stats.get("structured_output_requests", {}).items():
+            last = self._last.get(("structured", backend), 0)
+            if count > last:
+                self._structured.labels(self.model_name, backend).inc(count - last)
+                self._last[("structured", backend)] = count
 
     def on_scheduled(self, queue_time: float) -> None:
         self.queue_time.observe(queue_time)

@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from frontierlm.sampling_params import SamplingParams, StructuredOutputsParams
+from frontierlm.sampling_params import SamplingParams, StructuredOutputsParams, warn_deprecated
 
 
 # Server-side bounds that keep one request from holding too much (vLLM's defaults: max_logprobs=20; OpenAI: n<=128)
@@ -78,6 +78,11 @@ class _SamplingFields(_Strict):
     structured_outputs: Optional[dict] = None
     grammar: Optional[str] = None
     json_schema: Optional[dict] = None
+    # vLLM's older names (deprecated): aliases of structured_outputs' json / regex / choice / grammar
+    guided_json: Optional[Union[dict, str]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -123,8 +128,14 @@ class _SamplingFields(_Strict):
             asked.append(StructuredOutputsParams(grammar=self.grammar))
         if self.json_schema is not None:
             asked.append(StructuredOutputsParams(json=self.json_schema))
+        for kind in ("json", "regex", "choice", "grammar"):
+            value = getattr(self, f"guided_{kind}")
+            if value is not None:
+                warn_deprecated(f"the request field guided_{kind}", f"structured_outputs.{kind}")
+                asked.append(StructuredOutputsParams(**{kind: value}))
         if len(asked) > 1:
-            raise ValueError("give only one of response_format, structured_outputs, grammar and json_schema")
+            raise ValueError("give only one of response_format, structured_outputs, grammar, json_schema and "
+                             "guided_json / guided_regex / guided_choice / guided_grammar")
         return asked[0] if asked else None
 
 

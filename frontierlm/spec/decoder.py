@@ -77,6 +77,8 @@ def build_proposer(cfg: SpeculativeConfig, engine):
 
 class SpecDecoder:
     def __init__(self, cfg: SpeculativeConfig, engine):
+        if engine.config.logits_processors:  # stateful per batch row: verification rows would confuse them
+            raise ValueError("speculative_config cannot be combined with logits_processors yet")
         self.config = cfg
         self.proposer = build_proposer(cfg, engine)
         self.adaptive = AdaptiveK(cfg.num_speculative_tokens, cfg.adaptive)

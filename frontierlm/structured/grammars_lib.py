@@ -28,26 +28,15 @@ def compiler_message(e: Exception) -> str:
     return re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", str(e)).strip()
 
 
-def compile_for_check(grammar: str | None = None, json_schema: str | None = None):
-    """A compiled grammar with an empty vocabulary: texts are matched character by character."""
-    import xgrammar as xgr
+def compile_for_check(grammar: str | None = None, json_schema: str | None = None, backend: str = "auto"):
+    """A checker for texts (matched character by character), built through the normalisation and backend choice
+    a request gets; a ValueError naming what does not compile."""
+    from frontierlm.structured.backend import checker
 
-    try:
-        g = xgr.Grammar.from_json_schema(json_schema) if json_schema is not None else \
-            xgr.Grammar.from_ebnf(resolve_grammar(grammar))
-    except (RuntimeError, ValueError) as e:
-        raise ValueError(f"{'schema' if json_schema is not None else 'grammar'} does not compile: "
-                         f"{compiler_message(e)}") from None
-    return xgr.GrammarCompiler(xgr.TokenizerInfo([]), cache_enabled=False).compile_grammar(g)
+    return checker(json_schema if json_schema is not None else grammar, json_schema is not None, backend)
 
 
-def check_text(compiled, text: str) -> tuple[bool, int | None]:
+def check_text(checker, text: str) -> tuple[bool, int | None]:
     """(accepted, None) or (False, position of the first character the grammar cannot take; len(text) when the
     text is a valid but unfinished prefix)."""
-    import xgrammar as xgr
-
-    matcher = xgr.GrammarMatcher(compiled, terminate_without_stop_token=True)
-    for i, ch in enumerate(text):
-        if not matcher.accept_string(ch):
-            return False, i
-    return (True, None) if matcher.is_completed() else (False, len(text))
+    return checker(text)
