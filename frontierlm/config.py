@@ -35,6 +35,7 @@ class EngineConfig:
     enforce_eager: bool = False  # True: no compiled / CUDA-graphed decode step (engine/fast_decode.py)
     # custom logits processors (classes or "module:Class" / "module.Class" names), vLLM v1's interface
     logits_processors: list = field(default_factory=list)
+    speculative_config: dict | None = None  # frontierlm/spec/config.py: {"method", "num_speculative_tokens", ...}
 
     def __post_init__(self):
         def positive(name):
@@ -57,6 +58,10 @@ class EngineConfig:
                              f"{self.structured_outputs_backend!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.speculative_config is not None:
+            from frontierlm.spec.config import SpeculativeConfig
+
+            self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
         if not isinstance(self.tensor_parallel_size, int) or isinstance(self.tensor_parallel_size, bool) \
                 or self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
