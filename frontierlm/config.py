@@ -32,7 +32,7 @@ class EngineConfig:
     structured_outputs_backend: str = "auto"  # "xgrammar", "guidance" (llguidance), or auto: per constraint
     tensor_parallel_size: int = 1  # only 1 today: anything else is refused
     trust_remote_code: bool = False  # accepted for vLLM scripts; no model code is ever loaded from a checkpoint
-    enforce_eager: bool = False  # accepted for vLLM scripts; the engine always runs eagerly (no CUDA graphs yet)
+    enforce_eager: bool = False  # True: no compiled / CUDA-graphed decode step (engine/fast_decode.py)
     # custom logits processors (classes or "module:Class" / "module.Class" names), vLLM v1's interface
     logits_processors: list = field(default_factory=list)
     speculative_config: dict | None = None  # frontierlm/spec/config.py: {"method", "num_speculative_tokens", ...}

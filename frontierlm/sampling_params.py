@@ -77,9 +77,11 @@ class StructuredOutputsParams:
     regex: str | None = None
     choice: list[str] | None = None
     json_object: bool | None = None
+    # xgrammar's structural tag as JSON (vLLM's field): tagged regions, e.g. tool calls, each under its own schema
+    structural_tag: str | None = None
     jump_forward: bool = False  # append tokens the grammar forces without sampling them
 
-    _KINDS = ("json", "grammar", "regex", "choice", "json_object")
+    _KINDS = ("json", "grammar", "regex", "choice", "json_object", "structural_tag")
 
     def __post_init__(self):
         # json_object=False means "not asked", like leaving it None.
@@ -88,7 +90,8 @@ class StructuredOutputsParams:
         if not isinstance(self.jump_forward, bool):
             raise ValueError(f"jump_forward must be a bool, got {self.jump_forward!r}")
         if len(set_fields) != 1:
-            raise ValueError("structured_outputs: exactly one of json, grammar, regex, choice, json_object must be "
+            raise ValueError("structured_outputs: exactly one of json, grammar, regex, choice, json_object, "
+                             "structural_tag must be "
                              f"set, got {set_fields or 'none'}")
         if self.json is not None:
             if isinstance(self.json, str):
@@ -100,7 +103,7 @@ class StructuredOutputsParams:
                 schema = self.json
             if not isinstance(schema, dict):
                 raise ValueError(f"json must be a JSON schema object (dict or JSON string), got {self.json!r}")
-        for name in ("grammar", "regex"):
+        for name in ("grammar", "regex", "structural_tag"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, str) or not v):
                 raise ValueError(f"{name} must be a non-empty string, got {v!r}")

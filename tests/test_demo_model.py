@@ -80,3 +80,15 @@ def test_generate_without_a_model_uses_the_demo(capsys):
     expected = LLM().generate(["The class statement"], SamplingParams(max_tokens=12, temperature=0),
                               use_tqdm=False)[0].outputs[0].text
     assert out["outputs"][0]["text"] == expected and len(expected.strip()) > 0
+
+
+def test_expert_load_leaves_out_the_mtp_module_and_uses_layer_numbers():
+    """Layer 0 is dense (first_k_dense_replace=1), 1-3 are MoE; the MTP module (layers.4) never runs in a
+    forward pass, so it has no row, on the dashboard or in /metrics."""
+    llm = LLM(None, block_size=16)
+    engine = llm.llm_engine
+    assert engine.runner.model.num_mtp_layers == 1
+    llm.generate(["The class statement"], SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)
+    assert engine.expert_layers() == [1, 2, 3]
+    load = engine.expert_load()
+    assert len(load) == 3 and all(sum(row) > 0 for row in load)

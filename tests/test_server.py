@@ -13,7 +13,7 @@ MODEL = "tiny"
 
 
 class LiveServer:
-    def __init__(self, model_dir, max_queue=None, request_timeout=None, **engine_kwargs):
+    def __init__(self, model_dir, max_queue=None, request_timeout=None, options=None, **engine_kwargs):
         import uvicorn
 
         from frontierlm.engine.async_engine import AsyncEngine
@@ -21,7 +21,8 @@ class LiveServer:
         from frontierlm.server.api import build_app
 
         self.engine = AsyncEngine(lambda: LLMEngine.from_engine_args(model_dir, **engine_kwargs)).start()
-        self.app = build_app(self.engine, MODEL, max_queue=max_queue, request_timeout=request_timeout)
+        self.app = build_app(self.engine, MODEL, max_queue=max_queue, request_timeout=request_timeout,
+                             options=options)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]

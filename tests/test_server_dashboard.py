@@ -114,16 +114,19 @@ def moe_server(tiny_model_dir):
 
 
 def test_moe_expert_load_state_and_metrics(moe_server):
-    load = moe_server.state()["expert_load"]
+    state = moe_server.state()
+    load = state["expert_load"]
     assert len(load) == 2 and all(len(row) == 8 for row in load)
     top_k = 2
     assert [sum(row) for row in load] == [moe_server.routed_tokens * top_k] * 2
+    moe_layers = [0, 2]  # the model's own numbers: layer 1 is dense (mlp_only_layers=[1])
+    assert state["expert_layers"] == moe_layers
 
     tokens, imbalance = _moe_series(moe_server.url)
-    assert sorted(tokens) == [(layer, expert) for layer in range(2) for expert in range(8)]
-    assert [[tokens[layer, e] for e in range(8)] for layer in range(2)] == load  # nothing ran in between
-    assert sorted(imbalance) == [0, 1]
-    for layer, row in enumerate(load):
+    assert sorted(tokens) == [(layer, expert) for layer in moe_layers for expert in range(8)]
+    assert [[tokens[layer, e] for e in range(8)] for layer in moe_layers] == load  # nothing ran in between
+    assert sorted(imbalance) == moe_layers
+    for layer, row in zip(moe_layers, load):
         assert imbalance[layer] == pytest.approx(max(row) / (sum(row) / len(row)))
         assert imbalance[layer] >= 1.0
     text = httpx.get(moe_server.url + "/metrics").text

@@ -62,6 +62,11 @@ class LLMEngine:
         t0 = time.perf_counter()
         self.config = config
         self.model_config = ModelConfig.from_pretrained(config.model, config.torch_dtype, config.load_format)
+        dtype_reason = "as requested"
+        if config.dtype == "auto":  # the checkpoint's, unless this CPU computes it slowly (engine/dtype_policy.py)
+            from frontierlm.engine.dtype_policy import choose_dtype
+
+            self.model_config.dtype, dtype_reason = choose_dtype(self.model_config.dtype, torch.device(config.device))
         mc = self.model_config
         check_attention_backend(torch.device(config.device), mc.is_mla)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
@@ -92,7 +97,9 @@ class LLMEngine:
             f"FrontierLM: {mc.architecture} ({mc.dtype}, {self.runner.device}) | KV cache: {num_blocks} blocks x "
             f"{config.block_size} tokens = {num_blocks * config.block_size} tokens, {bpt} bytes/token{mla}, "
             f"{num_blocks * config.block_size * bpt / 2**30:.2f} GiB | structured outputs: "
-            f"{config.structured_outputs_backend} | loaded in {time.perf_counter() - t0:.1f}s")
+            f"{config.structured_outputs_backend} | loaded in {time.perf_counter() - t0:.1f}s"
+            f" | dtype {mc.dtype}: {dtype_reason} | "
+            + (self.runner.fast_decode.describe() if self.runner.fast_decode else "decode: eager (enforce_eager)"))
         if self.spec is not None:
             sc = config.speculative_config
             self.startup_report += (f" | speculative decoding: {sc.method}{' ' + sc.model if sc.model else ''}, "
@@ -434,4 +441,8 @@ class LLMEngine:
         Counted on the device every forward; this is the one copy to the host, so call it when you need it
         rather than every step."""
         return self.runner.model.expert_load()
+
+    def expert_layers(self) -> list[int]:
+        """The model's own layer number of each row of expert_load() (dense layers and MTP modules skipped)."""
+        return self.runner.model.expert_layers()
 

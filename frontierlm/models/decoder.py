@@ -28,6 +28,9 @@ class DecoderLayer(nn.Module):
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(x, cos_sin, rotary, plan)
         x, residual = self.post_attention_layernorm(x, residual)
+        real_rows = getattr(plan, "real_rows", None)  # padded decode step: MoE counts only real tokens
+        if real_rows is not None and getattr(self.mlp, "counts_rows", False):
+            return self.mlp(x, real_rows), residual
         return self.mlp(x), residual
 
 
@@ -71,10 +74,21 @@ class CausalLM(nn.Module):
             m.bind_kv_cache(cache)
 
     # ---- MoE expert-load statistics -----------------------------------------------------------------
+    def _moe_layers(self) -> list[tuple[int, nn.Module]]:
+        """(the model's own layer number, counting module) of each MoE layer of the main stack. DeepSeek-V3's
+        MTP modules sit after it in `model.layers` and are left out: they are not layers of the model's
+        forward pass, and their routers never see the tokens the main layers count."""
+        layers = self.model.layers[:getattr(self.model, "num_layers", len(self.model.layers))]
+        return [(i, m) for i, layer in enumerate(layers) for m in layer.modules() if hasattr(m, "expert_counts")]
+
     def expert_load(self) -> list[list[int]]:
-        """Tokens routed to each expert, per MoE layer, since the last reset (one host copy)."""
-        counts = [m.expert_counts for m in self.modules() if hasattr(m, "expert_counts")]
+        """Tokens routed to each expert, per MoE layer of the main stack, since the last reset (one host copy)."""
+        counts = [m.expert_counts for _, m in self._moe_layers()]
         return [c.tolist() for c in torch.stack(counts).cpu()] if counts else []
+
+    def expert_layers(self) -> list[int]:
+        """The layer number (the checkpoint's `model.layers.{i}`) of each row of expert_load()."""
+        return [i for i, _ in self._moe_layers()]
 
     def reset_expert_load(self) -> None:
         for m in self.modules():

@@ -12,9 +12,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import frontierlm
 from frontierlm.engine.async_engine import AsyncEngine, EngineDeadError
 from frontierlm.logger import init_logger
-from frontierlm.server import dashboard
+from frontierlm.server import dashboard, responses, routes
 from frontierlm.server.errors import APIError
 from frontierlm.server.metrics import ServerMetrics
+from frontierlm.server.options import ServeOptions
 from frontierlm.server.protocol import ChatCompletionRequest, CompletionRequest
 from frontierlm.server.serving import ServerContext, create_chat_completion, create_completion
 
@@ -32,12 +33,16 @@ def _validation_error(exc: RequestValidationError) -> APIError:
 
 
 def build_app(async_engine: AsyncEngine, served_model_name: str, max_queue: int | None = None,
-              request_timeout: float | None = None) -> FastAPI:
-    """App around a started AsyncEngine (the model may still be loading: /health answers 503 until ready)."""
+              request_timeout: float | None = None, options: ServeOptions | None = None) -> FastAPI:
+    """App around a started AsyncEngine (the model may still be loading: /health answers 503 until ready).
+    `options` carries the serve flags that shape requests (more served names, chat template, tools...)."""
+    options = options or ServeOptions()
+    names = options.served_model_names = options.served_model_names or [served_model_name]
+    served_model_name = names[0]
     metrics = async_engine.stats
     if not isinstance(metrics, ServerMetrics):
         metrics = async_engine.stats = ServerMetrics(served_model_name)
-    ctx = ServerContext(async_engine, served_model_name, max_queue, request_timeout, None, metrics)
+    ctx = ServerContext(async_engine, served_model_name, max_queue, request_timeout, None, metrics, options=options)
     app = FastAPI(title="FrontierLM", version=frontierlm.__version__)
     app.state.ctx = ctx
     tokenizer_lock = asyncio.Lock()
@@ -60,9 +65,9 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, max_queue: int 
         return ctx
 
     def check_model(name: str | None) -> None:
-        if name is not None and name != served_model_name:
-            raise APIError(400, f"model {name!r} does not exist; this server serves {served_model_name!r}",
-                           param="model", code="model_not_found")
+        if name is not None and name not in names:
+            raise APIError(400, f"model {name!r} does not exist; this server serves "
+                           f"{', '.join(map(repr, names))}", param="model", code="model_not_found")
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -100,9 +105,7 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, max_queue: int 
     @app.get("/v1/models")
     async def models():
         c = await ready_context()
-        return {"object": "list", "data": [{
-            "id": served_model_name, "object": "model", "created": int(time.time()), "owned_by": "frontierlm",
-            "root": c.engine.engine.config.model, "max_model_len": c.engine.engine.max_model_len}]}
+        return {"object": "list", "data": [model_card(c, name) for name in names]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request):
@@ -121,4 +124,11 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, max_queue: int 
         return Response(data, media_type=content_type)
 
     dashboard.add_routes(app, ctx)
+    routes.add_routes(app, ctx, ready_context, check_model)
+    responses.add_routes(app, ctx, ready_context, check_model)
     return app
+
+
+def model_card(ctx: ServerContext, name: str) -> dict:
+    return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "frontierlm",
+            "root": ctx.engine.engine.config.model, "max_model_len": ctx.engine.engine.max_model_len}

@@ -31,7 +31,8 @@ def snapshot(engine) -> dict:
             "waiting": [_request_row(r, now) for r in sched.waiting],
             "max_model_len": engine.max_model_len,
             # MoE: tokens per expert per MoE layer ([] for dense models); one device-to-host copy per poll
-            "expert_load": engine.expert_load()}
+            "expert_load": engine.expert_load(),
+            "expert_layers": engine.expert_layers()}  # the model's own layer number of each row
 
 
 def add_routes(app: FastAPI, ctx) -> None:
@@ -39,7 +40,7 @@ def add_routes(app: FastAPI, ctx) -> None:
     async def state():
         # shielded: a client that goes away must not cancel the command queued on the engine thread
         snap = await asyncio.shield(ctx.engine.call(snapshot)) if ctx.engine.is_ready else {
-            "blocks": "", "running": [], "waiting": [], "stats": {}, "expert_load": []}
+            "blocks": "", "running": [], "waiting": [], "stats": {}, "expert_load": [], "expert_layers": []}
         snap["model"] = ctx.served_model_name
         snap["series"] = ctx.metrics.recent_series() if hasattr(ctx.metrics, "recent_series") else {}
         return snap

@@ -50,10 +50,14 @@ def run_server(args) -> int:
     from frontierlm.server.api import build_app
     from frontierlm.server.metrics import ServerMetrics
 
+    from frontierlm.server.args import check_serve_args
+
+    check_serve_args(args)
     config = cli_args.engine_config(args)  # validates the flags before anything starts
-    name = args.served_model_name or args.model
+    options = serve_options(args)
+    name = options.served_model_names[0]
     engine = AsyncEngine(lambda: LLMEngine(config), ServerMetrics(name)).start()
-    app = build_app(engine, name, args.max_queue, args.request_timeout)
+    app = build_app(engine, name, args.max_queue, args.request_timeout, options=options)
     server = GracefulServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                            timeout_graceful_shutdown=5), engine, app.state.ctx, args.shutdown_grace)
 
@@ -62,6 +66,13 @@ def run_server(args) -> int:
             engine.wait_ready()
         except BaseException:
             server.should_exit = True
+            return
+        while not server.started and not server.should_exit:
+            time.sleep(0.05)
+        if server.started:  # after uvicorn's own line: now requests are served
+            host = f"[{args.host}]" if ":" in args.host else args.host
+            print(f"ready: serving {', '.join(options.served_model_names)} at http://{host}:{args.port}/v1",
+                  flush=True)
 
     threading.Thread(target=watch_load, daemon=True).start()
     server.run()
@@ -69,3 +80,18 @@ def run_server(args) -> int:
     if engine.load_error is not None:
         raise ValueError(f"the model failed to load: {engine.load_error}")
     return 0
+
+
+def serve_options(args):
+    """The request-shaping flags, checked before the model loads (a bad one exits with one line)."""
+    from frontierlm.server import tools
+    from frontierlm.server.options import ServeOptions, generation_defaults, load_chat_template
+
+    typed = getattr(args, "model_as_typed", args.model)
+    return ServeOptions(
+        served_model_names=args.served_model_name or [typed if typed is not None else "demo"],
+        chat_template=load_chat_template(args.chat_template),
+        tool_parser=tools.get_parser(args.tool_call_parser).names[0] if args.tool_call_parser else None,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        sampling_defaults=generation_defaults(args.generation_config, args.model),
+        max_logprobs=args.max_logprobs, log_requests=not args.disable_log_requests)

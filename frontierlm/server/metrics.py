@@ -75,8 +75,8 @@ def expert_imbalance(counts: list[int]) -> float:
 
 class _MoECollector:
     """frontierlm:moe_expert_tokens_total{layer, expert} and frontierlm:moe_expert_imbalance{layer}, built at
-    scrape time from ServerMetrics.expert_load (nothing for dense models). `layer` is the index among the
-    model's MoE layers, in model order (dense layers are skipped), as LLMEngine.expert_load() returns them."""
+    scrape time from ServerMetrics.expert_snapshot (nothing for dense models). `layer` is the model's own layer
+    number (LLMEngine.expert_layers(): dense layers and DeepSeek-V3's MTP modules have no series)."""
 
     def __init__(self, metrics: "ServerMetrics"):
         self.metrics = metrics
@@ -85,7 +85,8 @@ class _MoECollector:
         return []  # the series come and go with the model; nothing to reserve in the registry
 
     def collect(self):
-        load, name = self.metrics.expert_load, self.metrics.model_name  # one read of a replaced-whole list
+        # one read of a replaced-whole tuple
+        (layers, load), name = self.metrics.expert_snapshot, self.metrics.model_name
         if not load:
             return
         tokens = CounterMetricFamily("frontierlm:moe_expert_tokens", "Tokens routed to each expert of each MoE "
@@ -94,7 +95,7 @@ class _MoECollector:
         imbalance = GaugeMetricFamily("frontierlm:moe_expert_imbalance", "Max / mean tokens per expert of each "
                                       "MoE layer (1 = balanced, 0 before any token).",
                                       labels=["model_name", "layer"])
-        for layer, counts in enumerate(load):
+        for layer, counts in zip(layers, load):
             for expert, n in enumerate(counts):
                 tokens.add_metric([name, str(layer), str(expert)], n)
             imbalance.add_metric([name, str(layer)], expert_imbalance(counts))
@@ -146,8 +147,8 @@ class ServerMetrics(StatsSink):
             self._failure.labels(model_name, reason)
         self._last = {"prefix_cache_queries": 0, "prefix_cache_hits": 0, "num_preemptions": 0}
         self.series = _Series()
-        # MoE expert load: the last snapshot of LLMEngine.expert_load(), exported by _MoECollector.
-        self.expert_load: list[list[int]] = []
+        # MoE expert load: the last (expert_layers(), expert_load()) of the engine, exported by _MoECollector.
+        self.expert_snapshot: tuple[list[int], list[list[int]]] = ([], [])  # (layer numbers, rows)
         self._dense = False  # set once a snapshot comes back empty: dense models skip the engine round trip
         self.registry.register(_MoECollector(self))
         self.spec_stats: dict | None = None  # the engine's speculative-decoding counters (frontierlm/spec)
@@ -206,7 +207,7 @@ class ServerMetrics(StatsSink):
 
         Safety: the engine is not thread-safe and expert_load() copies counters off the device, so it runs on
         the engine thread between steps (AsyncEngine.call, as the dashboard's snapshot does), once per scrape
-        and never per step. The result replaces self.expert_load whole, so the collector, which only reads that
+        and never per step. The result replaces self.expert_snapshot whole, so the collector, which only reads that
         attribute, never sees a half-written value. The call is shielded: cancelling the scrape (timeout, client
         gone) must not cancel the engine command. A busy, loading or dead engine leaves the last snapshot."""
         if not async_engine.is_ready or async_engine.dead is not None:
@@ -214,12 +215,13 @@ class ServerMetrics(StatsSink):
         if self._dense:
             return
         try:
-            fut = asyncio.ensure_future(async_engine.call(lambda engine: engine.expert_load()))
-            load = await asyncio.wait_for(asyncio.shield(fut), timeout)
+            fut = asyncio.ensure_future(async_engine.call(
+                lambda engine: (engine.expert_layers(), engine.expert_load())))
+            snapshot = await asyncio.wait_for(asyncio.shield(fut), timeout)
         except Exception:  # noqa: BLE001 - a scrape must answer; the next one retries
             return
-        self._dense = not load
-        self.expert_load = load
+        self._dense = not snapshot[1]
+        self.expert_snapshot = snapshot
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

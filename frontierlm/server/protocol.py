@@ -12,6 +12,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from frontierlm.sampling_params import SamplingParams, StructuredOutputsParams, warn_deprecated
+from frontierlm.server.tools.protocol import Tool, ToolCall, ToolChoice
 
 
 # Server-side bounds that keep one request from holding too much (vLLM's defaults: max_logprobs=20; OpenAI: n<=128)
@@ -92,14 +93,16 @@ class _SamplingFields(_Strict):
             data.pop("extra_body")
         if isinstance(data, dict):
             # unknown fields are ignored, but these change what the client expects back: refuse them loudly
-            if data.get("tools") or data.get("functions"):
-                raise ValueError("tools and functions are not supported yet")
+            if data.get("functions") or data.get("function_call"):
+                raise ValueError("functions and function_call are not supported: send tools and tool_choice")
         return data
 
-    def _sampling_kwargs(self) -> dict:
+    def _sampling_kwargs(self, defaults: dict | None = None) -> dict:
+        """defaults: the model's generation_config sampling values, for the fields this request leaves unset."""
         if self.n > MAX_N:
             raise ValueError(f"n must be <= {MAX_N}, got {self.n}")
-        kw = {k: getattr(self, k) for k in PASSTHROUGH if getattr(self, k) is not None}
+        kw = {k: v for k, v in (defaults or {}).items() if k != "max_tokens"}
+        kw.update({k: getattr(self, k) for k in PASSTHROUGH if getattr(self, k) is not None})
         constraint = self._structured_outputs()
         if constraint is not None:
             kw["structured_outputs"] = constraint
@@ -139,9 +142,19 @@ class _SamplingFields(_Strict):
         return asked[0] if asked else None
 
 
-def _check_logprobs(name: str, v: int | None) -> None:
-    if v is not None and not 0 <= v <= MAX_LOGPROBS:
-        raise ValueError(f"{name} must be between 0 and {MAX_LOGPROBS}, got {v}")
+def _check_logprobs(name: str, v: int | None, limit: int = MAX_LOGPROBS) -> None:
+    if v is not None and not 0 <= v <= limit:
+        raise ValueError(f"{name} must be between 0 and {limit} (--max-logprobs), got {v}")
+
+
+def _default_max_tokens(req, fields: tuple, defaults: dict | None):
+    """The request's max_tokens, else generation_config's max_new_tokens, else the endpoint's default."""
+    for f in fields:
+        if getattr(req, f) is not None and f in req.model_fields_set:
+            return getattr(req, f)
+    if defaults and "max_tokens" in defaults:
+        return defaults["max_tokens"]
+    return next((getattr(req, f) for f in fields if getattr(req, f) is not None), None)
 
 
 class CompletionRequest(_SamplingFields):
@@ -158,10 +171,17 @@ class CompletionRequest(_SamplingFields):
             return [p]
         return list(p)
 
-    def sampling_params(self) -> SamplingParams:
-        kw = self._sampling_kwargs()
-        kw["max_tokens"] = self.max_tokens
-        _check_logprobs("logprobs", self.logprobs)
+    @model_validator(mode="before")
+    @classmethod
+    def _no_tools(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("tools"):
+            raise ValueError("tools are accepted on /v1/chat/completions, not /v1/completions")
+        return data
+
+    def sampling_params(self, defaults: dict | None = None, max_logprobs: int = MAX_LOGPROBS) -> SamplingParams:
+        kw = self._sampling_kwargs(defaults)
+        kw["max_tokens"] = _default_max_tokens(self, ("max_tokens",), defaults)
+        _check_logprobs("logprobs", self.logprobs, max_logprobs)
         if self.logprobs is not None:
             kw["logprobs"] = self.logprobs
         return SamplingParams(**kw)
@@ -176,6 +196,18 @@ class ChatMessage(_Strict):
     role: str
     content: Optional[Union[str, list[TextPart]]] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None  # an assistant turn that called tools
+    tool_call_id: Optional[str] = None           # a tool turn: the call it answers
+
+    def template_dict(self) -> dict:
+        """The message as chat templates read it (HF's convention, arguments as a mapping)."""
+        d = {"role": self.role, "content": self.text()}
+        for key in ("name", "tool_call_id"):
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
+        if self.tool_calls:
+            d["tool_calls"] = [c.template_dict() for c in self.tool_calls]
+        return d
 
     def text(self) -> str:
         if self.content is None:
@@ -192,12 +224,15 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: Optional[int] = None
     add_generation_prompt: bool = True
+    tools: Optional[list[Tool]] = None
+    tool_choice: Optional[ToolChoice] = None
+    parallel_tool_calls: Optional[bool] = None
 
-    def sampling_params(self) -> SamplingParams:
-        kw = self._sampling_kwargs()
+    def sampling_params(self, defaults: dict | None = None, max_logprobs: int = MAX_LOGPROBS) -> SamplingParams:
+        kw = self._sampling_kwargs(defaults)
         # max_completion_tokens is OpenAI's newer name; it wins when both are given
-        kw["max_tokens"] = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        _check_logprobs("top_logprobs", self.top_logprobs)
+        kw["max_tokens"] = _default_max_tokens(self, ("max_completion_tokens", "max_tokens"), defaults)
+        _check_logprobs("top_logprobs", self.top_logprobs, max_logprobs)
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         if self.logprobs:

@@ -8,16 +8,22 @@ import asyncio
 import contextlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from frontierlm.engine.async_engine import AsyncEngine, RequestAborted
+from frontierlm.logger import init_logger
 from frontierlm.outputs import RequestOutput
 from frontierlm.server.errors import APIError
+from frontierlm.server.options import ServeOptions
 from frontierlm.server.protocol import ChatCompletionRequest, CompletionRequest, now, random_id, usage
+from frontierlm.server.tools import ToolStreamer, plan_tools
+from frontierlm.server.tools.plan import call_id, tool_call_json
+
+logger = init_logger(__name__)
 
 
 @dataclass
@@ -29,6 +35,7 @@ class ServerContext:
     tokenizer: object
     metrics: object
     shutting_down: bool = False
+    options: ServeOptions = field(default_factory=ServeOptions)
 
 
 async def _merge(engine: AsyncEngine, tracks, deadline: float | None) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -139,6 +146,12 @@ async def _admit(ctx: ServerContext, prompts: list, params, priority: int, prefi
         for t in tracks:  # siblings of a rejected prompt: not failures of their own
             ctx.engine.abort(t.request_id, None)
         raise APIError.from_value_error(e) from None
+    if ctx.options.log_requests:
+        so = params.structured_outputs
+        constraint = next((k for k in so._KINDS if getattr(so, k) not in (None, False)), None) if so else None
+        logger.info("request %s: prompt tokens %s, n=%d, max_tokens=%s, temperature=%g, constraint=%s", prefix,
+                    [len(p["prompt_token_ids"]) for p in prompts], params.n, params.max_tokens, params.temperature,
+                    constraint)
     return tracks
 
 
@@ -190,7 +203,7 @@ def _abort_error(ctx: ServerContext, e: RequestAborted) -> APIError:
 async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: HTTPRequest):
     if req.echo or req.suffix is not None or (req.best_of is not None and req.best_of != req.n):
         raise APIError(400, "echo, suffix and best_of != n are not supported", param="echo")
-    params = APIError.wrap(req.sampling_params)
+    params = APIError.wrap(lambda: req.sampling_params(ctx.options.sampling_defaults, ctx.options.max_logprobs))
     prompts = req.prompts()
     if not prompts:
         raise APIError(400, "prompt is empty", param="prompt")
@@ -223,13 +236,28 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: HTT
 
 
 async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest, raw: HTTPRequest):
-    tok = ctx.tokenizer
-    if tok is None or not getattr(tok, "chat_template", None):
-        raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
-    params = APIError.wrap(req.sampling_params)
-    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    tok, opts = ctx.tokenizer, ctx.options
+    template = opts.chat_template or getattr(tok, "chat_template", None)
+    if tok is None or not template:
+        raise APIError(400, "this model has no chat template; use /v1/completions or serve with --chat-template",
+                       param="messages")
+    params = APIError.wrap(lambda: req.sampling_params(opts.sampling_defaults, opts.max_logprobs))
+    plan = APIError.wrap(lambda: plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls,
+                                            parser_name=opts.tool_parser, enable_auto=opts.enable_auto_tool_choice,
+                                            chat_template=template))
+    if plan is not None and plan.mode != "none":
+        if params.structured_outputs is not None:
+            raise APIError(400, "give tools or a structured output (response_format, structured_outputs, "
+                           "grammar, json_schema), not both", param="tools")
+        params.structured_outputs = plan.structured_outputs()
+    else:
+        plan = None  # tool_choice "none": the template still shows the tools, the output is plain text
+    messages = [m.template_dict() for m in req.messages]
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     try:
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=req.add_generation_prompt)
+        text = tok.apply_chat_template(messages, tools=tools, tokenize=False,
+                                       add_generation_prompt=req.add_generation_prompt,
+                                       chat_template=opts.chat_template)
     except Exception as e:  # jinja errors (e.g. a role the template rejects)
         raise APIError(400, f"chat template failed: {e}", param="messages") from None
     encoded = {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
@@ -239,19 +267,41 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     n_lp = params.logprobs
     num_prompt = len(encoded["prompt_token_ids"])
 
+    def message(c) -> tuple[dict, str | None]:
+        if plan is None:
+            return {"role": "assistant", "content": c.text}, c.finish_reason
+        content, calls = plan.split(c.text, final=True)
+        msg = {"role": "assistant", "content": content or None}
+        if calls:
+            msg["tool_calls"] = [tool_call_json(call, call_id()) for call in calls]
+        return msg, plan.finish_reason(calls, c.finish_reason)
+
     if not req.stream:
         try:
             (out,) = await _collect(ctx, raw, tracks)
         except RequestAborted as e:
             raise _abort_error(ctx, e) from None
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": chat_logprobs(c.logprobs or [], n_lp) if n_lp is not None else None,
-                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in out.outputs]
+        choices = []
+        for c in out.outputs:
+            msg, finish = message(c)
+            choices.append({"index": c.index, "message": msg,
+                            "logprobs": chat_logprobs(c.logprobs or [], n_lp) if n_lp is not None else None,
+                            "finish_reason": finish, "stop_reason": c.stop_reason})
         gen = sum(len(c.token_ids) for c in out.outputs)
         return JSONResponse({**base, "choices": choices, "usage": usage(num_prompt, gen)})
 
+    streamers: dict[int, ToolStreamer] = {}
+
     def chunk(i, c, prev_text, prev_tokens, finish):
-        delta = {"content": c.text[len(prev_text):]}
+        if plan is None:
+            delta = {"content": c.text[len(prev_text):]}
+        else:
+            streamer = streamers.setdefault(c.index, ToolStreamer(plan))
+            delta = streamer.feed(c.text, finish is not None)
+            if finish is not None:
+                finish = plan.finish_reason([None] * streamer.num_calls, finish)
+            elif not delta and n_lp is None:
+                return None  # nothing certain yet (a marker may be starting)
         return {"index": c.index, "delta": delta, "finish_reason": finish,
                 "logprobs": chat_logprobs((c.logprobs or [])[prev_tokens:], n_lp) if n_lp is not None else None}
 
@@ -281,7 +331,9 @@ def _stream(ctx, tracks, base, chunk, stream_options, num_prompt, first, n=1, to
                     grew = len(c.text) > len(text) or (token_chunks and len(c.token_ids) > ntok)
                     if done or not (grew or finish):
                         continue
-                    choices.append(chunk(i, c, text, ntok, finish))
+                    piece = chunk(i, c, text, ntok, finish)
+                    if piece is not None:
+                        choices.append(piece)
                     gen_tokens += len(c.token_ids) - ntok
                     sent[(i, c.index)] = (c.text, len(c.token_ids), finish is not None)
                 if choices:

@@ -81,6 +81,9 @@ def plan_constraint(params: StructuredOutputsParams, mode: str = "auto", token_i
             if mode == "guidance" or tokens:
                 return Plan(kind, "guidance", to_lark(grammar, token_id_of), "token matches" if tokens else None)
             return Plan(kind, "xgrammar", to_xgrammar(grammar))
+        if kind == "structural_tag":  # xgrammar's own format: only xgrammar reads it
+            xgrammar_backend.check_syntax(kind, params.structural_tag)
+            return Plan(kind, "xgrammar", params.structural_tag)
         if kind == "regex":
             if mode == "auto":
                 try:

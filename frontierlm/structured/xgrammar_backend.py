@@ -24,6 +24,8 @@ def check_syntax(kind: str, payload) -> None:
             xgr.Grammar.from_ebnf(payload)
         elif kind == "regex":
             xgr.Grammar.from_regex(payload)
+        elif kind == "structural_tag":
+            xgr.Grammar.from_structural_tag(payload)
         elif kind == "choice":
             xgr.Grammar.from_ebnf(choice_ebnf(payload))
     except Exception as e:  # xgrammar raises RuntimeError / ValueError subclasses with line and column
@@ -60,6 +62,8 @@ class XGrammarBackend:
                 return self.compiler.compile_grammar(payload)
             if kind == "regex":
                 return self.compiler.compile_regex(payload)
+            if kind == "structural_tag":
+                return self.compiler.compile_structural_tag(payload)
             return self.compiler.compile_grammar(choice_ebnf(payload))
         except Exception as e:
             raise ValueError(f"could not compile: {compiler_message(e)}") from None
@@ -78,6 +82,8 @@ def checker(kind: str, payload):
             compiled = compiler.compile_json_schema(payload, any_whitespace=True, strict_mode=False)
         elif kind == "regex":
             compiled = compiler.compile_regex(payload)
+        elif kind == "structural_tag":
+            compiled = compiler.compile_structural_tag(payload)
         else:
             compiled = compiler.compile_grammar(payload if kind == "grammar" else choice_ebnf(payload))
     except Exception as e:
