@@ -50,9 +50,8 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         # Each layer says what it stores per token: [2, blocks, block_size, kv_heads, head_dim] for dense
         # attention, [blocks, block_size, kv_lora_rank + rope_dim] for MLA's latent cache.
-        # The decode fast path gets one scratch block past the managed ones for its padding rows. It is off
-        # with speculative decoding, whose proposers read the eager forward's hidden states every step.
-        scratch = 0 if self.config.enforce_eager or self.config.speculative_config is not None else 1
+        # The decode fast path gets one scratch block past the managed ones for its padding rows.
+        scratch = 0 if self.config.enforce_eager else 1
         shapes = self.model.kv_cache_shapes(num_blocks + scratch, self.block_size)
         self.kv_caches = [torch.zeros(s, dtype=self.model_config.dtype, device=self.device) for s in shapes]
         self.model.bind_kv_cache(self.kv_caches)
@@ -137,65 +136,81 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         rows = [s.request for s in sched.scheduled if s.samples and not s.spec_token_ids]
-        spec_rows = [s for s in sched.scheduled if s.spec_token_ids]
         matchers = [r.grammar for r in rows]
-        bitmask_job = spec_mask_job = None
+        bitmask_job = None
         if any(m is not None for m in matchers):  # fill grammar masks on a thread, overlapped with the forward
             from frontierlm.structured.backend import fill_grammar_bitmask
 
             bitmask_job = self._host_pool().submit(fill_grammar_bitmask, matchers, self.model_config.vocab_size)
+        if self.spec is not None and (self.spec.proposer.uses_hidden or any(s.spec_token_ids for s in sched.scheduled)):
+            return self._execute_spec(sched, rows, matchers, bitmask_job)
+        # pure decode steps: the static-shape compiled / graphed forward; None = take the eager path
+        logits = self.fast_decode.run(sched) if self.fast_decode is not None else None
+        prompt_lps = {}  # a pure decode step has no prompt tokens
+        if logits is None:
+            logits, prompt_lps = self._eager_logits(sched)
+            if logits is None:
+                return RunnerOutput(sampled={}, prompt_logprobs=prompt_lps)
+        return self._sample(logits, rows, matchers, bitmask_job, prompt_lps)
+
+    def _forward(self, sched: SchedulerOutput):
+        num_tokens, meta, logits_index, spec_index = self._prepare(sched)
+        hidden = self.model(self._dev["input_ids"][:num_tokens], self._dev["positions"][:num_tokens], meta)
+        prompt_lps = {}
+        if any(s.request.sampling_params.prompt_logprobs is not None for s in sched.scheduled):
+            prompt_lps = compute_prompt_logprobs(self.model, hidden, sched.scheduled)
+        logits = None
+        if logits_index:
+            if len(logits_index) == num_tokens:  # pure decode step: every row yields a token
+                logits = self.model.compute_logits(hidden)
+            else:
+                index = torch.tensor(logits_index, dtype=torch.long).to(self.device, non_blocking=True)
+                logits = self.model.compute_logits(hidden.index_select(0, index))
+        return hidden, logits, prompt_lps, spec_index
+
+    def _eager_logits(self, sched: SchedulerOutput) -> tuple[torch.Tensor | None, dict]:
+        _, logits, prompt_lps, _ = self._forward(sched)
+        return logits, prompt_lps
+
+    def _execute_spec(self, sched: SchedulerOutput, rows, matchers, bitmask_job) -> RunnerOutput:
+        """The eager step with proposals: plain rows sample as usual, each request's K + 1 rows are verified
+        (frontierlm/spec), and the proposer sees the hidden states."""
+        spec_rows = [s for s in sched.scheduled if s.spec_token_ids]
+        spec_mask_job = None
         if any(s.request.grammar is not None for s in spec_rows):
             from frontierlm.spec.grammar import fill_spec_bitmask
 
             spec_mask_job = self._host_pool().submit(fill_spec_bitmask, [s.request.grammar for s in spec_rows],
                                                      [s.spec_token_ids for s in spec_rows],
                                                      self.model_config.vocab_size)
-        # pure decode steps: the static-shape compiled / graphed forward; None = take the eager path
-        logits = self.fast_decode.run(sched) if self.fast_decode is not None else None
+        hidden, logits, prompt_lps, spec_index = self._forward(sched)
         if logits is not None:
-            return self._sample(logits, rows, matchers, bitmask_job)
-        num_tokens, meta, logits_index, spec_index = self._prepare(sched)
-        hidden = self.model(self._dev["input_ids"][:num_tokens], self._dev["positions"][:num_tokens], meta)
-        result = self._sample(self._row_logits(hidden, num_tokens, logits_index), rows, matchers, bitmask_job)
-        if any(s.request.sampling_params.prompt_logprobs is not None for s in sched.scheduled):
-            result.prompt_logprobs = compute_prompt_logprobs(self.model, hidden, sched.scheduled)
+            result = self._sample(logits, rows, matchers, bitmask_job, prompt_lps)
+        else:
+            result = RunnerOutput(sampled={}, prompt_logprobs=prompt_lps)
         if spec_rows:
             index = torch.tensor(spec_index, dtype=torch.long).to(self.device, non_blocking=True)
-            logits = self.model.compute_logits(hidden.index_select(0, index))
+            spec_logits = self.model.compute_logits(hidden.index_select(0, index))
             if spec_mask_job is not None:
                 from frontierlm.spec.grammar import apply_spec_bitmask
 
-                apply_spec_bitmask(logits, spec_mask_job.result(), [s.request.grammar for s in spec_rows],
+                apply_spec_bitmask(spec_logits, spec_mask_job.result(), [s.request.grammar for s in spec_rows],
                                    [s.spec_token_ids for s in spec_rows])
-            verified = self.spec.verify(self.sampler, logits, spec_rows, self.model_config.eos_token_ids)
+            verified = self.spec.verify(self.sampler, spec_logits, spec_rows, self.model_config.eos_token_ids)
             for s, (accepted, token) in zip(spec_rows, verified):
                 result.sampled[s.request.request_id] = token
                 result.spec_accepted[s.request.request_id] = accepted
-        if self.spec is not None:
-            self.spec.observe(sched, hidden, result.spec_accepted)
+        self.spec.observe(sched, hidden, result.spec_accepted)
         return result
 
-    def _row_logits(self, hidden: torch.Tensor, num_tokens: int, logits_index: list[int]) -> torch.Tensor | None:
-        """Logits of the rows that sample a token this step (None when no row does)."""
-        if not logits_index:
-            return None
-        if len(logits_index) == num_tokens:  # pure decode step: every row yields a token
-            logits = self.model.compute_logits(hidden)
-        else:
-            index = torch.tensor(logits_index, dtype=torch.long).to(self.device, non_blocking=True)
-            logits = self.model.compute_logits(hidden.index_select(0, index))
-        return logits
-
-    def _sample(self, logits: torch.Tensor | None, rows, matchers, bitmask_job) -> RunnerOutput:
-        if logits is None:
-            return RunnerOutput(sampled={})
+    def _sample(self, logits: torch.Tensor, rows, matchers, bitmask_job, prompt_lps: dict) -> RunnerOutput:
         if bitmask_job is not None:
             from frontierlm.structured.backend import apply_grammar_bitmask
 
             apply_grammar_bitmask(logits, bitmask_job.result(), matchers)
         out = self.sampler(logits, rows, self.model_config.eos_token_ids)
         tokens = out.sampled_token_ids.tolist()  # the one device-to-host copy of the step
-        result = RunnerOutput(sampled={r.request_id: t for r, t in zip(rows, tokens)})
+        result = RunnerOutput(sampled={r.request_id: t for r, t in zip(rows, tokens)}, prompt_logprobs=prompt_lps)
         if out.logprobs is not None:
             ids, lps = out.logprobs_token_ids.tolist(), out.logprobs.tolist()
             ranks = out.sampled_ranks.tolist()
