@@ -32,7 +32,9 @@ class EngineConfig:
     structured_outputs_backend: str = "auto"  # "xgrammar", "guidance" (llguidance), or auto: per constraint
     tensor_parallel_size: int = 1  # only 1 today: anything else is refused
     trust_remote_code: bool = False  # accepted for vLLM scripts; no model code is ever loaded from a checkpoint
-    enforce_eager: bool = False  # True: no compiled / CUDA-graphed decode step (engine/fast_decode.py)
+    # True: no compiled / CUDA-graphed decode step (engine/fast_decode.py). None: eager on CPU, where inductor's
+    # compile of the decode graphs took minutes on a 2-core machine (docs/benchmarks.md); fast path on CUDA.
+    enforce_eager: bool | None = None
     # custom logits processors (classes or "module:Class" / "module.Class" names), vLLM v1's interface
     logits_processors: list = field(default_factory=list)
     speculative_config: dict | None = None  # frontierlm/spec/config.py: {"method", "num_speculative_tokens", ...}
@@ -69,7 +71,7 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet: FrontierLM "
                              "runs a model on one device (tensor_parallel_size=1)")
         for name in ("trust_remote_code", "enforce_eager"):
-            if not isinstance(getattr(self, name), bool):
+            if not isinstance(getattr(self, name), bool) and not (name == "enforce_eager" and self.enforce_eager is None):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.logits_processors is None:
             self.logits_processors = []
@@ -90,6 +92,8 @@ class EngineConfig:
         if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {self.device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
         check_attention_backend(dev)
+        if self.enforce_eager is None:
+            self.enforce_eager = dev.type == "cpu"
 
     @property
     def torch_dtype(self) -> torch.dtype | None:

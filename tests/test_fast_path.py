@@ -31,7 +31,7 @@ def _engines(model_dir, **kw):
     old = fd.MAX_FAST_BATCH
     fd.MAX_FAST_BATCH = MAX_FAST
     try:
-        fast = LLM(model_dir, kv_cache_memory_gb=kv_gb, **fd_kwargs)
+        fast = LLM(model_dir, enforce_eager=False, kv_cache_memory_gb=kv_gb, **fd_kwargs)
     finally:
         fd.MAX_FAST_BATCH = old
     fast.llm_engine.runner.fast_decode.warmup_steps = 0

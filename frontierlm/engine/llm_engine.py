@@ -99,7 +99,8 @@ class LLMEngine:
             f"{num_blocks * config.block_size * bpt / 2**30:.2f} GiB | structured outputs: "
             f"{config.structured_outputs_backend} | loaded in {time.perf_counter() - t0:.1f}s"
             f" | dtype {mc.dtype}: {dtype_reason} | "
-            + (self.runner.fast_decode.describe() if self.runner.fast_decode else "decode: eager (enforce_eager)"))
+            + (self.runner.fast_decode.describe() if self.runner.fast_decode else
+               "decode: eager (enforce_eager; enforce_eager=False compiles the decode step)"))
         if self.spec is not None:
             sc = config.speculative_config
             self.startup_report += (f" | speculative decoding: {sc.method}{' ' + sc.model if sc.model else ''}, "
