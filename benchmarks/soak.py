@@ -1,9 +1,11 @@
 """Soak test of `frontierlm serve` (not part of CI): many streaming requests at high concurrency, a share of them
 cancelled at random points; afterwards the server must be healthy with zero KV blocks in use, and every request
-that was not cancelled must have completed.
+that was not cancelled must have completed. The server's resident memory (RSS, from /proc) is sampled as the
+requests finish, so growth after warm-up shows up as a slope.
 
     python benchmarks/soak.py                         # builds a tiny model, starts a server, 2,000 requests
     python benchmarks/soak.py --model DIR --num-requests 2000 --concurrency 64 --cancel-share 0.2
+    python benchmarks/soak.py --model demo --num-requests 20000 --workload mixed   # the packaged demo model
 """
 from __future__ import annotations
 
@@ -30,6 +32,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rss_mib(pid: int) -> float | None:
+    """Resident set size of a process in MiB (Linux /proc; None elsewhere or once it has exited)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def rss_summary(samples: list[tuple[int, float]], warmup: int) -> dict:
+    """Growth after warm-up: first and last sample past `warmup` requests, and a least-squares slope."""
+    after = [(n, m) for n, m in samples if n >= warmup]
+    if len(after) < 2:
+        return {}
+    xs, ys = [n for n, _ in after], [m for _, m in after]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(1e-9, sum((x - mx) ** 2 for x in xs))
+    return {"rss_at_warmup_mib": round(ys[0], 1), "rss_final_mib": round(ys[-1], 1),
+            "rss_max_after_warmup_mib": round(max(ys), 1), "rss_growth_after_warmup_mib": round(ys[-1] - ys[0], 1),
+            "rss_slope_mib_per_1k_requests": round(slope * 1000, 2)}
+
+
 def start_server(model: str, port: int) -> subprocess.Popen:
     env = dict(os.environ, FRONTIERLM_LOG_LEVEL="WARNING")
     cmd = [sys.executable, "-m", "frontierlm.cli", "serve", model, "--port", str(port), "--served-model-name",
@@ -49,7 +75,26 @@ async def wait_healthy(client: httpx.AsyncClient, timeout: float = 120.0) -> Non
     raise RuntimeError("server did not become healthy")
 
 
-async def one_request(client: httpx.AsyncClient, rng: random.Random, cancel_share: float, max_tokens: int) -> str:
+WORDS = ("the class statement defines a new object type with methods and attributes while import binds names "
+         "from modules and every expression has a value").split()
+
+
+def request_body(rng: random.Random, workload: str, n_tokens: int) -> tuple[str, dict]:
+    """(path, body): token-id completions, or with `mixed` a third each of token ids, text and chat, so the
+    tokenizer and the chat template are exercised too."""
+    kind = "ids" if workload == "ids" else rng.choice(("ids", "text", "chat"))
+    body = {"model": "soak", "max_tokens": n_tokens, "temperature": 1.0, "ignore_eos": True, "stream": True}
+    if kind == "ids":
+        return "/v1/completions", {**body, "prompt": [rng.randrange(10, 500) for _ in range(rng.randint(4, 64))]}
+    text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 48)))
+    if kind == "text":
+        return "/v1/completions", {**body, "prompt": text}
+    return "/v1/chat/completions", {**body, "messages": [{"role": "system", "content": "Answer briefly."},
+                                                         {"role": "user", "content": text}]}
+
+
+async def one_request(client: httpx.AsyncClient, rng: random.Random, cancel_share: float, max_tokens: int,
+                      workload: str = "ids") -> str:
     """Returns 'completed', 'cancelled' or 'failed: ...'."""
     cancel_after = None
     n_tokens = rng.randint(1, max_tokens)
@@ -58,11 +103,10 @@ async def one_request(client: httpx.AsyncClient, rng: random.Random, cancel_shar
         # the server packs several tokens into one chunk
         n_tokens = max_tokens
         cancel_after = rng.randint(0, max_tokens // 2)
-    body = {"model": "soak", "prompt": [rng.randrange(10, 500) for _ in range(rng.randint(4, 64))],
-            "max_tokens": n_tokens, "temperature": 1.0, "ignore_eos": True, "stream": True}
+    path, body = request_body(rng, workload, n_tokens)
     chunks = 0
     try:
-        async with client.stream("POST", "/v1/completions", json=body) as r:
+        async with client.stream("POST", path, json=body) as r:
             if r.status_code != 200:
                 return f"failed: HTTP {r.status_code} {(await r.aread())[:200]!r}"
             async for line in r.aiter_lines():
@@ -82,21 +126,38 @@ async def one_request(client: httpx.AsyncClient, rng: random.Random, cancel_shar
 
 
 async def soak(base_url: str, num_requests: int, concurrency: int, cancel_share: float, max_tokens: int,
-               seed: int) -> dict:
+               seed: int, workload: str = "ids", server_pid: int | None = None, rss_every: int = 500) -> dict:
     rng = random.Random(seed)
+    samples: list[tuple[int, float]] = []  # (requests finished, server RSS in MiB)
+    finished = 0
     limits = httpx.Limits(max_connections=concurrency + 8)
     async with httpx.AsyncClient(base_url=base_url, timeout=300, limits=limits) as client:
         await wait_healthy(client)
         sem = asyncio.Semaphore(concurrency)
 
-        async def bounded(i: int) -> str:
-            async with sem:
-                return await one_request(client, random.Random(rng.random() + i), cancel_share, max_tokens)
+        def sample() -> None:
+            if server_pid is not None and (m := rss_mib(server_pid)) is not None:
+                samples.append((finished, round(m, 1)))
+                print(f"{finished} requests, {time.perf_counter() - t_start:.0f}s: server RSS {m:.1f} MiB",
+                      file=sys.stderr, flush=True)  # progress, and figures even if the run is cut short
 
+        async def bounded(i: int) -> str:
+            nonlocal finished
+            async with sem:
+                result = await one_request(client, random.Random(rng.random() + i), cancel_share, max_tokens,
+                                           workload)
+            finished += 1
+            if finished % rss_every == 0:
+                sample()
+            return result
+
+        t_start = time.perf_counter()
+        sample()
         t0 = time.perf_counter()
         results = await asyncio.gather(*(bounded(i) for i in range(num_requests)))
         wall = time.perf_counter() - t0
         await asyncio.sleep(1.0)  # let the engine loop process the last aborts
+        sample()
         health = (await client.get("/health")).status_code
         state = (await client.get("/dashboard/state")).json()
     failed = [r for r in results if r.startswith("failed")]
@@ -106,25 +167,38 @@ async def soak(base_url: str, num_requests: int, concurrency: int, cancel_share:
         "failed": len(failed), "failures": failed[:5], "health_after": health,
         "kv_blocks_in_use_after": state["blocks"].count("1"), "kv_blocks_total": len(state["blocks"]),
         "running_after": state["stats"]["num_running"], "waiting_after": state["stats"]["num_waiting"],
+        "workload": workload, "rss_mib": samples,
+        # warm-up: the first tenth of the requests (KV blocks and allocator arenas get touched for the first time)
+        **rss_summary(samples, num_requests // 10),
     }
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="model dir (default: build a tiny random Llama)")
+    p.add_argument("--model", default=None,
+                   help="model dir, or 'demo' for the packaged demo model (default: build a tiny random Llama)")
     p.add_argument("--base-url", default=None, help="soak an already running server instead of starting one")
     p.add_argument("--num-requests", type=int, default=2000)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--cancel-share", type=float, default=0.2)
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workload", choices=("ids", "mixed"), default="ids",
+                   help="ids: token-id completions; mixed: a third each of token ids, text prompts and chat")
+    p.add_argument("--rss-every", type=int, default=500, help="sample the server's RSS every N finished requests")
+    p.add_argument("--server-pid", type=int, default=None, help="with --base-url: the server process to sample")
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
     server = None
     base_url = args.base_url
     if base_url is None:
         model = args.model
-        if model is None:
+        if model == "demo":
+            sys.path.insert(0, str(ROOT))
+            from frontierlm.assets import default_model
+
+            model = default_model()
+        elif model is None:
             sys.path.insert(0, str(ROOT / "tests"))
             import factories
 
@@ -133,8 +207,9 @@ def main() -> int:
         server = start_server(model, port)
         base_url = f"http://127.0.0.1:{port}"
     try:
+        pid = server.pid if server is not None else args.server_pid
         report = asyncio.run(soak(base_url, args.num_requests, args.concurrency, args.cancel_share,
-                                  args.max_tokens, args.seed))
+                                  args.max_tokens, args.seed, args.workload, pid, args.rss_every))
     finally:
         if server is not None:
             server.terminate()

@@ -195,6 +195,8 @@ def stream_reply(engine, prompt_ids: list[int], params, out=sys.stdout) -> str:
 
 
 def cmd_chat(args) -> int:
+    from frontierlm.engine.chat_template import render_chat
+
     engine = _load_engine(args)
     tok = engine.tokenizer
     if tok is None or not getattr(tok, "chat_template", None):
@@ -225,9 +227,8 @@ def cmd_chat(args) -> int:
         if not command:
             continue
         messages.append({"role": "user", "content": line})
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = tok.encode(text, add_special_tokens=False)
         try:
+            ids = render_chat(tok, messages)[1]  # typed special-token text stays text
             reply = stream_reply(engine, ids, params)
         except ValueError as e:  # e.g. the conversation outgrew the context
             print(f"error: {e}", file=sys.stderr)

@@ -13,7 +13,8 @@ MODEL = "tiny"
 
 
 class LiveServer:
-    def __init__(self, model_dir, max_queue=None, request_timeout=None, options=None, **engine_kwargs):
+    def __init__(self, model_dir, max_queue=None, request_timeout=None, options=None, security=None,
+                 **engine_kwargs):
         import uvicorn
 
         from frontierlm.engine.async_engine import AsyncEngine
@@ -22,7 +23,7 @@ class LiveServer:
 
         self.engine = AsyncEngine(lambda: LLMEngine.from_engine_args(model_dir, **engine_kwargs)).start()
         self.app = build_app(self.engine, MODEL, max_queue=max_queue, request_timeout=request_timeout,
-                             options=options)
+                             options=options, security=security)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]

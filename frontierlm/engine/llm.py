@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from frontierlm.compat import UNSUPPORTED_ENGINE_ARGS, check_kwargs
 from frontierlm.config import EngineConfig
+from frontierlm.engine.chat_template import render_chat
 from frontierlm.engine.llm_engine import LLMEngine
 from frontierlm.outputs import RequestOutput
 from frontierlm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
@@ -104,14 +105,10 @@ class LLM:
             if continue_final_message and (not conv or conv[-1].get("role") != "assistant"):
                 raise ValueError("continue_final_message=True needs the conversation to end with an assistant "
                                  "message")
-            try:
-                text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                               continue_final_message=continue_final_message,
-                                               chat_template=chat_template, tools=tools,
-                                               **(chat_template_kwargs or {}))
-            except (ValueError, TypeError, KeyError) as e:
-                raise ValueError(f"cannot apply the chat template: {e}") from e
-            prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
+            # special-token text inside messages is tokenized as text, roles are checked (chat_template.py)
+            text, ids = render_chat(tok, conv, add_generation_prompt, continue_final_message=continue_final_message,
+                                    chat_template=chat_template, tools=tools, **(chat_template_kwargs or {}))
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, priority=priority)
 
     def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = False, **kwargs):

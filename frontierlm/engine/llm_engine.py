@@ -163,6 +163,16 @@ class LLMEngine:
                              f"fit in the KV cache ({capacity} tokens); raise kv_cache_memory_gb")
         return params.max_tokens
 
+    def check_token_ids(self, params: SamplingParams) -> None:
+        """Token ids in the sampling parameters must exist in the model's vocabulary (OpenAI and vLLM refuse
+        them too, rather than ignoring them). Reads only the config, so any thread may call it."""
+        vocab = self.model_config.vocab_size
+        for name, ids in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids or ()),
+                          ("banned_token_ids", params.banned_token_ids or ())):
+            bad = sorted(t for t in ids if not 0 <= t < vocab)
+            if bad:
+                raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+
     def _bad_words_ids(self, params: SamplingParams) -> list[list[int]]:
         out = []
         for word in params.bad_words or ():
@@ -193,6 +203,7 @@ class LLMEngine:
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        self.check_token_ids(params)
         keep = params.truncate_prompt_tokens
         if keep is not None:  # vLLM: keep the last k tokens (-1: as many as the context holds)
             keep = self.max_model_len if keep == -1 else keep

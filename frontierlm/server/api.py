@@ -15,9 +15,12 @@ from frontierlm.logger import init_logger
 from frontierlm.server import dashboard, responses, routes
 from frontierlm.server.errors import APIError
 from frontierlm.server.metrics import ServerMetrics
+from frontierlm.server.middleware import BodySizeLimitMiddleware, BodyTooLarge, RequestIdMiddleware
 from frontierlm.server.options import ServeOptions
-from frontierlm.server.protocol import ChatCompletionRequest, CompletionRequest
+from frontierlm.server.protocol import ChatCompletionRequest, CompletionRequest, FieldError
+from frontierlm.server.security import SecurityOptions, add_api_key_check, add_cors, docs_kwargs
 from frontierlm.server.serving import ServerContext, create_chat_completion, create_completion
+from frontierlm.server.tokenization import TokenizerPool
 
 logger = init_logger(__name__)
 
@@ -28,23 +31,31 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     if err.get("type") == "json_invalid":
         return APIError(400, f"malformed JSON body: {err.get('msg')}", code="invalid_json")
     msg = str(err.get("msg", "invalid request")).removeprefix("Value error, ")
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldError):  # raised by a model-level validator, which pydantic gives no location
+        return APIError(400, msg, param=cause.param)
     # param is the top-level field; the message keeps the full path (which names union members too)
     return APIError(400, f"{'.'.join(loc)}: {msg}" if loc else msg, param=loc[0] if loc else None)
 
 
 def build_app(async_engine: AsyncEngine, served_model_name: str, max_queue: int | None = None,
-              request_timeout: float | None = None, options: ServeOptions | None = None) -> FastAPI:
+              request_timeout: float | None = None, options: ServeOptions | None = None,
+              security: SecurityOptions | None = None) -> FastAPI:
     """App around a started AsyncEngine (the model may still be loading: /health answers 503 until ready).
-    `options` carries the serve flags that shape requests (more served names, chat template, tools...)."""
+    `options` carries the serve flags that shape requests (more served names, chat template, tools...),
+    `security` the keys, CORS, docs and limits (security.py)."""
     options = options or ServeOptions()
     names = options.served_model_names = options.served_model_names or [served_model_name]
     served_model_name = names[0]
     metrics = async_engine.stats
     if not isinstance(metrics, ServerMetrics):
         metrics = async_engine.stats = ServerMetrics(served_model_name)
-    ctx = ServerContext(async_engine, served_model_name, max_queue, request_timeout, None, metrics, options=options)
-    app = FastAPI(title="FrontierLM", version=frontierlm.__version__)
+    opts = security or SecurityOptions()
+    ctx = ServerContext(async_engine, served_model_name, max_queue, request_timeout, None, metrics, options=options,
+                        parse_special_tokens_in_content=opts.parse_special_tokens_in_content)
+    app = FastAPI(title="FrontierLM", version=frontierlm.__version__, **docs_kwargs(opts))
     app.state.ctx = ctx
+    _add_middleware(app, opts, metrics)
     tokenizer_lock = asyncio.Lock()
 
     async def ready_context() -> ServerContext:
@@ -61,7 +72,9 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, max_queue: int 
                 from frontierlm.engine.tokenizer import load_tokenizer
 
                 cfg = async_engine.engine.config
-                ctx.tokenizer = await asyncio.to_thread(load_tokenizer, cfg.tokenizer or cfg.model)
+                tok = await asyncio.to_thread(load_tokenizer, cfg.tokenizer or cfg.model)
+                ctx.tokenizer_pool = await asyncio.to_thread(TokenizerPool, tok)
+                ctx.tokenizer = tok
         return ctx
 
     def check_model(name: str | None) -> None:
@@ -81,6 +94,8 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, max_queue: int 
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
+        if isinstance(exc, BodyTooLarge):  # a body sent without Content-Length passed the limit
+            return await _api_error(request, exc.api_error)
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return APIError(exc.status_code, str(exc.detail), kind, reason=None).response()
 
@@ -129,6 +144,16 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, max_queue: int 
     return app
 
 
+def _add_middleware(app: FastAPI, opts: SecurityOptions, metrics: ServerMetrics) -> None:
+    """Outermost last: CORS, then request ids and the 500 boundary, the key check, the body-size limit."""
+    if opts.max_request_body_bytes is not None:
+        app.add_middleware(BodySizeLimitMiddleware, limit=opts.max_request_body_bytes, on_failure=metrics.on_failure)
+    add_api_key_check(app, opts, on_reject=metrics.on_failure)
+    app.add_middleware(RequestIdMiddleware, on_failure=metrics.on_failure)
+    add_cors(app, opts)
+
+
 def model_card(ctx: ServerContext, name: str) -> dict:
+    # root names the model as clients know it: the directory's path stays private to the host
     return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "frontierlm",
-            "root": ctx.engine.engine.config.model, "max_model_len": ctx.engine.engine.max_model_len}
+            "root": name, "max_model_len": ctx.engine.engine.max_model_len}

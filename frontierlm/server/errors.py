@@ -11,23 +11,24 @@ from frontierlm.server.protocol import PASSTHROUGH
 T = TypeVar("T")
 # names a ValueError message may start with that are request fields (SamplingParams names the field first)
 _FIELDS = set(PASSTHROUGH) | {"max_tokens", "logprobs", "prompt", "messages", "priority", "model", "top_logprobs",
-                              "min_tokens", "n"}
+                              "min_tokens", "n", "response_format", "structured_outputs", "grammar", "json_schema",
+                              "tools", "tool_choice", "guided_json", "guided_regex", "guided_choice", "guided_grammar"}
 
 
 class APIError(Exception):
     """`reason` is the request_failure_total label this error counts under (None: not counted)."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, reason: str | None = "invalid_request"):
+                 code: str | None = None, reason: str | None = "invalid_request", headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.reason = reason
+        self.reason, self.headers = reason, headers
 
     def body(self) -> dict:
         return {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": self.body()}, status_code=self.status)
+        return JSONResponse({"error": self.body()}, status_code=self.status, headers=self.headers)
 
     @classmethod
     def from_value_error(cls, e: ValueError) -> "APIError":

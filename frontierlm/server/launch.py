@@ -44,20 +44,44 @@ class GracefulServer(uvicorn.Server):
         self.should_exit = True
 
 
+MMAP_THRESHOLD = 128 * 1024  # glibc's starting value, kept fixed
+
+
+def pin_malloc_mmap_threshold() -> bool:
+    """Keep glibc from raising its mmap threshold at run time. By default every freed large block (a step's
+    activations) lifts the threshold to its size, up to 32 MiB; from then on such blocks come from the heap,
+    whose free holes the allocator rarely hands back, so a long-running server's RSS creeps up with the mix
+    of batch shapes (benchmarks/soak.py measured it). A fixed threshold sends them to mmap, which returns
+    them on free. Skipped off glibc and when MALLOC_MMAP_THRESHOLD_ is set (the operator's choice wins)."""
+    import ctypes
+    import ctypes.util
+    import os
+
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None:
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, MMAP_THRESHOLD))  # -3: M_MMAP_THRESHOLD in malloc.h
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
+        return False
+
+
 def run_server(args) -> int:
     from frontierlm import cli_args
     from frontierlm.engine.llm_engine import LLMEngine
     from frontierlm.server.api import build_app
-    from frontierlm.server.metrics import ServerMetrics
-
     from frontierlm.server.args import check_serve_args
+    from frontierlm.server.metrics import ServerMetrics
+    from frontierlm.server.security import options_from_args
 
     check_serve_args(args)
     config = cli_args.engine_config(args)  # validates the flags before anything starts
+    security = options_from_args(args)
+    pin_malloc_mmap_threshold()
     options = serve_options(args)
     name = options.served_model_names[0]
     engine = AsyncEngine(lambda: LLMEngine(config), ServerMetrics(name)).start()
-    app = build_app(engine, name, args.max_queue, args.request_timeout, options=options)
+    app = build_app(engine, name, args.max_queue, args.request_timeout, options=options, security=security)
     server = GracefulServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                            timeout_graceful_shutdown=5), engine, app.state.ctx, args.shutdown_grace)
 

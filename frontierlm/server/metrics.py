@@ -27,7 +27,7 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
 
 # request_failure_total{reason}: the reasons the server reports
 FAILURE_REASONS = ("invalid_request", "queue_full", "shutting_down", "client_disconnect", "timeout", "shutdown",
-                   "engine_error")
+                   "engine_error", "unauthorized", "request_too_large", "internal")
 
 
 class _Series:

@@ -9,7 +9,7 @@ import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from frontierlm.sampling_params import SamplingParams, StructuredOutputsParams, warn_deprecated
 from frontierlm.server.tools.protocol import Tool, ToolCall, ToolChoice
@@ -36,6 +36,46 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
+class FieldError(ValueError):
+    """A ValueError that knows the request field it is about (pydantic loses the location of errors raised
+    by a model-level validator; api.py reads `param` back)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def _surrogate_path(value: Any, path: str) -> str | None:
+    """Where in `value` a string holds a lone surrogate ("\ud800" is valid JSON but not valid Unicode text,
+    so no tokenizer can take it), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, list):
+        if set(map(type, value)) <= {int, float, bool}:  # token ids: skip without a Python-level loop
+            return None
+        return next((p for i, v in enumerate(value) if (p := _surrogate_path(v, f"{path}[{i}]"))), None)
+    if isinstance(value, dict):
+        for k, v in value.items():
+            p = _surrogate_path(k, f"{path} (a key)") or _surrogate_path(v, f"{path}.{k}")
+            if p:
+                return p
+    return None
+
+
+def check_text_fields(data: Any) -> None:
+    if isinstance(data, dict):
+        for key, value in data.items():
+            where = _surrogate_path(key, "a field name") or _surrogate_path(value, str(key))
+            if where:
+                param = key if isinstance(key, str) and where != "a field name" else None
+                raise FieldError(param, f"{where}: the text holds a lone UTF-16 surrogate (such as \\ud800), "
+                                 "which is not valid Unicode")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
@@ -48,6 +88,7 @@ class _SamplingFields(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions, including the non-OpenAI ones that clients
     send through `extra_body` (the openai client merges them into the top level; a literal nested
     "extra_body" object is merged too)."""
+    _constraint_field: Optional[str] = PrivateAttr(default=None)
     model: Optional[str] = None
     n: int = 1
     temperature: Optional[float] = None
@@ -91,6 +132,7 @@ class _SamplingFields(_Strict):
         if isinstance(data, dict) and isinstance(data.get("extra_body"), dict):
             data = {**data, **data["extra_body"]}
             data.pop("extra_body")
+        check_text_fields(data)
         if isinstance(data, dict):
             # unknown fields are ignored, but these change what the client expects back: refuse them loudly
             if data.get("functions") or data.get("function_call"):
@@ -116,30 +158,42 @@ class _SamplingFields(_Strict):
             if kind == "json_object":
                 asked.append(StructuredOutputsParams(json_object=True))
             elif kind == "json_schema":
-                schema = (fmt.get("json_schema") or {}).get("schema")
+                spec = fmt.get("json_schema")
+                if not isinstance(spec, dict):
+                    raise ValueError("response_format.json_schema must be an object with a \"schema\" key, got "
+                                     f"a {type(spec).__name__}")
+                schema = spec.get("schema")
                 if not isinstance(schema, dict):
                     raise ValueError("response_format.json_schema.schema must be a JSON schema object")
                 asked.append(StructuredOutputsParams(json=schema))
             elif kind != "text":
                 raise ValueError(f"response_format.type must be text, json_object or json_schema, got {kind!r}")
-        if self.structured_outputs is not None:
-            try:
-                asked.append(StructuredOutputsParams(**self.structured_outputs))
-            except TypeError as e:  # an unknown key
-                raise ValueError(f"structured_outputs: {e}") from None
-        if self.grammar is not None:
-            asked.append(StructuredOutputsParams(grammar=self.grammar))
-        if self.json_schema is not None:
-            asked.append(StructuredOutputsParams(json=self.json_schema))
+        for name, kwargs in (("structured_outputs", self.structured_outputs),
+                             ("grammar", None if self.grammar is None else {"grammar": self.grammar}),
+                             ("json_schema", None if self.json_schema is None else {"json": self.json_schema})):
+            if kwargs is not None:
+                try:
+                    asked.append(StructuredOutputsParams(**kwargs))
+                except (TypeError, ValueError) as e:  # TypeError: an unknown key
+                    raise ValueError(f"{name}: {e}") from None
+                self._constraint_field = name
         for kind in ("json", "regex", "choice", "grammar"):
             value = getattr(self, f"guided_{kind}")
             if value is not None:
                 warn_deprecated(f"the request field guided_{kind}", f"structured_outputs.{kind}")
-                asked.append(StructuredOutputsParams(**{kind: value}))
+                try:
+                    asked.append(StructuredOutputsParams(**{kind: value}))
+                except ValueError as e:
+                    raise ValueError(f"guided_{kind}: {e}") from None
+                self._constraint_field = f"guided_{kind}"
         if len(asked) > 1:
             raise ValueError("give only one of response_format, structured_outputs, grammar, json_schema and "
                              "guided_json / guided_regex / guided_choice / guided_grammar")
         return asked[0] if asked else None
+
+    def constraint_field(self) -> str:
+        """The request field that carried the output constraint (engine errors name it structured_outputs)."""
+        return self._constraint_field or "response_format"
 
 
 def _check_logprobs(name: str, v: int | None, limit: int = MAX_LOGPROBS) -> None:
@@ -192,8 +246,13 @@ class TextPart(_Strict):
     text: str
 
 
+# content parts of OpenAI's other modalities: refused with a message that says why
+MEDIA_PARTS = ("image_url", "input_image", "image", "input_audio", "audio", "audio_url", "video_url", "file")
+
+
 class ChatMessage(_Strict):
-    role: str
+    # validated: templates paste the role raw between control tokens, so a free-form role could inject them
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[TextPart]]] = None
     name: Optional[str] = None
     tool_calls: Optional[list[ToolCall]] = None  # an assistant turn that called tools
@@ -208,6 +267,16 @@ class ChatMessage(_Strict):
         if self.tool_calls:
             d["tool_calls"] = [c.template_dict() for c in self.tool_calls]
         return d
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            for part in v:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind in MEDIA_PARTS:
+                    raise ValueError(f"this model takes text only; {kind} content parts are not supported")
+        return v
 
     def text(self) -> str:
         if self.content is None:

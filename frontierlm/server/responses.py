@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from frontierlm.engine.async_engine import RequestAborted
 from frontierlm.server.errors import APIError
 from frontierlm.server.protocol import ChatCompletionRequest, now, random_id
-from frontierlm.server.serving import _abort_error, _admit, _collect, _deadline, _merge
+from frontierlm.server.serving import _abort_error, _admit, _collect, _deadline, _max_prompt_tokens, _merge
 
 
 class _Body(BaseModel):
@@ -77,12 +77,11 @@ def add_routes(app: FastAPI, ctx, ready_context, check_model) -> None:
             "messages": body.messages(), "temperature": body.temperature, "top_p": body.top_p,
             **({"max_tokens": body.max_output_tokens} if body.max_output_tokens is not None else {})}))
         params = APIError.wrap(lambda: chat.sampling_params(opts.sampling_defaults, opts.max_logprobs))
-        try:
-            text = tok.apply_chat_template(body.messages(), tokenize=False, add_generation_prompt=True,
-                                           chat_template=opts.chat_template)
-        except Exception as e:  # jinja errors
-            raise APIError(400, f"chat template failed: {e}", param="input") from None
-        encoded = {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+        # on a worker thread, special-token text kept as text, as for chat completions (tokenization.py)
+        text, ids = await c.tokenizer_pool.render_chat(body.messages(), _max_prompt_tokens(c, params), True,
+                                                       c.parse_special_tokens_in_content,
+                                                       chat_template=opts.chat_template)
+        encoded = {"prompt": text, "prompt_token_ids": ids}
         rid = random_id("resp")
         tracks = await _admit(c, [encoded], params, 0, rid)
         shape = _Shape(rid, random_id("msg"), now(), c.served_model_name, body, len(encoded["prompt_token_ids"]))

@@ -18,6 +18,7 @@ from frontierlm.engine.async_engine import AsyncEngine, RequestAborted
 from frontierlm.logger import init_logger
 from frontierlm.outputs import RequestOutput
 from frontierlm.server.errors import APIError
+from frontierlm.server.middleware import internal_error
 from frontierlm.server.options import ServeOptions
 from frontierlm.server.protocol import ChatCompletionRequest, CompletionRequest, now, random_id, usage
 from frontierlm.server.tools import ToolStreamer, plan_tools
@@ -35,6 +36,9 @@ class ServerContext:
     tokenizer: object
     metrics: object
     shutting_down: bool = False
+    tokenizer_pool: object = None  # tokenization.TokenizerPool, made with the tokenizer
+    parse_special_tokens_in_content: bool = False
+    admitting: int = 0  # sequences past the queue check whose adds the engine has not confirmed yet
     options: ServeOptions = field(default_factory=ServeOptions)
 
 
@@ -114,12 +118,22 @@ def chat_logprobs(entries, n: int) -> dict:
 
 
 # ---- admission --------------------------------------------------------------------------------------------
+def _context_tokens(ctx: ServerContext) -> int:
+    eng = ctx.engine.engine
+    return min(eng.max_model_len, eng.kv.num_blocks * eng.kv.block_size)
+
+
+def _max_prompt_tokens(ctx: ServerContext, params) -> int:
+    return _context_tokens(ctx) - (params.max_tokens or 1)
+
+
 def _check_fits(ctx: ServerContext, prompts: list, params) -> None:
     """The engine's add-time checks, repeated here so that a request that can never run gets its 400 even
     when the queue is full (the engine still checks again)."""
     eng = ctx.engine.engine
     vocab, limit = eng.model_config.vocab_size, eng.max_model_len
     capacity = eng.kv.num_blocks * eng.kv.block_size
+    APIError.wrap(lambda: eng.check_token_ids(params))
     for p in prompts:
         ids = p["prompt_token_ids"]
         bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
@@ -132,11 +146,33 @@ def _check_fits(ctx: ServerContext, prompts: list, params) -> None:
                            code="context_length_exceeded")
 
 
-async def _admit(ctx: ServerContext, prompts: list, params, priority: int, prefix: str) -> list:
+RETRY_AFTER_S = 1  # what a 429 tells clients to wait (the queue drains at the engine's pace, not a fixed one)
+
+
+def _check_queue(ctx: ServerContext, num_seqs: int, n: int) -> None:
+    """--max-queue bounds the sequences (prompts x n) that would wait for a slot: those that start at once
+    in a free slot (max_num_seqs) do not count, and a request too big to ever pass is a 400, not a 429."""
+    if ctx.max_queue is None:
+        return
+    eng = ctx.engine
+    slots = eng.engine.config.max_num_seqs
+    if num_seqs > ctx.max_queue + slots:
+        raise APIError(400, f"this request has {num_seqs} sequences (prompts x n = {n}); at most {slots} run at "
+                       f"once and {ctx.max_queue} may wait (--max-queue), so it could never be admitted: split it",
+                       param="n", code="too_many_sequences")
+    waiting = eng.num_waiting + ctx.admitting + num_seqs - max(0, slots - eng.num_running)
+    if waiting > ctx.max_queue:
+        raise APIError(429, f"the request queue is full ({ctx.max_queue} sequences may wait, --max-queue); "
+                       f"retry later", "rate_limit_error", code="queue_full", reason="queue_full",
+                       headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+async def _admit(ctx: ServerContext, prompts: list, params, priority: int, prefix: str,
+                 constraint_field: str = "structured_outputs") -> list:
     _check_fits(ctx, prompts, params)
-    if ctx.max_queue is not None and ctx.engine.queue_depth + len(prompts) > ctx.max_queue:
-        raise APIError(429, f"the request queue is full ({ctx.max_queue} waiting); retry later",
-                       "rate_limit_error", code="queue_full", reason="queue_full")
+    num_seqs = len(prompts) * params.n
+    _check_queue(ctx, num_seqs, params.n)
+    ctx.admitting += num_seqs  # no await since the check: concurrent requests see this reservation
     tracks = []
     try:
         for i, prompt in enumerate(prompts):
@@ -145,7 +181,12 @@ async def _admit(ctx: ServerContext, prompts: list, params, priority: int, prefi
     except ValueError as e:
         for t in tracks:  # siblings of a rejected prompt: not failures of their own
             ctx.engine.abort(t.request_id, None)
-        raise APIError.from_value_error(e) from None
+        err = APIError.from_value_error(e)
+        if err.param == "structured_outputs":  # the engine's name; the client may have sent grammar / json_schema
+            err.param = constraint_field
+        raise err from None
+    finally:
+        ctx.admitting -= num_seqs  # the adds are in the engine's waiting count by now
     if ctx.options.log_requests:
         so = params.structured_outputs
         constraint = next((k for k in so._KINDS if getattr(so, k) not in (None, False)), None) if so else None
@@ -155,11 +196,12 @@ async def _admit(ctx: ServerContext, prompts: list, params, priority: int, prefi
     return tracks
 
 
-def _encode(ctx: ServerContext, prompt) -> dict:
+async def _encode(ctx: ServerContext, prompt, params) -> dict:
     if isinstance(prompt, str):
         if ctx.tokenizer is None:
             raise APIError(400, "this model has no tokenizer; send prompts as token ids", param="prompt")
-        return {"prompt": prompt, "prompt_token_ids": ctx.tokenizer.encode(prompt)}
+        ids = await ctx.tokenizer_pool.encode(prompt, _max_prompt_tokens(ctx, params))
+        return {"prompt": prompt, "prompt_token_ids": ids}
     if not prompt:
         raise APIError(400, "prompt is empty", param="prompt")
     return {"prompt": None, "prompt_token_ids": list(prompt)}
@@ -207,9 +249,9 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: HTT
     prompts = req.prompts()
     if not prompts:
         raise APIError(400, "prompt is empty", param="prompt")
-    encoded = [_encode(ctx, p) for p in prompts]
+    encoded = list(await asyncio.gather(*(_encode(ctx, p, params) for p in prompts)))
     rid = random_id("cmpl")
-    tracks = await _admit(ctx, encoded, params, req.priority, rid)
+    tracks = await _admit(ctx, encoded, params, req.priority, rid, req.constraint_field())
     base = {"id": rid, "object": "text_completion", "created": now(), "model": ctx.served_model_name}
     n_lp = req.logprobs
     num_prompt = sum(len(e["prompt_token_ids"]) for e in encoded)
@@ -232,7 +274,8 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: HTT
     def chunk(i, c, prev_text, prev_tokens, finish):
         return choice(i, c, c.text[len(prev_text):], (c.logprobs or [])[prev_tokens:], len(prev_text), finish)
 
-    return _stream(ctx, tracks, base, chunk, req.stream_options, num_prompt, first=None, token_chunks=n_lp is not None)
+    return _stream(ctx, raw, tracks, base, chunk, req.stream_options, num_prompt, first=None,
+                   token_chunks=n_lp is not None)
 
 
 async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest, raw: HTTPRequest):
@@ -254,15 +297,14 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
         plan = None  # tool_choice "none": the template still shows the tools, the output is plain text
     messages = [m.template_dict() for m in req.messages]
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-    try:
-        text = tok.apply_chat_template(messages, tools=tools, tokenize=False,
-                                       add_generation_prompt=req.add_generation_prompt,
-                                       chat_template=opts.chat_template)
-    except Exception as e:  # jinja errors (e.g. a role the template rejects)
-        raise APIError(400, f"chat template failed: {e}", param="messages") from None
-    encoded = {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+    # rendered and tokenized on a worker thread; special-token text in messages stays text (chat_template.py)
+    text, ids = await ctx.tokenizer_pool.render_chat(messages, _max_prompt_tokens(ctx, params),
+                                                     req.add_generation_prompt, ctx.parse_special_tokens_in_content,
+                                                     tools=tools, chat_template=opts.chat_template)
+    encoded = {"prompt": text, "prompt_token_ids": ids}
     rid = random_id("chatcmpl")
-    tracks = await _admit(ctx, [encoded], params, req.priority, rid)
+    tracks = await _admit(ctx, [encoded], params, req.priority, rid,
+                          "tools" if plan is not None else req.constraint_field())
     base = {"id": rid, "object": "chat.completion", "created": now(), "model": ctx.served_model_name}
     n_lp = params.logprobs
     num_prompt = len(encoded["prompt_token_ids"])
@@ -307,11 +349,11 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
 
     first = lambda i: {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                        "finish_reason": None}
-    return _stream(ctx, tracks, {**base, "object": "chat.completion.chunk"}, chunk, req.stream_options,
+    return _stream(ctx, raw, tracks, {**base, "object": "chat.completion.chunk"}, chunk, req.stream_options,
                    num_prompt, first=first, n=params.n, token_chunks=n_lp is not None)
 
 
-def _stream(ctx, tracks, base, chunk, stream_options, num_prompt, first, n=1, token_chunks=False):
+def _stream(ctx, raw, tracks, base, chunk, stream_options, num_prompt, first, n=1, token_chunks=False):
     """SSE response. A chunk goes out when a choice's text grows or it finishes; with logprobs also when only
     tokens arrived (their text may be held back while it could still become a stop string)."""
     include_usage = bool(stream_options and stream_options.include_usage)
@@ -340,6 +382,12 @@ def _stream(ctx, tracks, base, chunk, stream_options, num_prompt, first, n=1, to
                     yield _sse({**base, "choices": choices, **extra})
         except RequestAborted as e:
             err = _abort_error(ctx, e)
+            yield _sse({"error": err.body()})
+        except Exception:  # a bug after the 200 went out: end the stream with an error event that names it
+            rid = raw.state.request_id if hasattr(raw.state, "request_id") else None
+            logger.exception("stream failed (request id %s)", rid)
+            err = internal_error(rid)
+            ctx.metrics.on_failure(err.reason)
             yield _sse({"error": err.body()})
         if include_usage:
             yield _sse({**base, "choices": [], "usage": usage(num_prompt, gen_tokens)})

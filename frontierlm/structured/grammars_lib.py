@@ -6,20 +6,25 @@ from pathlib import Path
 
 GRAMMAR_DIR = Path(__file__).parent / "grammars"
 BUILTIN_PREFIX = "builtin:"
+# The fixed registry: name -> file, listed once from the package. A name from a request is only ever a key
+# into this dict, never part of a path, so no request can make the server read any other file (or learn
+# whether one exists).
+_REGISTRY: dict[str, Path] = {p.stem: p for p in sorted(GRAMMAR_DIR.glob("*.gbnf"))}
 
 
 def builtin_names() -> list[str]:
-    return sorted(p.stem for p in GRAMMAR_DIR.glob("*.gbnf"))
+    return sorted(_REGISTRY)
 
 
 def resolve_grammar(spec: str) -> str:
-    """GBNF text for `builtin:NAME`; any other string is already GBNF."""
+    """GBNF text for `builtin:NAME` (NAME from the registry); any other string is already GBNF."""
     if not spec.startswith(BUILTIN_PREFIX):
         return spec
     name = spec[len(BUILTIN_PREFIX):]
-    path = GRAMMAR_DIR / f"{name}.gbnf"
-    if not path.is_file():
-        raise ValueError(f"unknown builtin grammar {name!r}; builtin grammars: {', '.join(builtin_names())}")
+    path = _REGISTRY.get(name)
+    if path is None:
+        shown = name if len(name) <= 40 else name[:40] + "..."
+        raise ValueError(f"unknown builtin grammar {shown!r}; builtin grammars: {', '.join(builtin_names())}")
     return path.read_text()
 
 
