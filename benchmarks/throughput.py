@@ -58,7 +58,14 @@ def bench_frontierlm(model_dir: str, reqs, engine_kwargs: dict, decode_ids: list
     load_s = time.perf_counter() - t0
     vocab = llm.llm_engine.model_config.vocab_size
     warm = [[(i * 37 + j) % (vocab - NUM_SPECIAL) + NUM_SPECIAL for j in range(16)] for i in range(2)]
-    llm.generate(warm, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    # Warm-up, not timed: past the fast path's eager warm-up steps, so that its compiles (one graph for batch 1,
+    # one for larger batches) happen here; their time is reported as compile_s.
+    fast = llm.llm_engine.runner.fast_decode
+    t0 = time.perf_counter()
+    n_warm = 8 + (fast.warmup_steps if fast is not None else 0)
+    llm.generate(warm, SamplingParams(temperature=0, max_tokens=n_warm, ignore_eos=True), use_tqdm=False)
+    llm.generate(warm[:1], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    warm_s = time.perf_counter() - t0
 
     prompts = [ids for ids, _ in reqs]
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in reqs]
@@ -96,7 +103,9 @@ def bench_frontierlm(model_dir: str, reqs, engine_kwargs: dict, decode_ids: list
                total_tok_s=(num_out + sum(len(p) for p in prompts)) / wall,
                decode_tok_s=statistics.median(decode_runs), decode_runs=decode_runs,
                decode_ttft_s=statistics.median(ttfts), tokens=tokens,
-               startup_report=getattr(engine, "startup_report", ""))
+               startup_report=getattr(engine, "startup_report", ""), warmup_s=warm_s,
+               compile_s=sum(fast.compile_seconds.values()) if fast is not None else 0.0,
+               fast_decode_steps=fast.fast_steps if fast is not None else 0)
     del llm, engine
     gc.collect()
     return res
@@ -256,6 +265,8 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--max-num-seqs", type=int, help="FrontierLM engine argument (default: the engine's)")
     p.add_argument("--max-num-batched-tokens", type=int, help="FrontierLM engine argument (default: the engine's)")
+    p.add_argument("--dtype", help="FrontierLM engine argument (default: the engine's, 'auto')")
+    p.add_argument("--enforce-eager", action="store_true", help="FrontierLM: turn the compiled decode path off")
     p.add_argument("--hf-batch-size", type=int, default=8)
     p.add_argument("--decode-new-tokens", type=int, default=256)
     p.add_argument("--decode-repeats", type=int, default=3, help="batch-1 decode runs (median reported)")
@@ -286,7 +297,9 @@ def main(argv=None) -> dict:
     reqs = make_workload(a.num_requests, shape["vocab"], a.seed)
     d_ids = decode_prompt(shape["vocab"])
     engine_kwargs = {k: v for k, v in (("max_num_seqs", a.max_num_seqs),
-                                       ("max_num_batched_tokens", a.max_num_batched_tokens)) if v is not None}
+                                       ("max_num_batched_tokens", a.max_num_batched_tokens),
+                                       ("dtype", a.dtype), ("enforce_eager", a.enforce_eager or None))
+                     if v is not None}
     desc = ", ".join(f"{k}={v}" for k, v in engine_kwargs.items()) or "default engine settings"
     workload = dict(num_requests=len(reqs), prompt_tokens=sum(len(r[0]) for r in reqs),
                     output_tokens=sum(r[1] for r in reqs), decode_prompt=len(d_ids), decode_new=a.decode_new_tokens,

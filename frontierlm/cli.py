@@ -81,6 +81,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from frontierlm.train import cli as train_cli
 
     train_cli.add_parsers(sub)
+    from frontierlm.plan import cli as plan_cli
+
+    plan_cli.add_parsers(sub)  # plan, sim, profile
     _use_formatter(parser)
     return parser
 
@@ -292,10 +295,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     try:
+        from frontierlm.plan.cli import COMMANDS as planning_commands
         from frontierlm.train.cli import COMMANDS as train_commands
 
         commands = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "bench": cmd_bench,
-                    "grammar": cmd_grammar, **train_commands}
+                    "grammar": cmd_grammar, **train_commands, **planning_commands}
         return commands[args.command](args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -24,6 +24,10 @@ ENGINE_FLAGS = [
     ("--load-format", "load_format", str, "auto (safetensors) or dummy (random weights from config.json)"),
     ("--structured-outputs-backend", "structured_outputs_backend", str,
      "auto (xgrammar, guidance where xgrammar cannot enforce the constraint), xgrammar or guidance"),
+    ("--enforce-eager", "enforce_eager", bool,
+     "no compiled / CUDA-graphed decode step (default: eager on CPU, where compiling takes minutes)"),
+    ("--speculative-config", "speculative_config", "json",
+     'speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\''),
 ]
 
 SAMPLING_FLAGS = [

@@ -32,9 +32,12 @@ class EngineConfig:
     structured_outputs_backend: str = "auto"  # "xgrammar", "guidance" (llguidance), or auto: per constraint
     tensor_parallel_size: int = 1  # only 1 today: anything else is refused
     trust_remote_code: bool = False  # accepted for vLLM scripts; no model code is ever loaded from a checkpoint
-    enforce_eager: bool = False  # accepted for vLLM scripts; the engine always runs eagerly (no CUDA graphs yet)
+    # True: no compiled / CUDA-graphed decode step (engine/fast_decode.py). None: eager on CPU, where inductor's
+    # compile of the decode graphs took minutes on a 2-core machine (docs/benchmarks.md); fast path on CUDA.
+    enforce_eager: bool | None = None
     # custom logits processors (classes or "module:Class" / "module.Class" names), vLLM v1's interface
     logits_processors: list = field(default_factory=list)
+    speculative_config: dict | None = None  # frontierlm/spec/config.py: {"method", "num_speculative_tokens", ...}
 
     def __post_init__(self):
         def positive(name):
@@ -57,6 +60,10 @@ class EngineConfig:
                              f"{self.structured_outputs_backend!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.speculative_config is not None:
+            from frontierlm.spec.config import SpeculativeConfig
+
+            self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
         if not isinstance(self.tensor_parallel_size, int) or isinstance(self.tensor_parallel_size, bool) \
                 or self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
@@ -64,7 +71,7 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet: FrontierLM "
                              "runs a model on one device (tensor_parallel_size=1)")
         for name in ("trust_remote_code", "enforce_eager"):
-            if not isinstance(getattr(self, name), bool):
+            if not isinstance(getattr(self, name), bool) and not (name == "enforce_eager" and self.enforce_eager is None):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.logits_processors is None:
             self.logits_processors = []
@@ -85,6 +92,8 @@ class EngineConfig:
         if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {self.device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
         check_attention_backend(dev)
+        if self.enforce_eager is None:
+            self.enforce_eager = dev.type == "cpu"
 
     @property
     def torch_dtype(self) -> torch.dtype | None:

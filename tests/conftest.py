@@ -6,6 +6,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests import factories.py and each other's helpers
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# The compiled decode step costs an inductor compile per engine (tens of seconds on 2 cores); it is tested in
+# test_fast_path.py, and everywhere else (subprocess servers included) engines stay on the eager path.
+os.environ.setdefault("FRONTIERLM_DECODE_WARMUP_STEPS", str(10**9))
 
 
 @pytest.fixture(scope="module")

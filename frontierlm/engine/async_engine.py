@@ -139,6 +139,9 @@ class AsyncEngine:
         self._commands.put(None)  # wake the thread
         self._thread.join(timeout)
         self._thread = None
+        summary = self.engine.spec_decode_summary() if self.is_ready else None
+        if summary:
+            logger.info(summary)
 
     # ---- commands (any thread) -----------------------------------------------------------------------
     def _submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future:

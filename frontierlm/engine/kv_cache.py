@@ -165,6 +165,17 @@ class KVCacheManager:
             self.pool.register(blocks[i], *keys[i])
         self.req_num_registered[request.request_id] = num_full
 
+    def free_tail(self, request_id: str, num_tokens: int) -> None:
+        """Give back the blocks past the first `num_tokens` tokens (speculative positions that were rejected).
+        Such blocks were never registered: only blocks full of a request's own tokens are hashed."""
+        blocks = self.req_blocks.get(request_id)
+        keep = -(-num_tokens // self.block_size)
+        if blocks is None or len(blocks) <= keep:
+            return
+        tail = blocks[keep:]
+        del blocks[keep:]
+        self.pool.free(list(reversed(tail)))
+
     def free(self, request: Request) -> None:
         blocks = self.req_blocks.pop(request.request_id, [])
         self.req_num_registered.pop(request.request_id, None)

@@ -62,6 +62,11 @@ class LLMEngine:
         t0 = time.perf_counter()
         self.config = config
         self.model_config = ModelConfig.from_pretrained(config.model, config.torch_dtype, config.load_format)
+        dtype_reason = "as requested"
+        if config.dtype == "auto":  # the checkpoint's, unless this CPU computes it slowly (engine/dtype_policy.py)
+            from frontierlm.engine.dtype_policy import choose_dtype
+
+            self.model_config.dtype, dtype_reason = choose_dtype(self.model_config.dtype, torch.device(config.device))
         mc = self.model_config
         check_attention_backend(torch.device(config.device), mc.is_mla)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
@@ -76,6 +81,11 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
         self.grammar_backend = None  # built on the first structured request (importing xgrammar takes a while)
+        self.spec = None  # speculative decoding (frontierlm/spec) when speculative_config is set
+        if config.speculative_config is not None:
+            from frontierlm.spec.decoder import SpecDecoder
+
+            self.spec = self.runner.spec = SpecDecoder(config.speculative_config, self)
         self.groups: dict[str, _Group] = {}
         self._compiling: list[_Group] = []  # groups whose grammar is still compiling
         self._child_to_group: dict[str, _Group] = {}
@@ -87,7 +97,14 @@ class LLMEngine:
             f"FrontierLM: {mc.architecture} ({mc.dtype}, {self.runner.device}) | KV cache: {num_blocks} blocks x "
             f"{config.block_size} tokens = {num_blocks * config.block_size} tokens, {bpt} bytes/token{mla}, "
             f"{num_blocks * config.block_size * bpt / 2**30:.2f} GiB | structured outputs: "
-            f"{config.structured_outputs_backend} | loaded in {time.perf_counter() - t0:.1f}s")
+            f"{config.structured_outputs_backend} | loaded in {time.perf_counter() - t0:.1f}s"
+            f" | dtype {mc.dtype}: {dtype_reason} | "
+            + (self.runner.fast_decode.describe() if self.runner.fast_decode else
+               "decode: eager (enforce_eager; enforce_eager=False compiles the decode step)"))
+        if self.spec is not None:
+            sc = config.speculative_config
+            self.startup_report += (f" | speculative decoding: {sc.method}{' ' + sc.model if sc.model else ''}, "
+                                    f"K={sc.num_speculative_tokens}{' adaptive' if sc.adaptive else ''}")
         logger.info(self.startup_report)
 
     def get_tokenizer(self):
@@ -298,7 +315,10 @@ class LLMEngine:
             if not failed and self.has_unfinished_requests():
                 time.sleep(0.001)  # only grammar compiles are pending: do not spin
             return failed
+        t0 = self.spec.clock() if self.spec is not None else 0.0
         result = self.runner.execute(sched)
+        if self.spec is not None:  # the cost model behind the adaptive draft length
+            self.spec.observe_step(sched.num_tokens, self.spec.clock() - t0)
         updated = self.scheduler.update_from_output(sched, result)
         touched: dict[str, _Group] = {}
         for req in updated:
@@ -316,11 +336,25 @@ class LLMEngine:
                 outputs.append(self._make_output(group))
             if group.finished:
                 self._forget(group)
+        if self.spec is not None:  # proposals for the next step
+            self.spec.propose(self.scheduler.running)
         return outputs
 
     def _detokenize(self, group: _Group, idx: int, req: Request) -> None:
         detok = group.detoks[idx]
-        stop = detok.update(req.output_token_ids[group.num_detokenized[idx]:])
+        new = req.output_token_ids[group.num_detokenized[idx]:]
+        if len(new) == 1:
+            stop = detok.update(new)
+        else:  # several tokens this step (speculation, jump-forward): stop at the one that ends a stop string
+            stop, fed = None, 0
+            while stop is None and fed < len(new):
+                stop = detok.update(new[fed:fed + 1])
+                fed += 1
+            if stop is not None and fed < len(new):  # the tokens after it were never generated
+                del req.output_token_ids[fed - len(new):]
+                del req.all_token_ids[fed - len(new):]
+                if req.is_finished:  # by a rule that a later token met: the stop string came first
+                    req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop
         group.num_detokenized[idx] = req.num_output_tokens
         if stop is not None and not req.is_finished:
             req.stop_reason = stop
@@ -407,7 +441,12 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             # structured-output requests per backend since start ({} before the first one)
             "structured_output_requests": dict(self.grammar_backend.served) if self.grammar_backend else {},
+            **({"spec_decode": self.spec.stats.as_dict()} if self.spec is not None else {}),
         }
+
+    def spec_decode_summary(self) -> str | None:
+        """One line on speculative decoding so far (logged at shutdown), or None when it is off."""
+        return None if self.spec is None else f"speculative decoding: {self.spec.stats.summary()}"
 
     def expert_load(self) -> list[list[int]]:
         """MoE models: tokens routed to each expert, per MoE layer, since start (empty for dense models).

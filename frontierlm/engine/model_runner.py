@@ -25,10 +25,14 @@ class ModelRunner:
         procs = LogitsProcessors(config.logits_processors, config, self.device) if config.logits_processors else None
         self.sampler = Sampler(model_config.vocab_size, seed=config.seed, logits_processors=procs)
         self.kv_caches: list[torch.Tensor] = []
+        self.fast_decode = None  # engine/fast_decode.py, built with the KV cache unless enforce_eager
         self._pool: ThreadPoolExecutor | None = None  # host work overlapped with the forward (grammar masks)
+        self.spec = None  # frontierlm.spec.decoder.SpecDecoder when speculative decoding is on (set by the engine)
         self.block_size = config.block_size
         # Persistent device buffers sized for the largest step, so decode shapes can later be CUDA-graphed.
         n, seqs = config.max_num_batched_tokens, config.max_num_seqs
+        if config.speculative_config is not None:  # each verified token attends as its own decode (_prepare)
+            seqs = min(seqs * (1 + config.speculative_config.num_speculative_tokens), seqs + n)
         max_blocks = -(-(config.max_model_len or model_config.max_model_len) // config.block_size)
         shapes = {"input_ids": ((n,), torch.long), "positions": ((n,), torch.long),
                   "slot_mapping": ((n,), torch.long), "query_start_loc": ((seqs + 1,), torch.int32),
@@ -46,35 +50,67 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         # Each layer says what it stores per token: [2, blocks, block_size, kv_heads, head_dim] for dense
         # attention, [blocks, block_size, kv_lora_rank + rope_dim] for MLA's latent cache.
-        shapes = self.model.kv_cache_shapes(num_blocks, self.block_size)
+        # The decode fast path gets one scratch block past the managed ones for its padding rows.
+        scratch = 0 if self.config.enforce_eager else 1
+        shapes = self.model.kv_cache_shapes(num_blocks + scratch, self.block_size)
         self.kv_caches = [torch.zeros(s, dtype=self.model_config.dtype, device=self.device) for s in shapes]
         self.model.bind_kv_cache(self.kv_caches)
+        if scratch:
+            from frontierlm.engine.fast_decode import FastDecode
+
+            self.fast_decode = FastDecode(self.model, self.device, self.config.max_num_seqs,
+                                          self.config.max_model_len or self.model_config.max_model_len,
+                                          self.block_size, scratch_block=num_blocks)
 
     # ---- one step --------------------------------------------------------------------------------
-    def _prepare(self, sched: SchedulerOutput) -> tuple[int, AttentionMetadata, list[int]]:
-        """Fill the pinned host buffers, then copy each used slice to its device buffer (non-blocking)."""
+    def _prepare(self, sched: SchedulerOutput) -> tuple[int, AttentionMetadata, list[int], list[int]]:
+        """Fill the pinned host buffers, then copy each used slice to its device buffer (non-blocking).
+        Returns the rows whose logits sample a token, and the K + 1 rows of each request with proposals."""
         bs = self.block_size
-        num_seqs = len(sched.scheduled)
-        query_lens = [s.num_new_tokens for s in sched.scheduled]
-        seq_lens = [s.request.num_computed_tokens + s.num_new_tokens for s in sched.scheduled]
+        # Attention sequences: one per scheduled request, except that a request with proposals attends as
+        # K + 1 one-token sequences over its own cache (token j sees positions <= its own). Every K/V of the
+        # step is written before attention reads, so verification runs the batched decode path.
+        attn_rows = None
+        if not any(s.spec_token_ids for s in sched.scheduled):
+            query_lens = [s.num_new_tokens for s in sched.scheduled]
+            seq_lens = [s.request.num_computed_tokens + s.num_new_tokens for s in sched.scheduled]
+        else:
+            attn_rows = []
+            for s in sched.scheduled:
+                start = s.request.num_computed_tokens
+                if s.spec_token_ids:
+                    attn_rows += [(s, 1, start + j + 1) for j in range(s.num_new_tokens)]
+                else:
+                    attn_rows.append((s, s.num_new_tokens, start + s.num_new_tokens))
+            query_lens = [q for _, q, _ in attn_rows]
+            seq_lens = [n for _, _, n in attn_rows]
+        num_seqs = len(query_lens)
         num_tokens = sum(query_lens)
         max_blocks = max(len(s.block_ids) for s in sched.scheduled)
         host = {k: v.numpy() for k, v in self._host.items()}
         ids, pos, slots, tables = host["input_ids"], host["positions"], host["slot_mapping"], host["block_tables"]
         tables[:num_seqs, :max_blocks] = 0
-        logits_index = []
+        if attn_rows is not None:
+            for i, (s, _, _) in enumerate(attn_rows):
+                tables[i, :len(s.block_ids)] = s.block_ids
+        logits_index, spec_index = [], []
         offset = 0
         for i, s in enumerate(sched.scheduled):
             req, q = s.request, s.num_new_tokens
             start = req.num_computed_tokens
             table = np.asarray(s.block_ids, dtype=np.int64)
-            tables[i, :len(table)] = table
+            if attn_rows is None:
+                tables[i, :len(table)] = table
             p = np.arange(start, start + q)
-            ids[offset:offset + q] = req.all_token_ids[start:start + q]
+            k = len(s.spec_token_ids)
+            ids[offset:offset + q - k] = req.all_token_ids[start:start + q - k]
+            ids[offset + q - k:offset + q] = s.spec_token_ids
             pos[offset:offset + q] = p
             slots[offset:offset + q] = table[p // bs] * bs + p % bs
             offset += q
-            if s.samples:
+            if k:
+                spec_index += range(offset - k - 1, offset)
+            elif s.samples:
                 logits_index.append(offset - 1)
         host["query_start_loc"][0] = 0
         np.cumsum(query_lens, out=host["query_start_loc"][1:num_seqs + 1])
@@ -95,29 +131,79 @@ class ModelRunner:
             slot_mapping=dev["slot_mapping"], query_start_loc=dev["query_start_loc"], seq_lens=dev["seq_lens"],
             block_tables=dev["block_tables"], query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
             max_query_len=max(query_lens), max_seq_len=max(seq_lens), block_size=bs)
-        return num_tokens, meta, logits_index
+        return num_tokens, meta, logits_index, spec_index
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        num_tokens, meta, logits_index = self._prepare(sched)
-        rows = [s.request for s in sched.scheduled if s.samples]
+        rows = [s.request for s in sched.scheduled if s.samples and not s.spec_token_ids]
         matchers = [r.grammar for r in rows]
         bitmask_job = None
         if any(m is not None for m in matchers):  # fill grammar masks on a thread, overlapped with the forward
             from frontierlm.structured.backend import fill_grammar_bitmask
 
             bitmask_job = self._host_pool().submit(fill_grammar_bitmask, matchers, self.model_config.vocab_size)
+        if self.spec is not None and (self.spec.proposer.uses_hidden or any(s.spec_token_ids for s in sched.scheduled)):
+            return self._execute_spec(sched, rows, matchers, bitmask_job)
+        # pure decode steps: the static-shape compiled / graphed forward; None = take the eager path
+        logits = self.fast_decode.run(sched) if self.fast_decode is not None else None
+        prompt_lps = {}  # a pure decode step has no prompt tokens
+        if logits is None:
+            logits, prompt_lps = self._eager_logits(sched)
+            if logits is None:
+                return RunnerOutput(sampled={}, prompt_logprobs=prompt_lps)
+        return self._sample(logits, rows, matchers, bitmask_job, prompt_lps)
+
+    def _forward(self, sched: SchedulerOutput):
+        num_tokens, meta, logits_index, spec_index = self._prepare(sched)
         hidden = self.model(self._dev["input_ids"][:num_tokens], self._dev["positions"][:num_tokens], meta)
         prompt_lps = {}
         if any(s.request.sampling_params.prompt_logprobs is not None for s in sched.scheduled):
             prompt_lps = compute_prompt_logprobs(self.model, hidden, sched.scheduled)
-        if not logits_index:
-            return RunnerOutput(sampled={}, prompt_logprobs=prompt_lps)
-        if len(logits_index) == num_tokens:  # pure decode step: every row yields a token
-            logits = self.model.compute_logits(hidden)
+        logits = None
+        if logits_index:
+            if len(logits_index) == num_tokens:  # pure decode step: every row yields a token
+                logits = self.model.compute_logits(hidden)
+            else:
+                index = torch.tensor(logits_index, dtype=torch.long).to(self.device, non_blocking=True)
+                logits = self.model.compute_logits(hidden.index_select(0, index))
+        return hidden, logits, prompt_lps, spec_index
+
+    def _eager_logits(self, sched: SchedulerOutput) -> tuple[torch.Tensor | None, dict]:
+        _, logits, prompt_lps, _ = self._forward(sched)
+        return logits, prompt_lps
+
+    def _execute_spec(self, sched: SchedulerOutput, rows, matchers, bitmask_job) -> RunnerOutput:
+        """The eager step with proposals: plain rows sample as usual, each request's K + 1 rows are verified
+        (frontierlm/spec), and the proposer sees the hidden states."""
+        spec_rows = [s for s in sched.scheduled if s.spec_token_ids]
+        spec_mask_job = None
+        if any(s.request.grammar is not None for s in spec_rows):
+            from frontierlm.spec.grammar import fill_spec_bitmask
+
+            spec_mask_job = self._host_pool().submit(fill_spec_bitmask, [s.request.grammar for s in spec_rows],
+                                                     [s.spec_token_ids for s in spec_rows],
+                                                     self.model_config.vocab_size)
+        hidden, logits, prompt_lps, spec_index = self._forward(sched)
+        if logits is not None:
+            result = self._sample(logits, rows, matchers, bitmask_job, prompt_lps)
         else:
-            index = torch.tensor(logits_index, dtype=torch.long).to(self.device, non_blocking=True)
-            logits = self.model.compute_logits(hidden.index_select(0, index))
+            result = RunnerOutput(sampled={}, prompt_logprobs=prompt_lps)
+        if spec_rows:
+            index = torch.tensor(spec_index, dtype=torch.long).to(self.device, non_blocking=True)
+            spec_logits = self.model.compute_logits(hidden.index_select(0, index))
+            if spec_mask_job is not None:
+                from frontierlm.spec.grammar import apply_spec_bitmask
+
+                apply_spec_bitmask(spec_logits, spec_mask_job.result(), [s.request.grammar for s in spec_rows],
+                                   [s.spec_token_ids for s in spec_rows])
+            verified = self.spec.verify(self.sampler, spec_logits, spec_rows, self.model_config.eos_token_ids)
+            for s, (accepted, token) in zip(spec_rows, verified):
+                result.sampled[s.request.request_id] = token
+                result.spec_accepted[s.request.request_id] = accepted
+        self.spec.observe(sched, hidden, result.spec_accepted)
+        return result
+
+    def _sample(self, logits: torch.Tensor, rows, matchers, bitmask_job, prompt_lps: dict) -> RunnerOutput:
         if bitmask_job is not None:
             from frontierlm.structured.backend import apply_grammar_bitmask
 

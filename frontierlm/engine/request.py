@@ -54,6 +54,7 @@ class Request:
     prompt_logprobs: list = field(default_factory=list)  # one (ids, logprobs, rank) per prompt token after the first
     first_token_time: float | None = None
     block_keys: list = field(default_factory=list)  # memoized prefix-cache hashes of full blocks (kv_cache.py)
+    spec_token_ids: list[int] = field(default_factory=list)  # proposals to verify next step (frontierlm/spec)
 
     def __post_init__(self):
         # all_token_ids grows by append; prompt_token_ids and output_token_ids are views of its parts

@@ -17,9 +17,11 @@ class ScheduledRequest:
     num_new_tokens: int
     block_ids: list[int]
     samples: bool = False  # this step reaches the request's last token, so its logits yield a new token
+    spec_token_ids: list[int] = field(default_factory=list)  # proposals scored after the last token
 
     def __post_init__(self):
-        self.samples = self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+        self.samples = (self.request.num_computed_tokens + self.num_new_tokens
+                        == self.request.num_tokens + len(self.spec_token_ids))
 
 
 @dataclass
@@ -40,6 +42,7 @@ class SchedulerOutput:
 class RunnerOutput:
     """What the model runner returns for the requests that sampled (in scheduled order)."""
     sampled: dict[str, int]  # request id -> new token
+    spec_accepted: dict[str, list[int]] = field(default_factory=dict)  # accepted proposals, before `sampled`
     logprobs: dict[str, tuple[list[int], list[float], int]] = field(default_factory=dict)
     mirostat_mu: dict[str, float] = field(default_factory=dict)
     prompt_logprobs: dict[str, list] = field(default_factory=dict)  # engine/prompt_logprobs.py entries
@@ -84,8 +87,14 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            pending = request.num_tokens - request.num_computed_tokens
+            num_new = min(pending + len(request.spec_token_ids), budget)
+            del request.spec_token_ids[max(num_new - pending, 0):]  # proposals the budget cannot verify
             block_ids = self.kv.allocate_slots(request, num_new)
+            if block_ids is None and request.spec_token_ids:  # speculate less before preempting anyone
+                num_new -= len(request.spec_token_ids)
+                request.spec_token_ids.clear()
+                block_ids = self.kv.allocate_slots(request, num_new)
             while block_ids is None:  # out of blocks: preempt from the back until this one fits
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -95,7 +104,8 @@ class Scheduler:
                 block_ids = self.kv.allocate_slots(request, num_new)
             if block_ids is None:
                 break
-            out.scheduled.append(ScheduledRequest(request, num_new, block_ids))
+            out.scheduled.append(ScheduledRequest(request, num_new, block_ids, spec_token_ids=request.spec_token_ids))
+            request.spec_token_ids = []
             budget -= num_new
             i += 1
 
@@ -128,6 +138,7 @@ class Scheduler:
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.num_preemptions += 1
         self.num_preemptions += 1
         bisect.insort(self.waiting, request, key=Request.sort_key)
@@ -141,14 +152,24 @@ class Scheduler:
             request = s.request
             if request.is_finished:  # aborted while the step ran
                 continue
-            request.num_computed_tokens += s.num_new_tokens
-            request.check_invariants()
+            accepted = result.spec_accepted.get(request.request_id, [])
+            # rejected proposals are wound back: their KV slots are overwritten later, their blocks freed below
+            request.num_computed_tokens += s.num_new_tokens - (len(s.spec_token_ids) - len(accepted))
             if request.request_id in result.prompt_logprobs:
                 request.prompt_logprobs.extend(result.prompt_logprobs[request.request_id])
             token = result.sampled.get(request.request_id)
             if token is None:
+                request.check_invariants()
                 continue
-            request.append_token(token)
+            status = None
+            for t in accepted:  # accepted proposals are ordinary tokens: each passes the stop rules
+                request.append_token(t)
+                status = self._check_stop(request, t)
+                if status is not None:
+                    break
+            if status is None:
+                request.append_token(token)
+                status = self._check_stop(request, token)
             if request.first_token_time is None:
                 request.first_token_time = now
             if request.request_id in result.logprobs:
@@ -157,9 +178,12 @@ class Scheduler:
                 request.cumulative_logprob += entry[1][0]
             if request.request_id in result.mirostat_mu:
                 request.mirostat_mu = result.mirostat_mu[request.request_id]
-            status = self._check_stop(request, token)
+            request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
+            request.check_invariants()
             if status is not None:
                 self.finish_request(request.request_id, status)
+            elif len(accepted) < len(s.spec_token_ids):
+                self.kv.free_tail(request.request_id, request.num_tokens)
             updated.append(request)
         return updated
 

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from frontierlm.layers.paged_decode import PagedDecodePlan, paged_decode_attention
+
 
 @dataclass
 class AttentionMetadata:
@@ -261,4 +263,6 @@ class Attention(nn.Module):
             return causal_attention(q, k, v, self.scale, self.sliding_window)
         if self.kv_cache is None:
             raise RuntimeError("attention got attn_meta but no KV cache is bound (call model.bind_kv_cache)")
+        if isinstance(plan, PagedDecodePlan):  # the static-shape decode step (engine/fast_decode.py)
+            return paged_decode_attention(q, k, v, self.kv_cache, plan, self.scale, self.sliding_window)
         return self.backend.forward(q, k, v, self.kv_cache, plan, self.scale, self.sliding_window)

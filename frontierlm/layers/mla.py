@@ -21,6 +21,7 @@ from torch import nn
 from frontierlm.layers.attention import AttentionMetadata, _gather_blocks, _TorchPlan, causal_attention
 from frontierlm.layers.linear import Linear
 from frontierlm.layers.norm import RMSNorm
+from frontierlm.layers.paged_decode import PagedDecodePlan, paged_decode_mla
 from frontierlm.layers.rotary import RotaryEmbedding, rope_parameters
 
 
@@ -176,5 +177,8 @@ class MLAAttention(nn.Module):
         else:
             if self.kv_cache is None:
                 raise RuntimeError("MLA attention got attn_meta but no KV cache is bound (call model.bind_kv_cache)")
-            o = self.backend.forward(self, q_nope, q_pe, latent, k_pe, self.kv_cache, plan)
+            if isinstance(plan, PagedDecodePlan):  # the static-shape decode step (engine/fast_decode.py)
+                o = paged_decode_mla(self, q_nope, q_pe, latent, k_pe, self.kv_cache, plan)
+            else:
+                o = self.backend.forward(self, q_nope, q_pe, latent, k_pe, self.kv_cache, plan)
         return self.o_proj(o.reshape(*lead, self.num_heads * self.v_head_dim))

@@ -174,8 +174,10 @@ class FusedExperts(nn.Module):
         xs = x.index_select(0, rows)
         if xs.shape[0] == 0:
             ys = xs
-        elif self._use_grouped_mm(x):
+        elif self._use_grouped_mm(x) and (x.dtype == torch.bfloat16 or not torch.compiler.is_compiling()):
             ys = self._grouped(xs, counts)
+        elif torch.compiler.is_compiling():  # the loop reads counts on the host; grouped_mm traces only in bf16
+            ys = self._gathered(xs, flat_ids.index_select(0, order))
         else:
             ys = self._looped(xs, counts)
         # Like transformers: scale by the float32 routing weight, then sum in x's dtype. Un-sorting is a
@@ -200,6 +202,12 @@ class FusedExperts(nn.Module):
         offs = counts.cumsum(0, dtype=torch.int32)
         h = self.act(torch._grouped_mm(xs, self.w13.transpose(1, 2), offs=offs))
         return torch._grouped_mm(h, self.w2.transpose(1, 2), offs=offs)
+
+    def _gathered(self, xs: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """Each (token, expert) pair against its own expert's weights, gathered: shape-static, so the compiled
+        decode step can trace it (it reads an expert's weights once per pair, fine for decode-sized batches)."""
+        h = self.act(torch.bmm(self.w13.index_select(0, expert_ids), xs.unsqueeze(-1)).squeeze(-1))
+        return torch.bmm(self.w2.index_select(0, expert_ids), h.unsqueeze(-1)).squeeze(-1)
 
     def _looped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The reference: one matmul pair per expert that has tokens."""
@@ -277,7 +285,10 @@ class MoE(nn.Module):
     def reset_expert_counts(self) -> None:
         self.expert_counts.zero_()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    counts_rows = True  # DecoderLayer passes a padded step's real-row mask
+
+    def forward(self, x: torch.Tensor, real_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """real_rows [T] (1 = a request's token, 0 = padding): only real tokens go into expert_counts."""
         shape = x.shape
         x = x.reshape(-1, self.hidden_size)
         if self.router_fp32:  # DeepSeek routes in float32 whatever the model dtype
@@ -287,6 +298,9 @@ class MoE(nn.Module):
         bias = getattr(self.gate, "e_score_correction_bias", None)
         weights, ids = select_experts(logits, self.routing, bias)
         out, counts = self.experts(x, weights, ids)
+        if real_rows is not None:
+            counts = torch.zeros_like(counts).scatter_add_(
+                0, ids.reshape(-1), real_rows.to(counts.dtype)[:, None].expand(ids.shape).reshape(-1))
         self.expert_counts += counts
         if self.shared_name:
             shared = getattr(self, self.shared_name)(x)

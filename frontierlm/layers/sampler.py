@@ -78,26 +78,8 @@ class Sampler:
             return SamplerOutput(logits.argmax(dim=-1), None, None, None, old_mu)
 
         x = logits.to(torch.float32, copy=True)  # never modify the caller's logits
-        self._apply_bias_and_bans(x, states, eos_token_ids)
-        # 2. The grammar bitmask was applied by the runner (structured outputs) before the sampler.
-        # 2b. allowed_token_ids, then the user's logits processors (the documented stage for them).
-        apply_allowed_token_ids(x, states)
-        if procs:
-            x = procs.apply(x)
-        self._apply_penalties(x, states)
-
-        # 4. Temperature. Greedy rows keep temperature 1 so their logprobs are of the penalized distribution.
-        temps = [1.0 if g else p.temperature for g, p in zip(greedy, params)]
-        if any(t != 1.0 for t in temps):
-            x.div_(torch.tensor(temps, dtype=x.dtype).to(device, non_blocking=True).unsqueeze(1))
-
-        # 5-9. Truncation (or Mirostat) for sampled rows; greedy rows are left whole, as in vLLM.
+        x, mu_t = self._process(x, states, eos_token_ids, old_mu)
         mu_rows = [i for i, (g, p) in enumerate(zip(greedy, params)) if not g and p.mirostat_mode]
-        trunc_rows = [i for i, (g, p) in enumerate(zip(greedy, params)) if not g and not p.mirostat_mode and (
-            p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 or p.typical_p < 1.0)]
-        mu_t = None
-        if mu_rows or trunc_rows:
-            mu_t = self._truncate(x, params, trunc_rows, mu_rows, old_mu)
 
         # 10. Sample. The final distribution is softmax(x); masked tokens are -inf there.
         probs = torch.softmax(x, dim=-1)
@@ -133,6 +115,41 @@ class Sampler:
         ids = torch.cat([tokens.unsqueeze(1), top_ids], dim=1)
         lps = torch.cat([tok_lp, top_lp], dim=1)
         return SamplerOutput(tokens, ids, lps, ranks, new_mu)
+
+    def processed_logits(self, logits: torch.Tensor, states: Sequence[SamplingState],
+                         eos_token_ids: Sequence[int]) -> torch.Tensor:
+        """Stages 1-9 without sampling, for rows without Mirostat: float32 logits whose softmax is exactly the
+        distribution __call__ draws from (greedy rows: whose argmax it takes). Speculative verification
+        scores proposals against these."""
+        x = logits.to(torch.float32, copy=True)
+        return self._process(x, states, eos_token_ids, [None] * len(states), logits_processors=False)[0]
+
+    def _process(self, x: torch.Tensor, states: Sequence[SamplingState], eos_token_ids: Sequence[int],
+                 old_mu: list[float | None], logits_processors: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Stages 1-9 on x (in place but for the custom processors); returns (x, Mirostat rows' current mu).
+        The custom processors are stateful per batch row, so speculation (which refuses them) skips them."""
+        params = [s.sampling_params for s in states]
+        greedy = [p.greedy for p in params]
+        self._apply_bias_and_bans(x, states, eos_token_ids)
+        # 2. The grammar bitmask was applied by the runner (structured outputs) before the sampler.
+        # 2b. allowed_token_ids, then the user's logits processors (the documented stage for them).
+        apply_allowed_token_ids(x, states)
+        if logits_processors and self.logits_processors:
+            x = self.logits_processors.apply(x)
+        self._apply_penalties(x, states)
+
+        # 4. Temperature. Greedy rows keep temperature 1 so their logprobs are of the penalized distribution.
+        temps = [1.0 if g else p.temperature for g, p in zip(greedy, params)]
+        if any(t != 1.0 for t in temps):
+            x.div_(torch.tensor(temps, dtype=x.dtype).to(x.device, non_blocking=True).unsqueeze(1))
+
+        # 5-9. Truncation (or Mirostat) for sampled rows; greedy rows are left whole, as in vLLM.
+        mu_rows = [i for i, (g, p) in enumerate(zip(greedy, params)) if not g and p.mirostat_mode]
+        trunc_rows = [i for i, (g, p) in enumerate(zip(greedy, params)) if not g and not p.mirostat_mode and (
+            p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 or p.typical_p < 1.0)]
+        if mu_rows or trunc_rows:
+            return x, self._truncate(x, params, trunc_rows, mu_rows, old_mu)
+        return x, None
 
     # ---- 1. bias and bans ---------------------------------------------------------------------------------
     @staticmethod

@@ -28,6 +28,9 @@ class DecoderLayer(nn.Module):
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(x, cos_sin, rotary, plan)
         x, residual = self.post_attention_layernorm(x, residual)
+        real_rows = getattr(plan, "real_rows", None)  # padded decode step: MoE counts only real tokens
+        if real_rows is not None and getattr(self.mlp, "counts_rows", False):
+            return self.mlp(x, real_rows), residual
         return self.mlp(x), residual
 
 

@@ -48,8 +48,6 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     _add_once(parser, "--trust-remote-code", action="store_true",
               help="accepted for vLLM compatibility; FrontierLM never runs code from a model directory (it "
                    "implements each architecture itself), so this changes nothing")
-    _add_once(parser, "--enforce-eager", action="store_true",
-              help="accepted for vLLM compatibility; FrontierLM has no CUDA graphs yet, so it always runs eagerly")
     for flag, dest, off, what in NOT_YET:
         _add_once(parser, flag, dest=dest, default=off, type=int if isinstance(off, int) else str,
                   help=f"{what}: not supported yet; only {off!r} is accepted")

@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from frontierlm.engine.async_engine import StatsSink
+from frontierlm.spec.metrics import SpecDecodeCollector
 
 # the *_created series only add noise to every counter and histogram (vLLM turns them off too)
 prometheus_client.disable_created_metrics()
@@ -150,12 +151,15 @@ class ServerMetrics(StatsSink):
         self.expert_snapshot: tuple[list[int], list[list[int]]] = ([], [])  # (layer numbers, rows)
         self._dense = False  # set once a snapshot comes back empty: dense models skip the engine round trip
         self.registry.register(_MoECollector(self))
+        self.spec_stats: dict | None = None  # the engine's speculative-decoding counters (frontierlm/spec)
+        self.registry.register(SpecDecodeCollector(self))
 
     # ---- StatsSink (engine thread) ---------------------------------------------------------------------
     def on_step(self, stats: dict) -> None:
         self.running.set(stats["num_running"])
         self.waiting.set(stats["num_waiting"])
         self.kv_usage.set(stats["kv_cache_usage"])
+        self.spec_stats = stats.get("spec_decode")
         # the engine keeps cumulative counts; counters advance by the difference
         for key, counter in (("prefix_cache_queries", self.prefix_queries), ("prefix_cache_hits", self.prefix_hits),
                              ("num_preemptions", self.preemptions)):

@@ -1,0 +1,363 @@
+"""Calibrate the simulator against this engine, and a DistServe-style study on simulated H100s.
+
+    python benchmarks/sim_calibration.py calibrate --out runs/calib          # tiny + 33.6M models on this CPU
+    python benchmarks/sim_calibration.py distserve --out runs/distserve      # Llama-3-8B roofline, 8-64 H100s
+
+calibrate: for each model, `frontierlm profile` measures the engine's step time; a live `frontierlm serve` is
+loaded by `frontierlm bench serve` at three request rates (light, near saturation, overloaded: fractions of the
+capacity the simulator predicts), and `frontierlm sim --profile` replays the same arrivals (the bench's own seeded
+Poisson draws, rebuilt here) to compare throughput and p50 / p99 TTFT and TPOT.
+
+distserve: per-GPU goodput (the highest request rate at which 90% of requests meet both the TTFT and the TPOT SLO,
+divided by the GPU count) of colocated replicas vs disaggregated N_p:N_d splits, from the planner's roofline.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from frontierlm.cli import main as cli_main  # noqa: E402
+
+
+def load() -> str:
+    return open("/proc/loadavg").read().split()[0]
+
+
+def _env(threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), FRONTIERLM_LOG_LEVEL="WARNING")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _cli(args: list[str], env: dict, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "frontierlm.cli", *args], env=env, check=True, **kw)
+
+
+def _sim(argv: list[str]) -> dict:
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = cli_main(["sim", *argv, "--json"])
+    if rc != 0:
+        raise RuntimeError(f"sim failed: {argv}")
+    return json.loads(buf.getvalue())
+
+
+def bench_trace(path: Path, n: int, rate: float, input_len: int, output_len: int, seed: int, token_max: int) -> None:
+    """The arrivals `frontierlm bench serve` draws: one Random(seed) for prompts and gaps, in its order."""
+    rng = random.Random(seed)
+    t, rows = 0.0, ["arrival_s,prompt_len,output_len"]
+    for i in range(n):
+        for _ in range(input_len):
+            rng.randrange(10, token_max)
+        rows.append(f"{t:.6f},{input_len},{output_len}")
+        if i + 1 < n:
+            t += rng.expovariate(rate)
+    path.write_text("\n".join(rows) + "\n")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_health(url: str, proc, timeout: float = 300) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("the server exited while loading")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError("the server did not become healthy")
+
+
+def _err(sim: float | None, real: float | None) -> float | None:
+    return None if not sim or not real else (sim - real) / real
+
+
+def calibrate_model(model: str, label: str, out: Path, args) -> dict:
+    env = _env(args.threads)
+    engine = ["--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs)]
+    prof = out / f"{label}_profile.json"
+    t0 = time.time()
+    load_before = load()
+    _cli(["profile", model, "--out", str(prof), "--contexts", "64,160,320", "--decode-requests", "0,1,2,4,8,16,32",
+          "--prefill-tokens", "0,16,64,128,256,512", "--repeats", str(args.repeats), *engine], env,
+         stderr=subprocess.DEVNULL)
+    profile_meta = {"seconds": round(time.time() - t0, 1), "load_before": load_before, "load_after": load(),
+                    "fit": json.loads(prof.read_text())["fit"]}
+    common = ["--profile", str(prof), "--input-len", str(args.input_len), "--output-len", str(args.output_len),
+              "--max-num-seqs", str(args.max_num_seqs)]
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "frontierlm.cli", "serve", model, "--port", str(port),
+                               "--served-model-name", "m", *engine], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows, cap, over = [], None, None
+    try:
+        _wait_health(url, server)
+        token_max = 500
+        # warm-up so the first measured requests do not pay for lazy initialisation
+        _cli(["bench", "serve", "--base-url", url, "--model", "m", "--num-requests", "4", "--input-len", "16",
+              "--output-len", "4"], env, stdout=subprocess.DEVNULL)
+        prof_served, ingress_ms, over = fit_server_overhead(url, prof, out / label, env, args)
+        common = ["--profile", str(prof_served), "--ingress-latency-ms", f"{ingress_ms:.4f}", *common[2:]]
+        cap = _sim(common + ["--num-requests", str(args.num_requests)])["request_throughput"]  # all at t=0
+        for name, frac in (("light", 0.3), ("near saturation", 0.9), ("overloaded", 1.5)):
+            rate = round(cap * frac, 3)
+            real_json = out / f"{label}_{name.replace(' ', '_')}_bench.json"
+            before = load()
+            _cli(["bench", "serve", "--base-url", url, "--model", "m", "--num-requests", str(args.num_requests),
+                  "--request-rate", str(rate), "--input-len", str(args.input_len), "--output-len",
+                  str(args.output_len), "--seed", "0", "--token-id-max", str(token_max), "--json-out",
+                  str(real_json)], env, stdout=subprocess.DEVNULL)
+            real = json.loads(real_json.read_text())
+            trace = out / f"{label}_{name.replace(' ', '_')}_trace.csv"
+            bench_trace(trace, args.num_requests, rate, args.input_len, args.output_len, 0, token_max)
+            sim = _sim(common + ["--workload", "trace", "--trace", str(trace)])
+            row = {"load": name, "rate": rate, "load_avg_before": before, "load_avg_after": load()}
+            for key, path in (("output_tok_s", ("output_throughput",)), ("ttft_p50_ms", ("ttft_ms", "p50")),
+                              ("ttft_p99_ms", ("ttft_ms", "p99")), ("tpot_p50_ms", ("tpot_ms", "p50")),
+                              ("tpot_p99_ms", ("tpot_ms", "p99"))):
+                r, s = real, sim
+                for p in path:
+                    r, s = r[p], s[p]
+                row[key] = {"measured": r, "simulated": s, "error": _err(s, r)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    return {"model": label, "path": model, "sim_capacity_req_s": cap, "profile": profile_meta,
+            "server_overhead": over, "rates": rows}
+
+
+def _bench(url: str, env: dict, json_out: Path, n: int, args, concurrency: int, seed: int) -> dict:
+    _cli(["bench", "serve", "--base-url", url, "--model", "m", "--num-requests", str(n), "--max-concurrency",
+          str(concurrency), "--input-len", str(args.input_len), "--output-len", str(args.output_len), "--seed",
+          str(seed), "--json-out", str(json_out)], env, stdout=subprocess.DEVNULL)
+    return json.loads(json_out.read_text())
+
+
+def fit_server_overhead(url: str, prof: Path, stem: Path, env: dict, args) -> tuple[Path, float, dict]:
+    """What the server adds around each engine step, from two closed-loop runs (other seeds than the
+    validation runs): one request at a time, and C = max_num_seqs at a time.
+      TPOT(1) = step(1 decode row) + o_step + o_row
+      TPOT(C) = step(C rows) + a share of the prompts that join as others finish + o_step + C o_row
+      TTFT(1) = ingress + step(prefill) + o_step + o_row"""
+    from frontierlm.sim.timing import BatchShape, ProfileTimer, prefill_pairs
+
+    base = ProfileTimer.load(str(prof), 0.0, 0.0)
+    L, O = args.input_len, args.output_len
+    ctx = L + O // 2
+    one = _bench(url, env, Path(f"{stem}_overhead_c1.json"), 8, args, 1, 1)
+    c = args.max_num_seqs
+    many = _bench(url, env, Path(f"{stem}_overhead_c{c}.json"), 2 * c, args, c, 2)
+    step1 = base.step_time(BatchShape(decode_reqs=1, decode_ctx=ctx, rows=1))
+    prefill = base.step_time(BatchShape(prefill_tokens=L, prefill_pairs=prefill_pairs(0, L), prefill_ctx=L, rows=1))
+    step_c = base.step_time(BatchShape(decode_reqs=c, decode_ctx=c * ctx, rows=c))
+    join = c / O * base.step_time(BatchShape(prefill_tokens=L, prefill_pairs=prefill_pairs(0, L)))
+    t1, tc = one["tpot_ms"]["p50"] / 1e3, many["tpot_ms"]["p50"] / 1e3
+    row = max(0.0, ((tc - step_c - join) - (t1 - step1)) / (c - 1))
+    step = max(0.0, t1 - step1 - row)
+    ingress = max(0.0, one["ttft_ms"]["p50"] / 1e3 - prefill - step - row)
+    data = json.loads(prof.read_text())
+    data["overhead"] = {"step_s": step, "row_s": row}
+    served = Path(f"{stem}_profile_served.json")
+    served.write_text(json.dumps(data, indent=1))
+    over = {"step_ms": step * 1e3, "row_ms": row * 1e3, "ingress_ms": ingress * 1e3,
+            "measured_tpot_ms_c1": t1 * 1e3, f"measured_tpot_ms_c{c}": tc * 1e3,
+            "engine_step_ms_1_row": step1 * 1e3, f"engine_step_ms_{c}_rows": step_c * 1e3, "load_avg": load()}
+    print(json.dumps({"server_overhead": over}), flush=True)
+    return served, ingress * 1e3, over
+
+
+def cmd_calibrate(args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import factories
+    from make_random_model import make_random_model
+
+    models = {"tiny": out / "tiny", "llama-33.6M": out / "llama-33.6M"}
+    if not (models["tiny"] / "config.json").is_file():
+        factories.make_model_dir(models["tiny"], "llama", max_position_embeddings=1024)
+    if not (models["llama-33.6M"] / "config.json").is_file():
+        make_random_model(models["llama-33.6M"])
+    results = {"cpu": _cpu(), "threads": args.threads, "workload": {
+        "num_requests": args.num_requests, "input_len": args.input_len, "output_len": args.output_len},
+        "models": []}
+    for label in args.models.split(","):
+        results["models"].append(calibrate_model(str(models[label]), label, out, args))
+        (out / "calibration.json").write_text(json.dumps(results, indent=1))
+    print(f"wrote {out / 'calibration.json'}")
+
+
+def _cpu() -> str:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+# ---- DistServe-style study ---------------------------------------------------------------------------
+def _attainment(layout: dict, rate: float, args) -> dict:
+    n = max(args.min_requests, int(rate * args.sim_seconds))  # long enough for a queue to build when overloaded
+    argv = ["--roofline", "llama-3-8b", "--gpu", "h100", "--num-requests", str(n), "--request-rate", str(rate),
+            "--input-len", args.ds_input_len, "--output-len", args.ds_output_len, "--slo-ttft-ms",
+            str(args.slo_ttft_ms), "--slo-tpot-ms", str(args.slo_tpot_ms), "--max-num-batched-tokens",
+            str(layout.get("budget", args.budget)), "--seed", "0"]
+    if layout["disagg"]:
+        argv += ["--disagg", layout["disagg"], "--kv-transfer-gbps", str(args.kv_gbps)]
+    else:
+        argv += ["--replicas", str(layout["gpus"])]
+    rep = _sim(argv)
+    return {"rate": rate, "attainment": rep["slo_attainment"], "ttft_p90": rep["ttft_ms"]["p90"],
+            "tpot_p90": rep["tpot_ms"]["p90"]}
+
+
+def max_goodput(layout: dict, args) -> dict:
+    """Highest rate with >= 90% SLO attainment: steps of x1.5 to bracket it, then bisection."""
+    tried = []
+
+    def ok(rate):
+        r = _attainment(layout, rate, args)
+        tried.append(r)
+        return r["attainment"] >= 0.9
+
+    rate = args.start_rate_per_gpu * layout["gpus"]
+    if ok(rate):
+        lo, hi = rate, rate * 1.5
+        while ok(hi):
+            lo, hi = hi, hi * 1.5
+    else:
+        lo, hi = rate / 1.5, rate
+        while not ok(lo) and lo > 0.01:
+            lo, hi = lo / 1.5, lo
+    for _ in range(args.bisect):
+        mid = (lo + hi) / 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return {**layout, "goodput_req_s": lo, "per_gpu_goodput": lo / layout["gpus"], "tried": tried}
+
+
+def cmd_distserve(args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"model": "llama-3-8b (roofline)", "gpu": "h100", "slo": {"ttft_ms": args.slo_ttft_ms,
+               "tpot_ms": args.slo_tpot_ms}, "input_len": args.ds_input_len, "output_len": args.ds_output_len,
+               "kv_transfer_gbps": args.kv_gbps, "budget": args.budget, "by_gpus": []}
+    for g in [int(x) for x in args.gpus.split(",")]:
+        t0 = time.time()
+        layouts = [{"gpus": g, "disagg": None, "name": "colocated, budget 2048", "budget": 2048},
+                   {"gpus": g, "disagg": None, "name": "colocated, budget 512", "budget": 512}]
+        fracs = (0.375, 0.5, 0.625, 0.75)
+        prev = results["by_gpus"][-1] if results["by_gpus"] else None
+        if prev and g > args.full_up_to:  # large fleets: only the best layouts of the previous size, scaled
+            layouts = [lay for lay in layouts if lay["name"] == prev["best_colocated"]]
+            p_prev, d_prev = (int(x) for x in prev["best_split"].split(":"))
+            f = p_prev / (p_prev + d_prev)
+            fracs = tuple(x for x in (f - 0.125, f, f + 0.125) if 0 < x < 1)
+        for frac in fracs:
+            p = max(1, round(g * frac))
+            if 0 < p < g:
+                layouts.append({"gpus": g, "disagg": f"{p}:{g - p}", "name": f"{p}:{g - p}"})
+        rows = [max_goodput(lay, args) for lay in {lay["name"]: lay for lay in layouts}.values()]
+        best = max((r for r in rows if r["disagg"]), key=lambda r: r["goodput_req_s"])
+        coloc = max((r for r in rows if not r["disagg"]), key=lambda r: r["goodput_req_s"])
+        entry = {"gpus": g, "layouts": rows, "best_split": best["name"], "best_colocated": coloc["name"],
+                 "colocated_goodput": coloc["goodput_req_s"], "best_disagg_goodput": best["goodput_req_s"],
+                 "seconds": round(time.time() - t0, 1), "load_avg": load()}
+        results["by_gpus"].append(entry)
+        print(f"{g} GPUs: best colocated ({coloc['name']}) {entry['colocated_goodput']:.1f} req/s, best disaggregated {best['name']} "
+              f"{best['goodput_req_s']:.1f} req/s ({entry['seconds']}s, load {entry['load_avg']})", flush=True)
+        (out / "distserve.json").write_text(json.dumps(results, indent=1))
+    _plot_distserve(results, out / "distserve.png")
+
+
+def _plot_distserve(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4))
+    gs = [e["gpus"] for e in results["by_gpus"]]
+    ax[0].plot(gs, [e["colocated_goodput"] / e["gpus"] for e in results["by_gpus"]], "o-",
+               label="colocated (best budget)")
+    ax[0].plot(gs, [e["best_disagg_goodput"] / e["gpus"] for e in results["by_gpus"]], "s-",
+               label="disaggregated (best N_p:N_d)")
+    for e in results["by_gpus"]:
+        ax[0].annotate(e["best_split"], (e["gpus"], e["best_disagg_goodput"] / e["gpus"]))
+    ax[0].set(xlabel="H100s", ylabel="goodput per GPU (req/s)", xscale="log", xticks=gs, xticklabels=gs,
+              title=f"Llama-3-8B, SLO TTFT {results['slo']['ttft_ms']} ms / TPOT {results['slo']['tpot_ms']} ms")
+    ax[0].minorticks_off()
+    ax[0].set_ylim(bottom=0)
+    ax[0].legend()
+    last = results["by_gpus"][-1]
+    names = [r["name"] for r in last["layouts"]]
+    ax[1].bar(names, [r["goodput_req_s"] for r in last["layouts"]])
+    ax[1].set(ylabel="goodput (req/s)", title=f"{last['gpus']} H100s by layout")
+    ax[1].tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("calibrate")
+    c.add_argument("--out", default="runs/calibration")
+    c.add_argument("--models", default="tiny,llama-33.6M")
+    c.add_argument("--num-requests", type=int, default=60)
+    c.add_argument("--input-len", type=int, default=128)
+    c.add_argument("--output-len", type=int, default=64)
+    c.add_argument("--max-model-len", type=int, default=512)
+    c.add_argument("--max-num-seqs", type=int, default=32)
+    c.add_argument("--repeats", type=int, default=5)
+    c.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for the profile and the server")
+    d = sub.add_parser("distserve")
+    d.add_argument("--out", default="runs/distserve")
+    d.add_argument("--gpus", default="8,16,32,64")
+    d.add_argument("--ds-input-len", default="256:2048")
+    d.add_argument("--ds-output-len", default="32:256")
+    d.add_argument("--slo-ttft-ms", type=float, default=250.0)
+    d.add_argument("--slo-tpot-ms", type=float, default=15.0)
+    d.add_argument("--kv-gbps", type=float, default=50.0, help="KV link per prefill instance (400 Gb/s InfiniBand)")
+    d.add_argument("--budget", type=int, default=2048, help="chunked-prefill token budget")
+    d.add_argument("--sim-seconds", type=float, default=3.0, help="simulated arrival span of each run")
+    d.add_argument("--min-requests", type=int, default=150)
+    d.add_argument("--start-rate-per-gpu", type=float, default=8.0)
+    d.add_argument("--bisect", type=int, default=2)
+    d.add_argument("--full-up-to", type=int, default=8, help="try every layout up to this many GPUs")
+    a = p.parse_args()
+    {"calibrate": cmd_calibrate, "distserve": cmd_distserve}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""The decode fast path: steps in which every scheduled request decodes one token run a static-shape forward.
+
+The batch is padded up to the next size of a ladder (1, 2, 4, 8, ... up to max_num_seqs) and the block tables to
+the next width of a second ladder, so a long decode run sees a handful of shapes. Inputs live in persistent
+buffers and the attention reads the paged cache in place (layers/paged_decode.py). Padding rows point at a
+scratch block that the cache manager never hands out.
+
+- CPU: the forward is compiled with torch.compile (inductor's C++ backend), once per ladder shape, the first
+  time that shape comes up after a short warm-up of eager steps (tests and one-off prompts never pay for a
+  compile). Inductor's on-disk cache makes later processes compile the same graphs much faster.
+- CUDA: the same forward is captured as a CUDA graph per ladder shape, all sharing one memory pool
+  (engine/cuda_graphs.py), and replayed.
+
+Mixed and prefill steps keep the eager path; EngineConfig(enforce_eager=True) turns this module off.
+"""
+from __future__ import annotations
+
+import bisect
+import itertools
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from frontierlm.layers.paged_decode import PagedDecodePlan
+from frontierlm.logger import init_logger
+
+logger = init_logger(__name__)
+
+# Eager decode steps before the first compile, so short runs (single prompts) never wait for one;
+# FRONTIERLM_DECODE_WARMUP_STEPS overrides it (the test suite sets it high outside tests/test_fast_path.py).
+WARMUP_DECODE_STEPS = int(os.environ.get("FRONTIERLM_DECODE_WARMUP_STEPS", "32"))
+
+
+# CPU: compile the batch and block-table dims as symbols (one graph for all ladder shapes but batch 1, which
+# gets its own specialized graph) rather than one graph per shape; inputs are still padded to the ladders.
+CPU_DYNAMIC_SHAPES = True
+# Larger decode batches take the eager path (their per-op overhead is a small share of the step).
+MAX_FAST_BATCH = 256
+
+
+def batch_ladder(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, then alternately x1.5 and x1.33 (12, 16, 24, 32, 48, 64, ...), capped at max_batch (always
+    the last rung): padding adds at most half a step's rows."""
+    sizes = [1, 2, 4, 8]
+    while sizes[-1] < max_batch:
+        sizes += [sizes[-1] * 3 // 2, sizes[-1] * 2]
+    return [b for b in sizes if b < max_batch] + [max_batch]
+
+
+def width_ladder(max_blocks: int, smallest: int = 8) -> list[int]:
+    """Block-table widths: powers of two from `smallest`, capped at max_blocks (the last rung)."""
+    widths, w = [], min(smallest, max_blocks)
+    while w < max_blocks:
+        widths.append(w)
+        w *= 2
+    return widths + [max_blocks]
+
+
+def rung(ladder: list[int], n: int) -> int | None:
+    """The smallest ladder size >= n, or None when n is past the top."""
+    i = bisect.bisect_left(ladder, n)
+    return ladder[i] if i < len(ladder) else None
+
+
+class DecodeInputs:
+    """Persistent host and device buffers of the largest decode step, filled without per-request Python math.
+    The block table of a [batch, width] step is the contiguous front of a flat buffer, so every step hands the
+    graph the same strides (a strided slice of a wider table would make the compiler guard on its stride)."""
+
+    def __init__(self, max_seqs: int, max_blocks: int, scratch_block: int, block_size: int,
+                 device: torch.device):
+        self.block_size, self.scratch_block = block_size, scratch_block
+        pin = device.type == "cuda"
+        shapes = {"input_ids": (max_seqs,), "positions": (max_seqs,), "slot_mapping": (max_seqs,),
+                  "block_tables": (max_seqs * max_blocks,), "seq_lens": (max_seqs,), "real_rows": (max_seqs,)}
+        self.host = {k: torch.zeros(s, dtype=torch.long, pin_memory=pin) for k, s in shapes.items()}
+        self.dev = {k: torch.zeros(s, dtype=torch.long, device=device) for k, s in shapes.items()}
+        self.non_blocking = pin
+
+    def fill(self, sched, batch: int, width: int) -> None:
+        """Rows [0, n) from the scheduled requests, rows [n, batch) padding; then one copy per buffer."""
+        n, bs = len(sched.scheduled), self.block_size
+        h = {k: v.numpy() for k, v in self.host.items()}
+        reqs = [s.request for s in sched.scheduled]
+        pos = np.fromiter((r.num_computed_tokens for r in reqs), dtype=np.int64, count=n)
+        h["input_ids"][:n] = [r.all_token_ids[-1] for r in reqs]  # a decode step feeds the last token
+        h["positions"][:n] = pos
+        h["seq_lens"][:n] = pos + 1
+        h["real_rows"][:n] = 1
+        tables = h["block_tables"][:batch * width].reshape(batch, width)
+        counts = np.fromiter((len(s.block_ids) for s in sched.scheduled), dtype=np.int64, count=n)
+        flat = np.fromiter(itertools.chain.from_iterable(s.block_ids for s in sched.scheduled), dtype=np.int64,
+                           count=int(counts.sum()))
+        tables[:] = self.scratch_block
+        tables[:n][np.arange(width)[None, :] < counts[:, None]] = flat
+        h["slot_mapping"][:n] = tables[np.arange(n), pos // bs] * bs + pos % bs
+        # padding rows: token 0 at position 0, writing and reading the scratch block's first slot
+        for k in ("input_ids", "positions"):
+            h[k][n:batch] = 0
+        h["seq_lens"][n:batch] = 1
+        h["real_rows"][n:batch] = 0
+        h["slot_mapping"][n:batch] = self.scratch_block * bs
+        for k, host in self.host.items():
+            rows = batch * width if k == "block_tables" else batch
+            self.dev[k][:rows].copy_(host[:rows], non_blocking=self.non_blocking)
+
+    def views(self, batch: int, width: int) -> tuple[torch.Tensor, ...]:
+        d = self.dev
+        return (d["input_ids"][:batch], d["positions"][:batch], d["slot_mapping"][:batch],
+                d["block_tables"][:batch * width].view(batch, width), d["seq_lens"][:batch], d["real_rows"][:batch])
+
+
+@dataclass
+class DecodeMeta:
+    """What the model shell reads from the attention metadata in a decode step: a static context bound (the
+    rope table covers the whole context, so no step grows it) and, for dynamic NTK rope, the per-row lengths."""
+    max_seq_len: int
+    seq_lens: torch.Tensor
+
+    @property
+    def query_lens_cpu(self) -> list[int]:  # built only when read: a list of B ones would fix B in the graph
+        return [1] * self.seq_lens.shape[0]
+
+
+def decode_forward(model, max_model_len: int, block_size: int, input_ids, positions, slot_mapping,
+                   block_tables, seq_lens, real_rows) -> torch.Tensor:
+    """One decode step of `model` on static-shape inputs -> float32 logits [B, vocab]. Only tensors and
+    constants flow in, so a compiled or captured copy of it is valid for every step of the same shape."""
+    plan = PagedDecodePlan(slot_mapping, block_tables, seq_lens, block_size, real_rows)
+    meta = DecodeMeta(max_model_len, seq_lens)
+    hidden = model.model(input_ids, positions, meta, plan)
+    return model.compute_logits(hidden)
+
+
+class FastDecode:
+    """Owns the ladders, the buffers and one compiled (CPU) or captured (CUDA) forward per ladder shape."""
+
+    def __init__(self, model, device: torch.device, max_num_seqs: int, max_model_len: int, block_size: int,
+                 scratch_block: int):
+        self.model, self.device = model, device
+        self.max_model_len, self.block_size = max_model_len, block_size
+        max_blocks = -(-max_model_len // block_size)
+        self.batch_sizes = batch_ladder(min(max_num_seqs, MAX_FAST_BATCH))
+        self.widths = width_ladder(max_blocks)
+        self.inputs = DecodeInputs(max_num_seqs, max_blocks, scratch_block, block_size, device)
+        self.decode_steps = 0  # eager and fast decode steps seen, for the warm-up rule
+        self.warmup_steps = WARMUP_DECODE_STEPS
+        self.fast_steps = 0
+        self.compile_seconds: dict[tuple[int, int], float] = {}
+        self._seen: set[tuple[int, int]] = set()
+        self.disabled = False
+        if device.type == "cuda":
+            from frontierlm.engine.cuda_graphs import CudaGraphPool
+
+            self._graphs = CudaGraphPool(self._forward)
+            self._compiled = None
+        else:
+            self._graphs = None
+            self._compiled = None  # built on first use: importing the compiler stack costs seconds
+
+    def describe(self) -> str:
+        how = "CUDA graphs" if self._graphs is not None else "torch.compile (inductor)"
+        return (f"decode fast path: {how}, batch ladder {self.batch_sizes}, block-table widths {self.widths}, "
+                f"each shape compiled on first use after {self.warmup_steps} eager decode steps")
+
+    def _forward(self, *args):
+        return decode_forward(self.model, self.max_model_len, self.block_size, *args)
+
+    def _run_compiled(self, args: tuple) -> torch.Tensor:
+        if self._compiled is None:
+            # at most one graph per ladder shape, all from the same code object
+            limit = len(self.batch_sizes) * len(self.widths) + 8
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+            self._compiled = torch.compile(self._forward, dynamic=None if CPU_DYNAMIC_SHAPES else False,
+                                           fullgraph=True)
+        if CPU_DYNAMIC_SHAPES:  # one graph for every batch > 1 and every width: few compiles on a slow host
+            for t in args:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+            torch._dynamo.maybe_mark_dynamic(args[3], 1)
+        return self._compiled(*args)
+
+    def shape_for(self, sched) -> tuple[int, int] | None:
+        """The ladder shape of a pure decode step, or None when the step is not one (or does not fit)."""
+        scheduled = sched.scheduled
+        if not scheduled or any(s.num_new_tokens != 1 or not s.samples for s in scheduled):
+            return None
+        batch = rung(self.batch_sizes, len(scheduled))
+        width = rung(self.widths, max(len(s.block_ids) for s in scheduled))
+        return None if batch is None or width is None else (batch, width)
+
+    def run(self, sched) -> torch.Tensor | None:
+        """Logits [num_scheduled, vocab] of a pure decode step through the fast path, or None: not a pure
+        decode step, or still warming up (the caller then runs the eager forward)."""
+        shape = None if self.disabled else self.shape_for(sched)
+        if shape is None:
+            return None
+        self.decode_steps += 1
+        if self.decode_steps <= self.warmup_steps:
+            return None
+        batch, width = shape
+        self.inputs.fill(sched, batch, width)
+        args = self.inputs.views(batch, width)
+        first = shape not in self._seen
+        t0 = time.perf_counter()
+        try:
+            logits = self._graphs.run(shape, args) if self._graphs is not None else self._run_compiled(args)
+        except Exception as e:  # a model this path cannot trace or capture: stay eager from now on
+            if not first:
+                raise
+            logger.warning("decode fast path turned off: %s: %s", type(e).__name__, e)
+            self.disabled = True
+            return None
+        if first:
+            self._seen.add(shape)
+            self.compile_seconds[shape] = time.perf_counter() - t0
+            logger.info("decode fast path: compiled batch %d x %d blocks in %.1fs", batch, width,
+                        self.compile_seconds[shape])
+        self.fast_steps += 1
+        return logits[:len(sched.scheduled)]

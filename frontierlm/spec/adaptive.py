@@ -1,0 +1,124 @@
+"""Adaptive draft length.
+
+Per request, the chance that the next proposal is accepted is estimated from its recent rounds (decayed counts
+of accepted proposals and of the first rejections, with a prior). Per step, a cost model measured on the fly
+(target step seconds vs tokens in the step, proposer seconds vs requests per draft forward, both fitted by
+least squares over recent observations) prices every candidate proposal; the proposals are taken in order of
+their expected value (alpha_i ** j for the j-th proposal of request i) while that raises the expected tokens per
+second of the step. A large batch makes each verified token cost as much as a generated one, so K falls to 0
+there; a lone request with a good proposer gets the full K."""
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import numpy as np
+
+
+def cost_clock(device) -> callable:
+    """What the cost model times with: CPU seconds of the process on a CPU device (the work done, which a
+    CPU shared with other processes does not inflate the way it inflates wall time), wall seconds on an
+    accelerator (its work is not CPU time)."""
+    return time.process_time if str(device).startswith("cpu") else time.perf_counter
+
+
+class LinearCost:
+    """seconds ~ a + b * x over the last `window` observations; a ridge prior (a = `prior_ratio` * b, the fixed
+    cost of a step worth that many units of x) keeps the fit sane while x has barely varied."""
+
+    def __init__(self, window: int = 256, prior_ratio: float = 64.0, prior_weight: float = 4.0):
+        self.obs: deque[tuple[float, float]] = deque(maxlen=window)
+        self.prior_ratio, self.prior_weight = prior_ratio, prior_weight
+        self._fit: tuple[float, float] | None = None
+        self._since_fit = 0
+
+    def observe(self, x: float, seconds: float) -> None:
+        self.obs.append((float(x), float(seconds)))
+        self._since_fit += 1
+        if self._fit is None or self._since_fit >= 16:  # refit now and then: a step must stay cheap
+            self._fit, self._since_fit = None, 0
+
+    @property
+    def num_observations(self) -> int:
+        return len(self.obs)
+
+    def coefficients(self) -> tuple[float, float]:
+        if self._fit is None:
+            if not self.obs:
+                self._fit = (0.0, 0.0)
+            else:
+                x, t = np.array(self.obs).T
+                # prior pseudo-observations on the line through (0, a) and (prior_ratio, 2a), scaled to the data
+                b0 = t.mean() / (self.prior_ratio + x.mean())
+                px = np.array([0.0, 2 * self.prior_ratio])
+                pt = b0 * (self.prior_ratio + px)
+                w = np.concatenate([np.ones_like(x), np.full(2, self.prior_weight)])
+                X = np.stack([np.ones(len(x) + 2), np.concatenate([x, px])], axis=1)
+                y = np.concatenate([t, pt])
+                a, b = np.linalg.lstsq(X * w[:, None] ** 0.5, y * w ** 0.5, rcond=None)[0]
+                self._fit = (max(float(a), 0.0), max(float(b), 0.0))
+        return self._fit
+
+    def predict(self, x: float) -> float:
+        a, b = self.coefficients()
+        return a + b * x
+
+
+class AdaptiveK:
+    def __init__(self, num_speculative_tokens: int, adaptive: bool, prior: float = 0.6, prior_weight: float = 2.0,
+                 decay: float = 0.8):
+        self.k_max = num_speculative_tokens
+        self.adaptive = adaptive
+        self.prior, self.prior_weight, self.decay = prior, prior_weight, decay
+        self.counts: dict[str, tuple[float, float]] = {}  # request id -> decayed (accepted, trials)
+        self.step_cost = LinearCost()
+
+    def acceptance(self, request_id: str) -> float:
+        acc, trials = self.counts.get(request_id, (0.0, 0.0))
+        return (acc + self.prior * self.prior_weight) / (trials + self.prior_weight)
+
+    def record(self, request_id: str, proposed: int, accepted: int) -> None:
+        if proposed == 0:
+            return
+        acc, trials = self.counts.get(request_id, (0.0, 0.0))
+        # a round is a run of Bernoulli trials that stops at the first rejection
+        self.counts[request_id] = (self.decay * acc + accepted,
+                                   self.decay * trials + accepted + (1 if accepted < proposed else 0))
+
+    def forget(self, live) -> None:
+        for rid in [r for r in self.counts if r not in live]:
+            del self.counts[rid]
+
+    def choose(self, requests: list, caps: list[int], pinned: list[bool], other_tokens: int, proposer) -> list[int]:
+        """K per request. caps: the most each may propose (K, max_tokens, context); pinned: requests whose K
+        must not depend on the batch (seeded sampling stays reproducible); other_tokens: prefill tokens
+        expected in the step besides these decodes."""
+        if not self.adaptive or not self.step_cost.num_observations:  # no cost model yet: measure with full K
+            return list(caps)
+        ks = [c if p else 0 for c, p in zip(caps, pinned)]
+        alphas = np.array([self.acceptance(r.request_id) for r in requests])
+        free = [(i, c) for i, (c, p) in enumerate(zip(caps, pinned)) if not p and c > 0]
+        if not free:
+            return ks
+        # every candidate proposal (request i, its j-th token) with its expected value alpha_i ** j
+        idx = np.concatenate([np.full(c, i) for i, c in free])
+        js = np.concatenate([np.arange(1, c + 1) for _, c in free])
+        values = alphas[idx] ** js
+        order = np.argsort(-values, kind="stable")  # within a request j rises, so prefixes stay consistent
+        idx, js, values = idx[order], js[order], values[order]
+        n = len(requests)
+        base_tokens = other_tokens + n + sum(ks)
+        base_value = n + sum(float(alphas[i]) ** j for i, k in enumerate(ks) for j in range(1, k + 1))
+        base_reqs, base_top = sum(1 for k in ks if k), max(ks)
+        # after taking the first m candidates (m = 0 .. M)
+        tokens = base_tokens + np.arange(len(values) + 1)
+        value = base_value + np.concatenate([[0.0], np.cumsum(values)])
+        new_req = (js == 1) & np.array([ks[i] == 0 for i in idx])  # a request's first proposal
+        reqs = base_reqs + np.concatenate([[0], np.cumsum(new_req)])
+        top = np.maximum(base_top, np.concatenate([[0], np.maximum.accumulate(js)]))
+        cost = self.step_cost.predict(tokens) + np.where(top > 0, proposer.expected_cost(reqs, top), 0.0)
+        rate = np.where(cost > 0, value / np.maximum(cost, 1e-12), np.inf)
+        best_m = int(np.argmax(rate)) if rate.max() > rate[0] * (1 + 1e-9) else 0
+        for i, j in zip(idx[:best_m], js[:best_m]):
+            ks[i] = max(ks[i], int(j))
+        return ks

@@ -1,0 +1,179 @@
+"""SpecDecoder: what the engine's step calls when speculative decoding is configured.
+
+    sched = scheduler.schedule()          # a request with proposals spends K + 1 of the token budget
+    result = runner.execute(sched)        # one forward for the batch; SpecDecoder.verify scores the proposals
+    scheduler.update_from_output(...)     # appends the accepted prefix + one token, winds the rest back
+    spec.propose(scheduler.running)       # proposals for the next step, K chosen by AdaptiveK
+
+Which requests speculate: running requests that are decoding (all but their newest token computed). Mirostat
+requests do not (their mu update is sequential per token; counted in `num_mirostat_skipped`), nor do requests
+that ask for logprobs (one logprobs entry per step)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from frontierlm.spec.adaptive import AdaptiveK, cost_clock
+from frontierlm.spec.config import SpeculativeConfig
+from frontierlm.spec.verify import Proposal, verify
+
+
+@dataclass
+class SpecStats:
+    """Cumulative counters with vLLM's meanings."""
+    num_drafts: int = 0  # verification rounds (a request with >= 1 proposal in a step)
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)
+    num_mirostat_skipped: int = 0  # decode steps of Mirostat requests that ran without speculation
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens per verification round: accepted proposals + the one the target adds."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+    def as_dict(self) -> dict:
+        return {"num_drafts": self.num_drafts, "num_draft_tokens": self.num_draft_tokens,
+                "num_accepted_tokens": self.num_accepted_tokens, "accepted_per_pos": list(self.accepted_per_pos),
+                "num_mirostat_skipped": self.num_mirostat_skipped,
+                "acceptance_rate": self.acceptance_rate, "mean_accepted_length": self.mean_accepted_length}
+
+    def summary(self) -> str:
+        per_pos = ", ".join(f"{n / self.num_drafts:.2f}" for n in self.accepted_per_pos) if self.num_drafts else "-"
+        return (f"{self.num_drafts} drafts, {self.num_draft_tokens} draft tokens, acceptance "
+                f"{self.acceptance_rate:.1%}, mean accepted length {self.mean_accepted_length:.2f}, "
+                f"per position [{per_pos}]")
+
+
+def build_proposer(cfg: SpeculativeConfig, engine):
+    runner, mc = engine.runner, engine.model_config
+    eos = mc.eos_token_ids
+    if cfg.method == "ngram":
+        from frontierlm.spec.proposer import NgramProposer
+
+        return NgramProposer(cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+    if cfg.method == "mtp":
+        from frontierlm.spec.mtp import MTPProposer
+
+        return MTPProposer(runner.model, cfg.mtp_window, runner.sampler, eos)
+    from frontierlm.config import ModelConfig
+    from frontierlm.engine.tokenizer import load_tokenizer
+    from frontierlm.spec.draft_model import DraftModelProposer, check_same_tokenizer
+
+    try:
+        draft_mc = ModelConfig.from_pretrained(cfg.model, engine.config.torch_dtype)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"speculative_config.model: {e}") from None
+    check_same_tokenizer(mc.model_dir, mc.vocab_size, engine.tokenizer, cfg.model, draft_mc.vocab_size,
+                         load_tokenizer(cfg.model))
+    return DraftModelProposer(draft_mc, runner.device, engine.kv.num_blocks, engine.config.block_size,
+                              runner.sampler, eos, seed=engine.config.seed)
+
+
+class SpecDecoder:
+    def __init__(self, cfg: SpeculativeConfig, engine):
+        if engine.config.logits_processors:  # stateful per batch row: verification rows would confuse them
+            raise ValueError("speculative_config cannot be combined with logits_processors yet")
+        self.config = cfg
+        self.proposer = build_proposer(cfg, engine)
+        self.adaptive = AdaptiveK(cfg.num_speculative_tokens, cfg.adaptive)
+        self.clock = cost_clock(engine.runner.device)
+        if cfg.adaptive:
+            self._profile(engine)
+        self.stats = SpecStats(accepted_per_pos=[0] * cfg.num_speculative_tokens)
+        self.max_model_len = engine.max_model_len
+        self.max_num_batched_tokens = engine.config.max_num_batched_tokens
+        self._q: dict[str, torch.Tensor | None] = {}
+
+    def _profile(self, engine) -> None:
+        """Seed the cost model: target decode batches of 1 .. 256 tokens, and the proposer's forwards."""
+        from frontierlm.spec.profile import profile_decode, profile_mtp
+
+        runner, cfg = engine.runner, engine.config
+        most = min(cfg.max_num_batched_tokens, cfg.max_num_seqs * (1 + self.config.num_speculative_tokens))
+        sizes = [n for n in (1, 4, 16, 64, 256) if n <= most]
+        for n, t in profile_decode(runner.model, runner.device, cfg.block_size, sizes):
+            self.adaptive.step_cost.observe(n, t)
+        seqs = [n for n in (1, 4, 16, 64) if n <= cfg.max_num_seqs]
+        prop = self.proposer
+        if self.config.method == "draft_model":
+            samples = profile_decode(prop.model, runner.device, cfg.block_size, seqs)
+        elif self.config.method == "mtp":
+            samples = profile_mtp(runner.model, runner.device, self.config.mtp_window, seqs)
+        else:
+            samples = []
+        for n, t in samples:
+            prop.cost.observe(n, t)
+
+    # ---- between steps ------------------------------------------------------------------------------
+    def propose(self, running: list) -> None:
+        live = {r.request_id: r for r in running}
+        self.proposer.release(live)
+        self.adaptive.forget(live)
+        self._q = {}
+        decoding, caps, pinned, other = [], [], [], 0
+        for r in running:
+            if r.num_computed_tokens != r.num_tokens - 1:
+                other += r.num_tokens - r.num_computed_tokens
+                continue
+            p = r.sampling_params
+            if p.mirostat_mode:
+                self.stats.num_mirostat_skipped += 1
+                continue
+            if p.logprobs is not None:
+                continue
+            cap = min(self.config.num_speculative_tokens, r.max_tokens - r.num_output_tokens - 1,
+                      self.max_model_len - r.num_tokens - 1)
+            decoding.append(r)
+            caps.append(max(cap, 0))
+            pinned.append(not p.greedy and r.generator is not None)  # seeded sampling: K must not depend on load
+        if not decoding:
+            return
+        ks = self.adaptive.choose(decoding, caps, pinned, min(other, self.max_num_batched_tokens), self.proposer)
+        for r, prop in zip(decoding, self.proposer.propose(decoding, ks)):
+            r.spec_token_ids = list(prop.tokens)
+            if prop.tokens:
+                self._q[r.request_id] = prop.q
+
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        self.adaptive.step_cost.observe(num_tokens, seconds)
+
+    # ---- inside the runner's step --------------------------------------------------------------------
+    def verify(self, sampler, logits: torch.Tensor, scheduled: list, eos_token_ids) -> list[tuple[list[int], int]]:
+        """logits: the K + 1 rows of each scheduled request with proposals, in order."""
+        requests = [s.request for s in scheduled]
+        proposals = []
+        for s in scheduled:
+            q = self._q.pop(s.request.request_id, None)
+            k = len(s.spec_token_ids)
+            proposals.append(Proposal(s.spec_token_ids, q[:k] if q is not None else None))
+        results = verify(sampler, logits, requests, proposals, eos_token_ids)
+        st = self.stats
+        for r, prop, (acc, _) in zip(requests, proposals, results):
+            st.num_drafts += 1
+            st.num_draft_tokens += len(prop.tokens)
+            st.num_accepted_tokens += len(acc)
+            for j in range(len(acc)):
+                st.accepted_per_pos[j] += 1
+            self.adaptive.record(r.request_id, len(prop.tokens), len(acc))
+        return results
+
+    def observe(self, sched, hidden: torch.Tensor, spec_accepted: dict) -> None:
+        """Give the proposer the target hidden states of each request's valid positions of this forward."""
+        if not self.proposer.uses_hidden:
+            return
+        rows, offset = {}, 0
+        for s in sched.scheduled:
+            rejected = len(s.spec_token_ids) - len(spec_accepted.get(s.request.request_id, s.spec_token_ids))
+            rows[s.request.request_id] = (offset, s.num_new_tokens - rejected, s.request.num_computed_tokens)
+            offset += s.num_new_tokens
+        self.proposer.observe(sched, hidden, rows)
+
+    def close(self) -> None:
+        self.proposer.close()
+
