@@ -73,11 +73,14 @@ def add_routes(app: FastAPI, ctx, ready_context, check_model) -> None:
             raise APIError(400, f"tokens out of range [0, {vocab}): {bad[:5]}", param="tokens")
         return {"prompt": tok.decode(body.tokens)}
 
-    @app.api_route("/ping", methods=["GET", "POST"])
     async def ping():
         # vLLM's liveness probe (SageMaker's name): 200 once the model serves, 503 before and while stopping
         ready = ctx.engine.is_ready and not ctx.shutting_down and ctx.engine.dead is None
         return Response(status_code=200 if ready else 503)
+
+    # one route per method, so the OpenAPI document gets distinct operation ids
+    app.add_api_route("/ping", ping, methods=["GET"], operation_id="ping_get")
+    app.add_api_route("/ping", ping, methods=["POST"], operation_id="ping_post")
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
