@@ -16,6 +16,7 @@ prompt_token_ids, output_token_ids); output_token_ids is the request's live list
 """
 from __future__ import annotations
 
+import abc
 import enum
 import importlib
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ class BatchUpdate:
     moved: Sequence[MovedRequest]
 
 
-class LogitsProcessor:
+class LogitsProcessor(abc.ABC):
     """Base class of custom logits processors (vLLM v1's `LogitsProcessor` shape)."""
 
     @classmethod
@@ -56,11 +57,13 @@ class LogitsProcessor:
     def is_argmax_invariant(self) -> bool:
         return False
 
+    @abc.abstractmethod
     def update_state(self, batch_update: BatchUpdate | None) -> None:
-        raise NotImplementedError
+        """Follow the batch's rows: added, removed and moved requests since the last step."""
 
+    @abc.abstractmethod
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The batch's logits [rows, vocab] after this processor."""
 
 
 def process_dict_updates(entries: dict, batch_update: BatchUpdate | None,
@@ -97,7 +100,9 @@ class AdapterLogitsProcessor(LogitsProcessor):
         self.req_funcs: dict[int, tuple[Callable, list[int]]] = {}
 
     def new_req_logits_processor(self, params: SamplingParams) -> Callable | None:
-        raise NotImplementedError
+        """The per-request function for `params`, or None for requests this processor ignores (subclasses
+        override it; the base ignores every request)."""
+        return None
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         def make(params, prompt_ids, output_ids):

@@ -6,17 +6,20 @@ cache, MTP's window of hidden states) drop it in `release` for requests that sto
 aborted or preempted), and `observe` sees the target's hidden states after each forward."""
 from __future__ import annotations
 
+import abc
+
 import numpy as np
 
 from frontierlm.spec.verify import Proposal
 
 
-class Proposer:
+class Proposer(abc.ABC):
     name = "base"
     uses_hidden = False  # observe() wants the target's hidden states
 
+    @abc.abstractmethod
     def propose(self, requests: list, ks: list[int]) -> list[Proposal]:
-        raise NotImplementedError
+        """Up to ks[i] proposed tokens for requests[i]."""
 
     def release(self, live: dict) -> None:
         """Forget requests that are not in `live` (request id -> running request)."""

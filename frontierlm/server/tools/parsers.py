@@ -10,6 +10,7 @@ inside it).
 """
 from __future__ import annotations
 
+import abc
 import json
 import re
 from dataclasses import dataclass, field
@@ -74,7 +75,7 @@ def _schema(tool) -> dict:
     return tool.function.parameters if tool.function.parameters is not None else {"type": "object"}
 
 
-class ToolParser:
+class ToolParser(abc.ABC):
     """A model family's call format. Subclasses give the trigger (where a call region begins), how to read a
     region, and the tags of the grammar."""
 
@@ -83,8 +84,9 @@ class ToolParser:
     separator: ClassVar[str]  # between calls when several are written back to back
 
     # ---- reading the output -----------------------------------------------------------------------------
+    @abc.abstractmethod
     def parse_region(self, text: str, start: int) -> Region:
-        raise NotImplementedError
+        """The call region that starts at `start` (where the trigger was found)."""
 
     def regions(self, text: str) -> list[Region]:
         out, pos = [], 0
@@ -97,9 +99,9 @@ class ToolParser:
         return out
 
     # ---- the grammar ------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def call_tag(self, tool):
         """TagFormat of one call of `tool` (begin, the arguments' schema, end)."""
-        raise NotImplementedError
 
     def block(self, tags, at_least_one: bool, parallel: bool):
         """One or more calls back to back: the content of a region."""
