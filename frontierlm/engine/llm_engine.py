@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
@@ -13,48 +12,16 @@ from frontierlm.engine.detokenizer import IncrementalDetokenizer
 from frontierlm.engine.kv_cache import KVCacheManager
 from frontierlm.engine.model_runner import ModelRunner
 from frontierlm.engine.request import Request, RequestStatus
+from frontierlm.engine.request_group import NoText, RequestGroup, logprob_dict, make_output
 from frontierlm.engine.scheduler import Scheduler
 from frontierlm.engine.tokenizer import load_tokenizer
 from frontierlm.logger import init_logger
-from frontierlm.outputs import CompletionOutput, Logprob, RequestOutput
+from frontierlm.outputs import RequestOutput
 from frontierlm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = init_logger(__name__)
 
 CPU_DEFAULT_KV_BYTES = 2 * 2**30
-
-
-@dataclass
-class _Group:
-    """One user request: its n samples (child requests) and their detokenizers."""
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    children: list[Request]
-    detoks: list[IncrementalDetokenizer]
-    logprobs: list[list[dict[int, Logprob]]] = field(default_factory=list)
-    # streamed text per sample: grows monotonically and never shows a prefix of a stop string that is cut later
-    texts: list[str] = field(default_factory=list)
-    num_detokenized: list[int] = field(default_factory=list)  # output tokens already given to each detokenizer
-    sent: list[tuple[int, int]] = field(default_factory=list)  # (text chars, tokens) already sent, for DELTA
-    prompt_logprobs: list | None = None  # built once the prefill has scored every prompt token
-
-    @property
-    def finished(self) -> bool:
-        return all(c.is_finished for c in self.children)
-
-
-class _NoText:
-    """Stands in for the detokenizer when the model directory has no tokenizer: token ids only."""
-    stop_str = None
-
-    def update(self, new_token_ids):
-        return None
-
-    def get_new_text(self) -> str:
-        return ""
-
-    finish = get_new_text
 
 
 class LLMEngine:
@@ -86,9 +53,9 @@ class LLMEngine:
             from frontierlm.spec.decoder import SpecDecoder
 
             self.spec = self.runner.spec = SpecDecoder(config.speculative_config, self)
-        self.groups: dict[str, _Group] = {}
-        self._compiling: list[_Group] = []  # groups whose grammar is still compiling
-        self._child_to_group: dict[str, _Group] = {}
+        self.groups: dict[str, RequestGroup] = {}
+        self._compiling: list[RequestGroup] = []  # groups whose grammar is still compiling
+        self._child_to_group: dict[str, RequestGroup] = {}
         self._counter = 0
         bpt = mc.kv_cache_bytes_per_token()
         mla = (f" (MLA latent; MHA of equal heads would need {mc.mha_kv_cache_bytes_per_token()})"
@@ -235,8 +202,8 @@ class LLMEngine:
             detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop,
                                                  params.include_stop_str_in_output,
                                                  params.spaces_between_special_tokens)
-                          if self.tokenizer is not None and params.detokenize else _NoText())
-        group = _Group(request_id, text, ids, children, detoks, [[] for _ in children], [""] * len(children),
+                          if self.tokenizer is not None and params.detokenize else NoText())
+        group = RequestGroup(request_id, text, ids, children, detoks, [[] for _ in children], [""] * len(children),
                        [0] * len(children), [(0, 0)] * len(children))
         self.groups[request_id] = group
         for req in children:
@@ -276,12 +243,12 @@ class LLMEngine:
                 for req in group.children:
                     req.stop_reason = str(e)
                     self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_ABORTED)
-                outputs.append(self._make_output(group))
+                outputs.append(make_output(group, self._decode_one))
                 self._forget(group)
         self._compiling = still
         return outputs
 
-    def _forget(self, group: _Group) -> None:
+    def _forget(self, group: RequestGroup) -> None:
         del self.groups[group.request_id]
         for c in group.children:
             self._child_to_group.pop(c.request_id, None)
@@ -320,7 +287,7 @@ class LLMEngine:
         if self.spec is not None:  # the cost model behind the adaptive draft length
             self.spec.observe_step(sched.num_tokens, self.spec.clock() - t0)
         updated = self.scheduler.update_from_output(sched, result)
-        touched: dict[str, _Group] = {}
+        touched: dict[str, RequestGroup] = {}
         for req in updated:
             group = self._child_to_group.get(req.request_id)
             if group is None:
@@ -333,14 +300,14 @@ class LLMEngine:
         outputs = failed
         for group in touched.values():
             if group.finished or group.children[0].sampling_params.output_kind != RequestOutputKind.FINAL_ONLY:
-                outputs.append(self._make_output(group))
+                outputs.append(make_output(group, self._decode_one))
             if group.finished:
                 self._forget(group)
         if self.spec is not None:  # proposals for the next step
             self.spec.propose(self.scheduler.running)
         return outputs
 
-    def _detokenize(self, group: _Group, idx: int, req: Request) -> None:
+    def _detokenize(self, group: RequestGroup, idx: int, req: Request) -> None:
         detok = group.detoks[idx]
         new = req.output_token_ids[group.num_detokenized[idx]:]
         if len(new) == 1:
@@ -367,25 +334,7 @@ class LLMEngine:
                 req.stop_reason = detok.stop_str
                 req.status = RequestStatus.FINISHED_STOPPED
         if req.sampling_params.logprobs is not None and req.logprobs:
-            group.logprobs[idx].append(self._logprob_dict(req.logprobs[-1], req.sampling_params.detokenize))
-
-    def _logprob_dict(self, entry, detokenize: bool) -> dict[int, Logprob]:
-        """(ids, logprobs, rank) -> {token id: Logprob}: the chosen token first, then the top N by rank."""
-        ids, lps, rank = entry
-        decode = self._decode_one if detokenize else (lambda t: None)
-        out = {ids[0]: Logprob(lps[0], rank, decode(ids[0]))}
-        for r, (t, lp) in enumerate(zip(ids[1:], lps[1:]), start=1):
-            out.setdefault(t, Logprob(lp, r, decode(t)))
-        return out
-
-    def _prompt_logprobs(self, group: _Group) -> list | None:
-        first = group.children[0]
-        if first.sampling_params.prompt_logprobs is None:
-            return None
-        if group.prompt_logprobs is None and len(first.prompt_logprobs) >= first.num_prompt_tokens - 1:
-            detok = first.sampling_params.detokenize
-            group.prompt_logprobs = [None] + [self._logprob_dict(e, detok) for e in first.prompt_logprobs]
-        return group.prompt_logprobs
+            group.logprobs[idx].append(logprob_dict(req.logprobs[-1], req.sampling_params.detokenize, self._decode_one))
 
     def _jump_forward(self, req: Request) -> None:
         """Append the text the grammar forces next as tokens, without sampling them: the scheduler then computes
@@ -406,28 +355,6 @@ class LLMEngine:
 
     def _decode_one(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""
-
-    def _make_output(self, group: _Group) -> RequestOutput:
-        outs = []
-        delta = group.children[0].sampling_params.output_kind == RequestOutputKind.DELTA
-        for i, req in enumerate(group.children):
-            params = req.sampling_params
-            text, ids, lps = group.texts[i], list(req.output_token_ids), group.logprobs[i]
-            if delta:  # only what is new since this sample's previous output
-                (t0, k0), group.sent[i] = group.sent[i], (len(text), len(ids))
-                text, ids, lps = text[t0:], ids[k0:], lps[k0:]
-            outs.append(CompletionOutput(
-                index=i, text=text, token_ids=ids,
-                cumulative_logprob=req.cumulative_logprob if params.logprobs is not None else None,
-                logprobs=list(lps) if params.logprobs is not None else None,
-                finish_reason=req.status.value if req.is_finished else None,
-                stop_reason=req.stop_reason))
-        first = group.children[0]
-        prompt_lps = self._prompt_logprobs(group)
-        if delta and prompt_lps is not None:  # sent once, with the first output that has them ([] = sent)
-            prompt_lps, group.prompt_logprobs = (prompt_lps or None), []
-        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outs, group.finished,
-                             num_cached_tokens=max(first.num_cached_tokens, 0), prompt_logprobs=prompt_lps)
 
     def get_stats(self) -> dict:
         return {
