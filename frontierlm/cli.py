@@ -294,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        if getattr(args, "node_rank", None):  # a multi-node run's other nodes serve nothing: they run workers
+            from frontierlm.distributed.launch import run_worker_node
+
+            return run_worker_node(cli_args.engine_config(args))
     try:
         from frontierlm.plan.cli import COMMANDS as planning_commands
         from frontierlm.train.cli import COMMANDS as train_commands

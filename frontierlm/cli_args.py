@@ -28,6 +28,15 @@ ENGINE_FLAGS = [
      "no compiled / CUDA-graphed decode step (default: eager on CPU, where compiling takes minutes)"),
     ("--speculative-config", "speculative_config", "json",
      'speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\''),
+    # parallelism (frontierlm/distributed; README "Parallelism" has a two-node example)
+    ("--tensor-parallel-size", "tensor_parallel_size", int, "tensor-parallel ranks"),
+    ("--pipeline-parallel-size", "pipeline_parallel_size", int, "pipeline stages"),
+    ("--enable-expert-parallel", "enable_expert_parallel", bool, "MoE: whole experts across the TP ranks"),
+    ("--distributed-executor-backend", "distributed_executor_backend", str, "mp (local processes; the only one)"),
+    ("--nnodes", "nnodes", int, "nodes of a multi-node run (one launcher per node)"),
+    ("--node-rank", "node_rank", int, "this node's number (0 serves; the others run workers)"),
+    ("--master-addr", "master_addr", str, "node 0's address for the rendezvous (private network only)"),
+    ("--master-port", "master_port", int, "rendezvous port on --master-addr (default: a free one, one node)"),
 ]
 
 SAMPLING_FLAGS = [

@@ -30,7 +30,15 @@ class EngineConfig:
     tokenizer: str | None = None
     load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmark real shapes)
     structured_outputs_backend: str = "auto"  # "xgrammar", "guidance" (llguidance), or auto: per constraint
-    tensor_parallel_size: int = 1  # only 1 today: anything else is refused
+    # parallelism over torch.distributed (frontierlm/distributed): gloo on CPU, NCCL on CUDA
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    enable_expert_parallel: bool = False  # MoE: whole experts across the TP ranks instead of slices of each
+    distributed_executor_backend: str | None = None  # "mp" (the only one: local processes, env rendezvous)
+    nnodes: int = 1  # several nodes: rank 0's node (node_rank 0) serves, the others run workers
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None  # None: a free port (one node only)
     trust_remote_code: bool = False  # accepted for vLLM scripts; no model code is ever loaded from a checkpoint
     # True: no compiled / CUDA-graphed decode step (engine/fast_decode.py). None: eager on CPU, where inductor's
     # compile of the decode graphs took minutes on a 2-core machine (docs/benchmarks.md); fast path on CUDA.
@@ -64,13 +72,9 @@ class EngineConfig:
             from frontierlm.spec.config import SpeculativeConfig
 
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
-        if not isinstance(self.tensor_parallel_size, int) or isinstance(self.tensor_parallel_size, bool) \
-                or self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
-        if self.tensor_parallel_size > 1:
-            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet: FrontierLM "
-                             "runs a model on one device (tensor_parallel_size=1)")
-        for name in ("trust_remote_code", "enforce_eager"):
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "nnodes"):
+            positive(name)
+        for name in ("trust_remote_code", "enforce_eager", "enable_expert_parallel"):
             if not isinstance(getattr(self, name), bool) and not (name == "enforce_eager" and self.enforce_eager is None):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.logits_processors is None:
@@ -92,8 +96,16 @@ class EngineConfig:
         if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {self.device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
         check_attention_backend(dev)
+        if self.world_size > 1:
+            from frontierlm.distributed.config import check_parallel_config
+
+            check_parallel_config(self, dev)
         if self.enforce_eager is None:
             self.enforce_eager = dev.type == "cpu"
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     @property
     def torch_dtype(self) -> torch.dtype | None:

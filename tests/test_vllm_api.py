@@ -164,7 +164,8 @@ def test_engine_surface_and_limits(tiny_model_dir):
 
 
 @pytest.mark.parametrize("make,match", [
-    (lambda d: LLM(d, tensor_parallel_size=2), "tensor_parallel_size=2 is not supported yet"),
+    (lambda d: LLM(d, tensor_parallel_size=3), "tensor_parallel_size=3 does not divide the model's 4 attention heads"),
+    (lambda d: LLM(d, distributed_executor_backend="ray"), "distributed_executor_backend='ray' is not supported"),
     (lambda d: LLM(d, quantization="fp8"), "quantization='fp8' is not supported yet"),
     (lambda d: LLM(d, max_num_seq=4), "unknown argument 'max_num_seq'.*max_num_seqs"),
     (lambda d: SamplingParams(best_of=3), "best_of=3 is not supported yet"),

@@ -167,8 +167,7 @@ def test_model_id_is_model_as_typed_and_inline_template(model_dir):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--tensor-parallel-size", "2"], "--tensor-parallel-size 2: tensor parallelism (one device per server) is "
-                                      "not supported yet"),
+    (["--tensor-parallel-size", "2", "--nnodes", "3"], "3 nodes do not divide the 2 ranks"),
     (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype fp8: a quantized (FP8) KV cache is not supported yet"),
     (["--quantization", "fp8"], "--quantization fp8: weight quantization is not supported yet"),
     (["--generation-config", "/nonexistent"], "--generation-config: /nonexistent is not 'auto', 'vllm' or a"),

@@ -287,6 +287,7 @@ class AsyncEngine:
 
     def _loop_once(self) -> None:
         self._run_commands(block=not self.engine.has_unfinished_requests())
+        self.engine.check_health()  # a parallel run whose worker died ends the loop even while idle
         if not self._stopping and self.engine.has_unfinished_requests():
             t0 = time.monotonic()
             outputs = self.engine.step()

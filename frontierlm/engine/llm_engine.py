@@ -77,6 +77,16 @@ class LLMEngine:
     def get_tokenizer(self):
         return self.tokenizer
 
+    def check_health(self) -> None:
+        """vLLM's name: raises when the engine cannot step any more (a parallel run lost a worker)."""
+        if self.runner.parallel is not None:
+            self.runner.parallel.check_health()
+
+    def shutdown(self) -> None:
+        """Stop a parallel run's workers now (they also stop when this process exits)."""
+        if self.runner.parallel is not None:
+            self.runner.parallel.shutdown()
+
     @classmethod
     def from_engine_args(cls, model: str, **kwargs) -> "LLMEngine":
         return cls(EngineConfig(model=model, **kwargs))
@@ -380,6 +390,14 @@ class LLMEngine:
         Counted on the device every forward; this is the one copy to the host, so call it when you need it
         rather than every step."""
         return self.runner.model.expert_load()
+
+    def expert_load_per_rank(self) -> list[list[int]]:
+        """Expert parallelism: tokens routed to each rank's experts, per MoE layer ([] without it)."""
+        if not self.config.enable_expert_parallel:
+            return []
+        from frontierlm.distributed.moe import load_per_rank
+
+        return load_per_rank(self.expert_load(), self.config.tensor_parallel_size)
 
     def expert_layers(self) -> list[int]:
         """The model's own layer number of each row of expert_load() (dense layers and MTP modules skipped)."""

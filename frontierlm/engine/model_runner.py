@@ -21,7 +21,14 @@ class ModelRunner:
         self.config = config
         self.model_config = model_config
         self.device = torch.device(config.device)
-        self.model = load_model(model_config, self.device, config.load_format, seed=config.seed)
+        self.parallel = None  # frontierlm/distributed: rank 0 drives the workers through a stand-in model
+        if config.world_size > 1:
+            from frontierlm.distributed.executor import DistributedExecutor
+
+            self.parallel = DistributedExecutor(config, model_config)
+            self.device = self.parallel.ctx.device
+        load = lambda: load_model(model_config, self.device, config.load_format, seed=config.seed)  # noqa: E731
+        self.model = self.parallel.load_model(model_config, load) if self.parallel else load()
         procs = LogitsProcessors(config.logits_processors, config, self.device) if config.logits_processors else None
         self.sampler = Sampler(model_config.vocab_size, seed=config.seed, logits_processors=procs)
         self.kv_caches: list[torch.Tensor] = []

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from frontierlm.layers.attention import AttentionMetadata, _gather_blocks, _TorchPlan, causal_attention
+from frontierlm.distributed.layers import ColumnParallelLinear, RowParallelLinear
+from frontierlm.distributed.state import build_context
 from frontierlm.layers.linear import Linear
 from frontierlm.layers.norm import RMSNorm
 from frontierlm.layers.paged_decode import PagedDecodePlan, paged_decode_mla
@@ -107,7 +109,12 @@ class MLAAttention(nn.Module):
                  rope_interleave: bool = True):
         super().__init__()
         c = hf_config
-        self.num_heads = num_heads
+        # tensor parallel: heads split over the ranks (q / kv_b column-parallel, o_proj row-parallel); the latent
+        # projections, and so the latent cache, are whole on every rank
+        tp = build_context().tp_size
+        if num_heads % tp:
+            raise ValueError(f"tensor_parallel_size={tp} does not divide the attention heads ({num_heads})")
+        self.num_heads = num_heads // tp
         self.q_lora_rank = getattr(c, "q_lora_rank", None)
         self.kv_lora_rank = c.kv_lora_rank
         self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = (
@@ -117,13 +124,13 @@ class MLAAttention(nn.Module):
         if self.q_lora_rank:
             self.q_a_proj = Linear(hidden_size, self.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank)  # DeepSeek's latent norms use eps 1e-6
-            self.q_b_proj = Linear(self.q_lora_rank, num_heads * qk_head_dim)
+            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, num_heads * qk_head_dim)
         else:
-            self.q_proj = Linear(hidden_size, num_heads * qk_head_dim)
+            self.q_proj = ColumnParallelLinear(hidden_size, num_heads * qk_head_dim)
         self.kv_a_proj_with_mqa = Linear(hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
-        self.kv_b_proj = Linear(self.kv_lora_rank, num_heads * (self.qk_nope_head_dim + self.v_head_dim))
-        self.o_proj = Linear(num_heads * self.v_head_dim, hidden_size, bias=bias)
+        self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, num_heads * (self.qk_nope_head_dim + self.v_head_dim))
+        self.o_proj = RowParallelLinear(num_heads * self.v_head_dim, hidden_size, bias=bias)
         self.scale = mla_softmax_scale(c)
         self.backend = backend
         # DeepSeek checkpoints lay the rope dims out as interleaved pairs (x0, x1), (x2, x3), ...: gathering

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from frontierlm.layers.activation import GatedActivation
-from frontierlm.layers.linear import Linear, MergedLinear
+from frontierlm.distributed.layers import MergedColumnParallelLinear, RowParallelLinear
 
 
 class GatedMLP(nn.Module):
@@ -15,10 +15,13 @@ class GatedMLP(nn.Module):
     gate_up_proj shards 0 and 1.
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu", bias: bool = False):
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu", bias: bool = False,
+                 reduce_results: bool = True):
         super().__init__()
-        self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size] * 2, bias=bias)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
+        # tensor-parallel: gate/up split by columns, down by rows (one all-reduce; none for a MoE shared expert,
+        # whose partial sum joins the routed experts' before the block's one reduce)
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, reduce_results=reduce_results)
         self.act = GatedActivation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

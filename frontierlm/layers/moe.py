@@ -265,7 +265,12 @@ class MoE(nn.Module):
             bias = nn.Parameter(torch.zeros(routing.num_experts, dtype=torch.float32), requires_grad=False)
             bias.weight_loader = default_weight_loader
             self.gate.e_score_correction_bias = bias
-        self.experts = FusedExperts(routing.num_experts, hidden_size, intermediate_size, act)
+        from frontierlm.distributed.moe import make_experts  # (imports this module)
+        from frontierlm.distributed.state import build_context
+
+        ctx = build_context()  # tensor / expert parallel: the experts are sharded, the block reduces once
+        self.tp_size, self.tp_group = ctx.tp_size, ctx.tp_group
+        self.experts = make_experts(routing.num_experts, hidden_size, intermediate_size, act)
         self.shared_expert_gate = Linear(hidden_size, 1) if shared_gate else None
         # Tokens routed to each expert since the last reset; summed on the device, read when someone asks.
         self.register_buffer("expert_counts", torch.zeros(routing.num_experts, dtype=torch.int64),
@@ -280,7 +285,7 @@ class MoE(nn.Module):
         if self.shared_name:
             if not shared_name.isidentifier() or hasattr(self, shared_name):
                 raise ValueError(f"shared_name must be a free attribute name, got {shared_name!r}")
-            setattr(self, shared_name, GatedMLP(hidden_size, shared_intermediate_size, act))
+            setattr(self, shared_name, GatedMLP(hidden_size, shared_intermediate_size, act, reduce_results=False))
 
     def reset_expert_counts(self) -> None:
         self.expert_counts.zero_()
@@ -307,6 +312,8 @@ class MoE(nn.Module):
             if self.shared_expert_gate is not None:  # Qwen2-MoE: a per-token sigmoid gate on the shared expert
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
+        if self.tp_size > 1:  # the routed (and shared) partial sums of every rank
+            torch.distributed.all_reduce(out, group=self.tp_group)
         if self.training:
             self.last_router_logits, self.last_counts = logits, counts
             if self.aux_loss_coef > 0:

@@ -7,7 +7,8 @@ from torch import nn
 
 from frontierlm.config import ModelConfig
 from frontierlm.layers.attention import AttentionMetadata
-from frontierlm.layers.embedding import LMHead
+from frontierlm.distributed.layers import ParallelLMHead
+from frontierlm.distributed.pipeline import first_stage_only
 from frontierlm.layers.norm import RMSNorm
 
 
@@ -43,8 +44,9 @@ class CausalLM(nn.Module):
     checkpoint_renames: dict = {}      # checkpoint module name -> ours (e.g. Mixtral's block_sparse_moe -> mlp)
 
     def _init_head(self, mc: ModelConfig) -> None:
-        self.lm_head = LMHead(mc.vocab_size, mc.hidden_size)
-        if mc.tie_word_embeddings:
+        # vocab-parallel, on pipeline stage 0 beside the embedding (None on later stages)
+        self.lm_head = first_stage_only(lambda: ParallelLMHead(mc.vocab_size, mc.hidden_size))
+        if mc.tie_word_embeddings and self.lm_head is not None:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -61,7 +63,8 @@ class CausalLM(nn.Module):
     # ---- KV cache: each attention module says what it stores per token ------------------------------
     def kv_cache_modules(self) -> list[nn.Module]:
         """The modules that own a KV cache, one per layer (dense Attention or MLAAttention)."""
-        return [getattr(layer.self_attn, "attn", layer.self_attn) for layer in self.model.layers]
+        return [getattr(layer.self_attn, "attn", layer.self_attn) for layer in self.model.layers
+                if not getattr(layer, "is_missing", False)]  # pipeline parallel: this stage's layers
 
     def kv_cache_shapes(self, num_blocks: int, block_size: int) -> list[tuple[int, ...]]:
         return [m.kv_cache_shape(num_blocks, block_size) for m in self.kv_cache_modules()]

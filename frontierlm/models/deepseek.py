@@ -16,7 +16,8 @@ from safetensors import safe_open
 from torch import nn
 
 from frontierlm.config import ModelConfig
-from frontierlm.layers.embedding import VocabEmbedding
+from frontierlm.distributed.layers import VocabParallelEmbedding
+from frontierlm.distributed.pipeline import MissingEmbedding, first_stage_only, stage_layers
 from frontierlm.layers.linear import Linear
 from frontierlm.layers.mla import MLAAttention, TorchMLABackend, mla_rotary
 from frontierlm.layers.moe import MoE, RoutingConfig
@@ -67,10 +68,11 @@ class DeepseekModel(nn.Module):
         super().__init__()
         c = mc.hf_config
         self.num_layers = mc.num_layers
-        self.embed_tokens = VocabEmbedding(mc.vocab_size, mc.hidden_size)
+        self.embed_tokens = first_stage_only(lambda: VocabParallelEmbedding(mc.vocab_size, mc.hidden_size)) or \
+            MissingEmbedding(mc.hidden_size)
         # MTP modules sit after the decoder layers under the checkpoint's own indices (model.layers.{L + i}).
-        self.layers = nn.ModuleList([_decoder_layer(mc, i, backend, v3) for i in range(mc.num_layers)] +
-                                    [MTPLayer(mc, mc.num_layers + i, backend, v3) for i in range(num_mtp)])
+        self.layers = stage_layers(mc.num_layers, lambda i: _decoder_layer(mc, i, backend, v3))
+        self.layers.extend(MTPLayer(mc, mc.num_layers + i, backend, v3) for i in range(num_mtp))
         self.norm = RMSNorm(mc.hidden_size, c.rms_norm_eps)
         self.rotary_emb = mla_rotary(c, mc.max_model_len)
 
@@ -160,7 +162,8 @@ class DeepseekV2ForCausalLM(CausalLM):
             self.config.num_layers + self.num_mtp_layers
 
     def kv_cache_modules(self) -> list[nn.Module]:
-        return [layer.self_attn for layer in self.model.layers[:self.config.num_layers]]
+        return [layer.self_attn for layer in self.model.layers[:self.config.num_layers]
+                if not getattr(layer, "is_missing", False)]  # pipeline parallel: this stage's layers
 
     def mtp_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, previous_hidden: torch.Tensor,
                     depth: int = 0, return_next_hidden: bool = False):

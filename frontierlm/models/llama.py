@@ -10,8 +10,8 @@ from torch import nn
 
 from frontierlm.config import ModelConfig
 from frontierlm.layers.attention import Attention, AttentionBackend, AttentionMetadata, get_attn_backend
-from frontierlm.layers.embedding import VocabEmbedding
-from frontierlm.layers.linear import Linear, QKVLinear
+from frontierlm.distributed.layers import QKVParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from frontierlm.distributed.pipeline import MissingEmbedding, first_stage_only, stage_layers
 from frontierlm.layers.mlp import GatedMLP
 from frontierlm.layers.norm import RMSNorm
 from frontierlm.layers.rotary import RotaryEmbedding, rope_parameters
@@ -22,10 +22,11 @@ class LlamaAttention(nn.Module):
     def __init__(self, mc: ModelConfig, layer_idx: int, backend: AttentionBackend, qkv_bias: bool, qk_norm: bool):
         super().__init__()
         c = mc.hf_config
-        self.num_heads, self.num_kv_heads, self.head_dim = mc.num_heads, mc.num_kv_heads, mc.head_dim
+        self.head_dim = mc.head_dim
         out_bias = bool(getattr(c, "attention_bias", False))
-        self.qkv_proj = QKVLinear(mc.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, bias=qkv_bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, mc.hidden_size, bias=out_bias)
+        self.qkv_proj = QKVParallelLinear(mc.hidden_size, self.head_dim, mc.num_heads, mc.num_kv_heads, bias=qkv_bias)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # this rank's
+        self.o_proj = RowParallelLinear(mc.num_heads * self.head_dim, mc.hidden_size, bias=out_bias)
         if qk_norm:  # Qwen3: RMSNorm over each head's dims, before RoPE
             self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
@@ -58,11 +59,10 @@ class LlamaModel(nn.Module):
     def __init__(self, mc: ModelConfig, backend: AttentionBackend, qkv_bias: bool, qk_norm: bool, make_mlp):
         super().__init__()
         c = mc.hf_config
-        self.embed_tokens = VocabEmbedding(mc.vocab_size, mc.hidden_size)
-        self.layers = nn.ModuleList(
-            DecoderLayer(LlamaAttention(mc, i, backend, qkv_bias, qk_norm), make_mlp(mc, i), mc.hidden_size,
-                         c.rms_norm_eps)
-            for i in range(mc.num_layers))
+        self.embed_tokens = first_stage_only(lambda: VocabParallelEmbedding(mc.vocab_size, mc.hidden_size)) or \
+            MissingEmbedding(mc.hidden_size)
+        self.layers = stage_layers(mc.num_layers, lambda i: DecoderLayer(
+            LlamaAttention(mc, i, backend, qkv_bias, qk_norm), make_mlp(mc, i), mc.hidden_size, c.rms_norm_eps))
         self.norm = RMSNorm(mc.hidden_size, c.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(mc.head_dim, mc.max_model_len, rope_parameters(c))
 

@@ -103,6 +103,20 @@ def _checkpoint_name(param_name: str, shard, model: nn.Module) -> str:
     return ".".join(back.get(p, p) for p in name.split("."))
 
 
+def _on_other_stage(param_name: str, model: nn.Module) -> bool:
+    """Pipeline parallel: a parameter of a module this stage does not hold (a MissingLayer / MissingEmbedding, or
+    the LM head off stage 0)."""
+    module, parts = model, param_name.split(".")[:-1]
+    for part in parts:
+        module = getattr(module, part, None) if not part.isdigit() else (
+            module[int(part)] if isinstance(module, nn.ModuleList) and int(part) < len(module) else None)
+        if module is None:
+            return parts[0] == "lm_head"
+        if getattr(module, "is_missing", False):
+            return True
+    return False
+
+
 def load_weights(model: nn.Module, weight_files: list[str]) -> None:
     params = dict(model.named_parameters())  # tied weights appear once, under the embedding's name
     skip = getattr(model, "skip_checkpoint_weight", lambda name: False)
@@ -120,11 +134,14 @@ def load_weights(model: nn.Module, weight_files: list[str]) -> None:
                 target, shard = _target(name, model)
                 param = params.get(target)
                 if param is None:
-                    unexpected.append(name)
+                    if not _on_other_stage(target, model):
+                        unexpected.append(name)
                     continue
                 loader = getattr(param, "weight_loader", default_weight_loader)
+                # tensor-parallel parameters read only their shard from a lazy slice of the file
+                loaded_weight = f.get_slice(name) if getattr(param, "loads_slices", False) else f.get_tensor(name)
                 try:
-                    loader(param, f.get_tensor(name), shard)
+                    loader(param, loaded_weight, shard)
                 except ValueError as e:
                     raise ValueError(f"cannot load {name!r} from {path}: {e}") from None
                 loaded.add((target, shard))

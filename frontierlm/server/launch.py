@@ -97,13 +97,36 @@ def run_server(args) -> int:
             host = f"[{args.host}]" if ":" in args.host else args.host
             print(f"ready: serving {', '.join(options.served_model_names)} at http://{host}:{args.port}/v1",
                   flush=True)
+        watch_workers(engine, server)
 
     threading.Thread(target=watch_load, daemon=True).start()
     server.run()
     engine.shutdown()
     if engine.load_error is not None:
         raise ValueError(f"the model failed to load: {engine.load_error}")
+    if _lost_workers(engine):
+        logger.error("exiting: %s", engine.dead)
+        return 1
     return 0
+
+
+DEAD_WORKER_EXIT_S = 3.0  # /health answers 503 this long before a server that lost a worker exits
+
+
+def _lost_workers(engine: AsyncEngine) -> bool:
+    from frontierlm.distributed.executor import WorkerFailure
+
+    return isinstance(engine.dead, WorkerFailure)
+
+
+def watch_workers(engine: AsyncEngine, server) -> None:
+    """A parallel run that lost a worker cannot recover: requests fail, /health says 503, then the server exits."""
+    while not server.should_exit:
+        if _lost_workers(engine):
+            time.sleep(DEAD_WORKER_EXIT_S)
+            server.should_exit = True
+            return
+        time.sleep(0.1)
 
 
 def serve_options(args):

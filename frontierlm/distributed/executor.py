@@ -1,0 +1,228 @@
+"""Rank 0's side of a parallel run: starts the local workers, joins the process groups, and stands in for the
+model in the model runner (`DriverModel`), so the one step (schedule -> execute -> update) is unchanged.
+
+Each forward the driver sends the step to every worker (protocol.py), then runs its own shard; the logits it
+samples from are gathered from the vocab-parallel LM head. A heartbeat keeps idle workers inside the collective
+timeout and notices a dead one while no request runs. Any failure of a collective ends the engine with a
+`WorkerFailure` that says which rank died or stopped answering; the workers exit on their own when the driver
+goes away (their stdin closes, or their next collective fails).
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+
+import torch
+import torch.distributed as dist
+
+from frontierlm.distributed import protocol
+from frontierlm.distributed.pipeline import pipelined_forward
+from frontierlm.distributed.state import ParallelContext, building, collective_timeout_s, init_process_groups
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerFailure(RuntimeError):
+    """A worker died, hung, or the process group broke: the engine cannot go on."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def local_ranks(config, node_rank: int) -> range:
+    per_node = config.world_size // config.nnodes
+    return range(node_rank * per_node, (node_rank + 1) * per_node)
+
+
+def device_for(config, rank: int) -> torch.device:
+    device = torch.device(config.device)
+    if device.type == "cuda":
+        return torch.device("cuda", rank % (config.world_size // config.nnodes))
+    return device
+
+
+def spawn_workers(config, ranks, port: int, threads: int) -> list[subprocess.Popen]:
+    """One `python -m frontierlm.distributed.worker` per rank; its start-up arguments come pickled on stdin,
+    which stays open: when this process dies the pipe closes and the worker exits."""
+    procs = []
+    for rank in ranks:
+        p = subprocess.Popen([sys.executable, "-m", "frontierlm.distributed.worker"], stdin=subprocess.PIPE)
+        p.stdin.write(pickle.dumps({"config": config, "rank": rank, "port": port, "threads": threads}))
+        p.stdin.flush()
+        procs.append(p)
+    return procs
+
+
+_active: list = []  # the driver of this process (one default process group per process)
+
+
+class DistributedExecutor:
+    def __init__(self, config, model_config):
+        from frontierlm.distributed.checks import check_layout
+
+        check_layout(model_config, config.tensor_parallel_size, config.pipeline_parallel_size,
+                     config.enable_expert_parallel)
+        for old in list(_active):  # one process group per process: a newer engine replaces the older one
+            logger.warning("shutting down the previous parallel engine of this process")
+            old.shutdown()
+        self.config = config
+        self.timeout = collective_timeout_s()
+        port = config.master_port or free_port(config.master_addr)
+        self.ctx = ParallelContext(rank=0, tp_size=config.tensor_parallel_size, pp_size=config.pipeline_parallel_size,
+                                   enable_expert_parallel=config.enable_expert_parallel, device=device_for(config, 0))
+        self.procs = spawn_workers(config, local_ranks(config, 0)[1:], port, torch.get_num_threads())
+        self.failure: WorkerFailure | None = None
+        self._lock = threading.Lock()
+        self._last = time.monotonic()
+        self._closed = False
+        try:
+            init_process_groups(self.ctx, config.master_addr, port)
+        except BaseException as e:
+            why = self._describe(e)
+            self._kill()
+            raise WorkerFailure(f"the workers did not join the process group at {config.master_addr}:{port}: "
+                                f"{why}") from e
+        _active.append(self)
+        self._heartbeat = threading.Thread(target=self._beat, name="frontierlm-heartbeat", daemon=True)
+        self._heartbeat.start()
+        atexit.register(self.shutdown)
+
+    # ---- the model ---------------------------------------------------------------------------------
+    def load_model(self, model_config, load):
+        """`load()` (models/loader.py) with this rank's shards; returns the driver's stand-in for the model."""
+        with building(self.ctx):
+            model = load()
+        return DriverModel(model, self)
+
+    # ---- commands ----------------------------------------------------------------------------------
+    def command(self, cmd: int, *fields: int, then=None):
+        """Header to every rank, then `then()` (more collectives), all under the lock the heartbeat shares."""
+        self.check_health()
+        with self._lock:
+            try:
+                protocol.send_header(cmd, *fields, device=self.ctx.device)
+                out = then() if then is not None else None
+            except Exception as e:
+                self.failure = WorkerFailure(f"parallel engine failed during {protocol.COMMANDS[cmd]}: "
+                                             f"{self._describe(e)}")
+                self._kill()
+                raise self.failure from None
+            self._last = time.monotonic()
+            return out
+
+    def check_health(self) -> None:
+        if self._closed and self.failure is None:
+            raise WorkerFailure("this parallel engine was shut down (a newer one started in this process, or the "
+                                "process is exiting)")
+        if self.failure is not None:
+            raise self.failure
+
+    def _describe(self, error: BaseException) -> str:
+        dead = [f"rank {r} (pid {p.pid}) exited with status {p.returncode}"
+                for r, p in zip(local_ranks(self.config, 0)[1:], self.procs) if p.poll() is not None]
+        if dead:
+            return "; ".join(dead)
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} (a worker died or " \
+               f"hung: no answer within {self.timeout:.0f}s, FRONTIERLM_DIST_TIMEOUT_S)"
+
+    def _beat(self) -> None:
+        interval = max(self.timeout / 4, 0.2)
+        while not self._closed and self.failure is None:
+            time.sleep(min(interval, 1.0))
+            dead = [p for p in self.procs if p.poll() is not None]
+            if dead and self.failure is None and not self._closed:
+                self.failure = WorkerFailure(f"parallel engine failed: {self._describe(RuntimeError())}")
+                self._kill()
+                logger.error("%s", self.failure)
+                return
+            if time.monotonic() - self._last > interval and self._lock.acquire(blocking=False):
+                try:
+                    if not self._closed and self.failure is None:
+                        protocol.send_header(protocol.PING, device=self.ctx.device)
+                        self._last = time.monotonic()
+                except Exception as e:
+                    self.failure = WorkerFailure(f"parallel engine failed (heartbeat): {self._describe(e)}")
+                    self._kill()
+                    logger.error("%s", self.failure)
+                finally:
+                    self._lock.release()
+
+    # ---- shutdown ----------------------------------------------------------------------------------
+    def _kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+        for p in self.procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self in _active:
+            _active.remove(self)
+        if self.failure is None:
+            try:
+                with self._lock:
+                    protocol.send_header(protocol.STOP, device=self.ctx.device)
+                for p in self.procs:
+                    p.wait(10)
+            except Exception:  # a broken group: nothing to say goodbye to
+                pass
+        self._kill()
+        if self.failure is None and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class DriverModel:
+    """The model as rank 0's runner sees it: calling it runs the step on every rank, compute_logits gathers the
+    vocab-parallel head; everything else is the local model's (expert load, KV shapes, ...)."""
+
+    def __init__(self, model, executor: DistributedExecutor):
+        self.model, self.executor, self.ctx = model, executor, executor.ctx
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_meta) -> torch.Tensor:
+        if attn_meta is None or not hasattr(attn_meta, "query_lens_cpu"):
+            raise ValueError("a parallel model runs only the engine's paged step (attn_meta from the runner)")
+        fields = protocol.step_fields(input_ids, attn_meta)
+
+        def run():
+            payload = protocol.pack_step(input_ids, positions, attn_meta)
+            dist.broadcast(payload, 0)
+            return pipelined_forward(self.model, self.ctx, input_ids, positions, attn_meta)
+
+        return self.executor.command(protocol.STEP, *fields, then=run)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.ctx.tp_size == 1:
+            return self.model.compute_logits(hidden_states)
+
+        def run():
+            dist.broadcast(hidden_states.contiguous(), 0, group=self.ctx.head_group)
+            return self.model.compute_logits(hidden_states)
+
+        return self.executor.command(protocol.LOGITS, *hidden_states.shape, then=run)
+
+    def kv_cache_shapes(self, num_blocks: int, block_size: int):
+        self.executor.command(protocol.ALLOC, num_blocks, block_size)
+        return self.model.kv_cache_shapes(num_blocks, block_size)
+
+    def eval(self):
+        return self
