@@ -96,7 +96,7 @@ class EngineConfig:
         if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {self.device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
         check_attention_backend(dev)
-        if self.world_size > 1:
+        if self.world_size > 1 or self.nnodes > 1 or self.distributed_executor_backend is not None:
             from frontierlm.distributed.config import check_parallel_config
 
             check_parallel_config(self, dev)

@@ -112,3 +112,15 @@ def test_expert_parallel_experts_are_split(tiny_model_dir):
     assert torch.equal(tp.w2.data, full[:, :, 16:])
     ep._load_w2(ep.w2, full)
     assert torch.equal(ep.w2.data, full[4:])
+
+
+def test_expert_load_per_rank_in_metrics():
+    from frontierlm.server.metrics import ServerMetrics
+
+    m = ServerMetrics("tiny")
+    m.expert_snapshot = ([1, 2], [[1, 2, 3, 4, 5, 6, 7, 8], [0, 0, 0, 1, 9, 0, 0, 0]])
+    m.expert_parallel_ranks = 2
+    text = m.render()[0].decode()
+    assert 'frontierlm:moe_rank_tokens_total{layer="1",model_name="tiny",rank="0"} 10.0' in text
+    assert 'frontierlm:moe_rank_tokens_total{layer="1",model_name="tiny",rank="1"} 26.0' in text
+    assert 'frontierlm:moe_rank_tokens_total{layer="2",model_name="tiny",rank="1"} 9.0' in text

@@ -24,6 +24,8 @@ def check_parallel_config(config, device: torch.device) -> None:
         raise ValueError(f"master_port must be a TCP port in 1..65535, got {config.master_port!r}")
     if device.type == "cuda" and per_node > torch.cuda.device_count():
         raise ValueError(f"{per_node} ranks on this node but only {torch.cuda.device_count()} CUDA device(s) visible")
+    if world == 1:
+        return
     if config.speculative_config is not None:
         raise ValueError("speculative decoding with tensor/pipeline parallelism is not supported yet")
     if config.enforce_eager is False:

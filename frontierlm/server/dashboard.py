@@ -32,7 +32,8 @@ def snapshot(engine) -> dict:
             "max_model_len": engine.max_model_len,
             # MoE: tokens per expert per MoE layer ([] for dense models); one device-to-host copy per poll
             "expert_load": engine.expert_load(),
-            "expert_layers": engine.expert_layers()}  # the model's own layer number of each row
+            "expert_layers": engine.expert_layers(),  # the model's own layer number of each row
+            "expert_load_per_rank": engine.expert_load_per_rank()}  # expert parallelism: tokens per rank and layer
 
 
 def add_routes(app: FastAPI, ctx) -> None:

@@ -101,6 +101,17 @@ class _MoECollector:
             imbalance.add_metric([name, str(layer)], expert_imbalance(counts))
         yield tokens
         yield imbalance
+        ranks = self.metrics.expert_parallel_ranks
+        if ranks > 1:  # expert parallelism: rank r holds the r-th contiguous share of each layer's experts
+            from frontierlm.distributed.moe import load_per_rank
+
+            per_rank = CounterMetricFamily("frontierlm:moe_rank_tokens", "Tokens routed to the experts each "
+                                           "expert-parallel rank holds, per MoE layer.",
+                                           labels=["model_name", "layer", "rank"])
+            for layer, row in zip(layers, load_per_rank(load, ranks)):
+                for rank, n in enumerate(row):
+                    per_rank.add_metric([name, str(layer), str(rank)], n)
+            yield per_rank
 
 
 class ServerMetrics(StatsSink):
@@ -149,6 +160,7 @@ class ServerMetrics(StatsSink):
         self.series = _Series()
         # MoE expert load: the last (expert_layers(), expert_load()) of the engine, exported by _MoECollector.
         self.expert_snapshot: tuple[list[int], list[list[int]]] = ([], [])  # (layer numbers, rows)
+        self.expert_parallel_ranks = 0  # set with the snapshot: the EP ranks the experts are split over
         self._dense = False  # set once a snapshot comes back empty: dense models skip the engine round trip
         self.registry.register(_MoECollector(self))
         self.spec_stats: dict | None = None  # the engine's speculative-decoding counters (frontierlm/spec)
@@ -218,6 +230,8 @@ class ServerMetrics(StatsSink):
             fut = asyncio.ensure_future(async_engine.call(
                 lambda engine: (engine.expert_layers(), engine.expert_load())))
             snapshot = await asyncio.wait_for(asyncio.shield(fut), timeout)
+            config = async_engine.engine.config
+            self.expert_parallel_ranks = config.tensor_parallel_size if config.enable_expert_parallel else 0
         except Exception:  # noqa: BLE001 - a scrape must answer; the next one retries
             return
         self._dense = not snapshot[1]
