@@ -71,7 +71,7 @@ def run_layout(model_dir: str, flags: dict, threads: int, reqs, decode_new: int,
     from frontierlm import LLM, SamplingParams
 
     torch.set_num_threads(threads)
-    llm = LLM(model_dir, max_model_len=1024, **flags)
+    llm = LLM(model_dir, max_model_len=512, **flags)
     try:
         engine = llm.llm_engine
         warm = [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)]
@@ -123,7 +123,8 @@ def main(argv=None) -> None:
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
     model = args.model or str(make_random_model(Path(tempfile.mkdtemp()) / "llama-33m"))
-    reqs = workload(args.num_requests, 8192, args.min_len, args.max_len)
+    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    reqs = workload(args.num_requests, vocab, args.min_len, args.max_len)
     timer = CommTimer()
     results = {name: [] for name in args.layouts.split(",")}
     for r in range(args.rounds):

@@ -124,3 +124,31 @@ def test_expert_load_per_rank_in_metrics():
     assert 'frontierlm:moe_rank_tokens_total{layer="1",model_name="tiny",rank="0"} 10.0' in text
     assert 'frontierlm:moe_rank_tokens_total{layer="1",model_name="tiny",rank="1"} 26.0' in text
     assert 'frontierlm:moe_rank_tokens_total{layer="2",model_name="tiny",rank="1"} 9.0' in text
+
+
+def test_a_hung_worker_fails_the_step_within_the_timeout(tiny_model_dir, monkeypatch):
+    """A worker that stops answering (SIGSTOP) ends the next step with WorkerFailure after the collective
+    timeout, and the engine stays failed (check_health raises) instead of hanging."""
+    import os
+    import signal
+    import time
+
+    from frontierlm import SamplingParams
+    from frontierlm.distributed.executor import WorkerFailure
+
+    monkeypatch.setenv("FRONTIERLM_DIST_TIMEOUT_S", "10")
+    llm = LLM(tiny_model_dir("llama"), tensor_parallel_size=2)
+    try:
+        params = SamplingParams(max_tokens=3)
+        assert len(llm.generate([[5, 6, 7]], params, use_tqdm=False)[0].outputs[0].token_ids) == 3
+        worker = llm.llm_engine.runner.parallel.procs[0]
+        os.kill(worker.pid, signal.SIGSTOP)
+        t = time.monotonic()
+        with pytest.raises(WorkerFailure, match="no answer within 10s"):
+            llm.generate([[5, 6, 7]], params, use_tqdm=False)
+        assert time.monotonic() - t < 40
+        with pytest.raises(WorkerFailure):
+            llm.llm_engine.check_health()
+        assert worker.poll() is not None  # killed, not left stopped
+    finally:
+        llm.llm_engine.shutdown()

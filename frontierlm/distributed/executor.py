@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-import weakref
 
 import torch
 import torch.distributed as dist
@@ -94,8 +93,6 @@ class DistributedExecutor:
             raise WorkerFailure(f"the workers did not join the process group at {config.master_addr}:{port}: "
                                 f"{why}") from e
         _active.append(self)
-        self._heartbeat = threading.Thread(target=self._beat, name="frontierlm-heartbeat", daemon=True)
-        self._heartbeat.start()
         atexit.register(self.shutdown)
 
     # ---- the model ---------------------------------------------------------------------------------
@@ -103,6 +100,15 @@ class DistributedExecutor:
         """`load()` (models/loader.py) with this rank's shards; returns the driver's stand-in for the model."""
         with building(self.ctx):
             model = load()
+        try:  # every rank has its shard (start-up timeout): from here on, steps
+            with self._lock:
+                dist.barrier()
+                self._last = time.monotonic()
+        except Exception as e:
+            self.failure = WorkerFailure(f"the workers failed to load the model: {self._describe(e)}")
+            self._kill()
+            raise self.failure from None
+        threading.Thread(target=self._beat, name="frontierlm-heartbeat", daemon=True).start()
         return DriverModel(model, self)
 
     # ---- commands ----------------------------------------------------------------------------------
@@ -111,7 +117,7 @@ class DistributedExecutor:
         self.check_health()
         with self._lock:
             try:
-                protocol.send_header(cmd, *fields, device=self.ctx.device)
+                protocol.send_header(cmd, *fields, device=self.ctx.device, group=self.ctx.control_group)
                 out = then() if then is not None else None
             except Exception as e:
                 self.failure = WorkerFailure(f"parallel engine failed during {protocol.COMMANDS[cmd]}: "
@@ -149,7 +155,7 @@ class DistributedExecutor:
             if time.monotonic() - self._last > interval and self._lock.acquire(blocking=False):
                 try:
                     if not self._closed and self.failure is None:
-                        protocol.send_header(protocol.PING, device=self.ctx.device)
+                        protocol.send_header(protocol.PING, device=self.ctx.device, group=self.ctx.control_group)
                         self._last = time.monotonic()
                 except Exception as e:
                     self.failure = WorkerFailure(f"parallel engine failed (heartbeat): {self._describe(e)}")
@@ -178,7 +184,7 @@ class DistributedExecutor:
         if self.failure is None:
             try:
                 with self._lock:
-                    protocol.send_header(protocol.STOP, device=self.ctx.device)
+                    protocol.send_header(protocol.STOP, device=self.ctx.device, group=self.ctx.control_group)
                 for p in self.procs:
                     p.wait(10)
             except Exception:  # a broken group: nothing to say goodbye to
@@ -205,7 +211,7 @@ class DriverModel:
 
         def run():
             payload = protocol.pack_step(input_ids, positions, attn_meta)
-            dist.broadcast(payload, 0)
+            dist.broadcast(payload, 0, group=self.ctx.control_group)
             return pipelined_forward(self.model, self.ctx, input_ids, positions, attn_meta)
 
         return self.executor.command(protocol.STEP, *fields, then=run)

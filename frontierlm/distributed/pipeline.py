@@ -55,21 +55,24 @@ class StageLinks:
         src = self.ctx.stage_rank(self.ctx.pp_rank - 1)
         x = torch.empty_like(x)
         residual = torch.empty_like(x)
-        dist.recv(x, src, tag=0)
-        dist.recv(residual, src, tag=1)
+        dist.recv(x, src, group=self.ctx.control_group, tag=0)
+        dist.recv(residual, src, group=self.ctx.control_group, tag=1)
         return (x, residual, *args[2:])
 
     def send(self, module, args, output):
         x, residual = output
         dst = self.ctx.stage_rank(self.ctx.pp_rank + 1)
-        self.pending += [dist.isend(x.contiguous(), dst, tag=0), dist.isend(residual.contiguous(), dst, tag=1)]
+        group = self.ctx.control_group
+        self.pending += [dist.isend(x.contiguous(), dst, group=group, tag=0),
+                         dist.isend(residual.contiguous(), dst, group=group, tag=1)]
 
     def send_final(self, hidden: torch.Tensor) -> None:
-        self.pending.append(dist.isend(hidden.contiguous(), self.ctx.stage_rank(0), tag=2))
+        self.pending.append(dist.isend(hidden.contiguous(), self.ctx.stage_rank(0), group=self.ctx.control_group,
+                                       tag=2))
 
     def receive_final(self, like: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(like)
-        dist.recv(out, self.ctx.stage_rank(self.ctx.pp_size - 1), tag=2)
+        dist.recv(out, self.ctx.stage_rank(self.ctx.pp_size - 1), group=self.ctx.control_group, tag=2)
         return out
 
     def wait(self) -> None:

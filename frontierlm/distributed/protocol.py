@@ -17,17 +17,17 @@ STEP, LOGITS, ALLOC, PING, STOP = 1, 2, 3, 4, 5
 COMMANDS = {STEP: "step", LOGITS: "logits", ALLOC: "alloc", PING: "ping", STOP: "stop"}
 
 
-def send_header(cmd: int, *fields: int, device: torch.device) -> None:
+def send_header(cmd: int, *fields: int, device: torch.device, group) -> None:
     header = torch.zeros(HEADER_LEN, dtype=torch.int64, device=device)
     header[0] = cmd
     if fields:
         header[1:1 + len(fields)] = torch.tensor(fields, dtype=torch.int64)
-    dist.all_reduce(header)
+    dist.all_reduce(header, group=group)
 
 
-def receive_header(device: torch.device) -> list[int]:
+def receive_header(device: torch.device, group) -> list[int]:
     header = torch.zeros(HEADER_LEN, dtype=torch.int64, device=device)
-    dist.all_reduce(header)
+    dist.all_reduce(header, group=group)
     return header.tolist()
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 120.0  # a collective that waits longer than this means a peer died or hangs
+STARTUP_TIMEOUT_S = 900.0  # joining and loading the shards (imports, reading weights) may take much longer
 
 
 def collective_timeout_s() -> float:
@@ -46,6 +47,7 @@ class ParallelContext:
     head_group: object = None     # stage 0's TP ranks (the embedding and vocab-parallel LM head live there)
     num_layers: int = 0           # the model's layers, split into pp_size contiguous stages
     links: object = None          # pipeline.StageLinks of this rank's stage (pp_size > 1)
+    control_group: object = None  # every rank, with the collective timeout: step messages and stage transfers
 
     @property
     def world_size(self) -> int:
@@ -113,7 +115,11 @@ def init_process_groups(ctx: ParallelContext, master_addr: str, master_port: int
     os.environ["RANK"], os.environ["WORLD_SIZE"] = str(ctx.rank), str(ctx.world_size)
     timeout = datetime.timedelta(seconds=collective_timeout_s())
     kwargs = {"device_id": ctx.device} if ctx.device.type == "cuda" else {}
-    dist.init_process_group(backend_for(ctx.device), init_method="env://", timeout=timeout, **kwargs)
+    # the default group only waits for everyone at start-up (barrier after loading); steps use the groups below
+    dist.init_process_group(backend_for(ctx.device), init_method="env://",
+                            timeout=datetime.timedelta(seconds=max(STARTUP_TIMEOUT_S, timeout.total_seconds())),
+                            **kwargs)
+    ctx.control_group = dist.new_group(list(range(ctx.world_size)), timeout=timeout)
     for stage in range(ctx.pp_size):
         ranks = list(range(stage * ctx.tp_size, (stage + 1) * ctx.tp_size))
         group = dist.new_group(ranks, timeout=timeout)

@@ -50,17 +50,18 @@ class Worker:
         init_process_groups(self.ctx, config.master_addr, port)
         with building(self.ctx):
             self.model = load_model(self.mc, self.ctx.device, config.load_format, seed=config.seed)
+        dist.barrier()  # every rank has its shard (start-up timeout); the driver's steps follow
 
     @torch.inference_mode()
     def serve(self) -> None:
         device = self.ctx.device
         while True:
-            cmd, *f = protocol.receive_header(device)
+            cmd, *f = protocol.receive_header(device, self.ctx.control_group)
             if cmd == protocol.STEP:
                 num_tokens, num_seqs, width = f[0], f[1], f[2]
                 payload = torch.empty(protocol.payload_size(num_tokens, num_seqs, width), dtype=torch.int64,
                                       device=device)
-                dist.broadcast(payload, 0)
+                dist.broadcast(payload, 0, group=self.ctx.control_group)
                 ids, pos, meta = protocol.unpack_step(payload, *f[:6])
                 pipelined_forward(self.model, self.ctx, ids, pos, meta)
             elif cmd == protocol.LOGITS:
