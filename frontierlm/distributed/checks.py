@@ -35,5 +35,3 @@ def check_layout(model_config, tp: int, pp: int, ep: bool) -> None:
         raise ValueError(f"enable_expert_parallel: {mc.architecture} has no experts")
     if mc.num_layers < pp:
         raise ValueError(f"pipeline_parallel_size={pp} is more than the model's {mc.num_layers} layers")
-    if getattr(c, "num_nextn_predict_layers", 0) and pp > 1:
-        pass  # MTP modules are not used without speculative decoding, which parallel runs refuse

@@ -10,6 +10,7 @@ goes away (their stdin closes, or their next collective fails).
 from __future__ import annotations
 
 import atexit
+import copy
 import logging
 import os
 import pickle
@@ -54,6 +55,8 @@ def device_for(config, rank: int) -> torch.device:
 def spawn_workers(config, ranks, port: int, threads: int) -> list[subprocess.Popen]:
     """One `python -m frontierlm.distributed.worker` per rank; its start-up arguments come pickled on stdin,
     which stays open: when this process dies the pipe closes and the worker exits."""
+    config = copy.copy(config)
+    config.logits_processors = []  # rank 0 samples; a worker never needs them (nor to unpickle user classes)
     procs = []
     for rank in ranks:
         p = subprocess.Popen([sys.executable, "-m", "frontierlm.distributed.worker"], stdin=subprocess.PIPE)
@@ -98,8 +101,14 @@ class DistributedExecutor:
     # ---- the model ---------------------------------------------------------------------------------
     def load_model(self, model_config, load):
         """`load()` (models/loader.py) with this rank's shards; returns the driver's stand-in for the model."""
-        with building(self.ctx):
-            model = load()
+        try:
+            with building(self.ctx):
+                model = load()
+        except BaseException:  # e.g. a checkpoint error: the workers would wait at the barrier for nothing
+            self.failure = WorkerFailure("rank 0 failed to load the model")
+            self._kill()
+            self.shutdown()
+            raise
         try:  # every rank has its shard (start-up timeout): from here on, steps
             with self._lock:
                 dist.barrier()
@@ -123,6 +132,7 @@ class DistributedExecutor:
                 self.failure = WorkerFailure(f"parallel engine failed during {protocol.COMMANDS[cmd]}: "
                                              f"{self._describe(e)}")
                 self._kill()
+                logger.error("%s", self.failure)
                 raise self.failure from None
             self._last = time.monotonic()
             return out
@@ -190,8 +200,11 @@ class DistributedExecutor:
             except Exception:  # a broken group: nothing to say goodbye to
                 pass
         self._kill()
-        if self.failure is None and dist.is_initialized():
-            dist.destroy_process_group()
+        if dist.is_initialized():  # so that a later engine of this process can start its own group
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - a broken group may refuse; the process keeps no use for it
+                pass
 
 
 class DriverModel:
