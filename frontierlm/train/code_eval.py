@@ -47,10 +47,12 @@ def bits_per_byte(model, tokenizer, text: str, window: int = 512) -> dict:
             "tokens": predicted, "bytes": n_bytes}
 
 
-def function_headers(docs: list[str], limit: int) -> list[str]:
-    """Up to `limit` top-level `def` lines (one-line headers with their newline) from `docs`, in order."""
+def function_headers(docs: list[str], limit: int, per_doc: int = 2) -> list[str]:
+    """Up to `limit` top-level `def` lines (one-line headers with their newline) from `docs`, at most `per_doc`
+    from each, so that the sample spans many modules."""
     headers = []
     for text in docs:
+        taken = 0
         try:
             tree = ast.parse(text)
         except SyntaxError:
@@ -59,8 +61,9 @@ def function_headers(docs: list[str], limit: int) -> list[str]:
         for node in tree.body:
             if isinstance(node, ast.FunctionDef) and not node.decorator_list and node.body[0].lineno > node.lineno:
                 line = lines[node.lineno - 1]
-                if line.rstrip().endswith(":") and line.startswith("def "):
+                if line.rstrip().endswith(":") and line.startswith("def ") and taken < per_doc:
                     headers.append(line if line.endswith("\n") else line + "\n")
+                    taken += 1
                     if len(headers) == limit:
                         return headers
     return headers
