@@ -152,3 +152,34 @@ def test_a_hung_worker_fails_the_step_within_the_timeout(tiny_model_dir, monkeyp
         assert worker.poll() is not None  # killed, not left stopped
     finally:
         llm.llm_engine.shutdown()
+
+
+def test_each_rank_reads_only_its_shard_from_safetensors(tmp_path):
+    """The parallel loaders take a lazy safetensors slice: rank 1 of 2 gets its rows / columns / heads, and the
+    packed q/k/v loader replicates the single KV head when there are fewer KV heads than ranks."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from frontierlm.distributed.layers import (ColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
+                                               VocabParallelEmbedding)
+    from frontierlm.distributed.state import ParallelContext, building
+
+    w = torch.arange(12 * 8, dtype=torch.float32).view(12, 8)
+    k = torch.arange(4 * 8, dtype=torch.float32).view(4, 8) + 1000  # one KV head of dim 4
+    save_file({"w": w, "k": k, "emb": torch.arange(5 * 8, dtype=torch.float32).view(5, 8)}, tmp_path / "t.safetensors")
+    with building(ParallelContext(rank=1, tp_size=2)):
+        col, row = ColumnParallelLinear(8, 12), RowParallelLinear(12, 8)
+        qkv = QKVParallelLinear(8, head_dim=4, num_heads=2, num_kv_heads=1)
+        emb = VocabParallelEmbedding(5, 8)
+    with safe_open(str(tmp_path / "t.safetensors"), framework="pt") as f:
+        assert col.weight.loads_slices
+        col.weight.weight_loader(col.weight, f.get_slice("w"))
+        row.weight.weight_loader(row.weight, w.T.contiguous())  # a plain tensor works too
+        qkv.weight.weight_loader(qkv.weight, f.get_slice("k"), "k")
+        emb.weight.weight_loader(emb.weight, f.get_slice("emb"))
+    assert torch.equal(col.weight.data, w[6:])
+    assert torch.equal(row.weight.data, w.T[:, 6:])
+    assert (qkv.num_heads, qkv.num_kv_heads) == (1, 1)
+    assert torch.equal(qkv.weight.data[4:8], k)  # the one KV head, replicated on rank 1
+    assert torch.equal(emb.weight.data[:2], torch.arange(24, 40, dtype=torch.float32).view(2, 8))
+    assert not emb.weight.data[2:].any()  # vocab 5 padded to 2 x 3 rows: the padding row is zero
