@@ -1,7 +1,6 @@
 """`frontierlm serve` with parallel ranks: tensor parallelism behind the official openai client, a killed worker
 (errors, /health 503, the server exits), and a two-"node" launch on loopback (two launchers, env rendezvous)."""
 import os
-import signal
 import subprocess
 import sys
 import time

@@ -12,7 +12,6 @@ from __future__ import annotations
 import atexit
 import copy
 import logging
-import os
 import pickle
 import socket
 import subprocess

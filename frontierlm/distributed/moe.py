@@ -11,7 +11,6 @@ across ranks (data-parallel attention), which FrontierLM does not do.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from frontierlm.distributed.layers import materialize, read_shard
 from frontierlm.distributed.state import build_context

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from frontierlm.layers.attention import AttentionMetadata, _gather_blocks, _TorchPlan, causal_attention
 from frontierlm.distributed.layers import ColumnParallelLinear, RowParallelLinear
 from frontierlm.distributed.state import build_context
+from frontierlm.layers.attention import AttentionMetadata, _gather_blocks, _TorchPlan, causal_attention
 from frontierlm.layers.linear import Linear
 from frontierlm.layers.norm import RMSNorm
 from frontierlm.layers.paged_decode import PagedDecodePlan, paged_decode_mla

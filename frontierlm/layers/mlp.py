@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from frontierlm.layers.activation import GatedActivation
 from frontierlm.distributed.layers import MergedColumnParallelLinear, RowParallelLinear
+from frontierlm.layers.activation import GatedActivation
 
 
 class GatedMLP(nn.Module):

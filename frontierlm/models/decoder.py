@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from frontierlm.config import ModelConfig
-from frontierlm.layers.attention import AttentionMetadata
 from frontierlm.distributed.layers import ParallelLMHead
 from frontierlm.distributed.pipeline import first_stage_only
+from frontierlm.layers.attention import AttentionMetadata
 from frontierlm.layers.norm import RMSNorm
 
 
