@@ -136,6 +136,12 @@ class DistributedExecutor:
             self._last = time.monotonic()
             return out
 
+    def describe(self) -> str:
+        c = self.config
+        return (f"TP={c.tensor_parallel_size} x PP={c.pipeline_parallel_size}"
+                f"{' (experts: EP)' if c.enable_expert_parallel else ''}, {c.world_size} ranks on {c.nnodes} "
+                f"node(s), {dist.get_backend()}; each rank caches its own KV heads / stage layers")
+
     def check_health(self) -> None:
         if self._closed and self.failure is None:
             raise WorkerFailure("this parallel engine was shut down (a newer one started in this process, or the "

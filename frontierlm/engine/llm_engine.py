@@ -68,6 +68,8 @@ class LLMEngine:
             f" | dtype {mc.dtype}: {dtype_reason} | "
             + (self.runner.fast_decode.describe() if self.runner.fast_decode else
                "decode: eager (enforce_eager; enforce_eager=False compiles the decode step)"))
+        if self.runner.parallel is not None:
+            self.startup_report += f" | parallel: {self.runner.parallel.describe()}"
         if self.spec is not None:
             sc = config.speculative_config
             self.startup_report += (f" | speculative decoding: {sc.method}{' ' + sc.model if sc.model else ''}, "
