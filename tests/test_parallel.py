@@ -76,6 +76,9 @@ def test_tp2_x_pp2_four_ranks(tiny_model_dir, hf_cache):
     llm = LLM(d, block_size=4, max_num_batched_tokens=16, tensor_parallel_size=2, pipeline_parallel_size=2)
     try:
         assert "parallel: TP=2 x PP=2, 4 ranks on 1 node(s), gloo" in llm.llm_engine.startup_report
+        import os
+
+        assert "WORLD_SIZE" not in os.environ  # the trainer reads it as "running under torchrun"
         check(llm.generate(prompts, greedy(), use_tqdm=False), ref)
     finally:
         llm.llm_engine.shutdown()

@@ -2,7 +2,7 @@
 
 Node R holds ranks [R * L, (R + 1) * L) with L = world_size / nnodes: it runs the first of them in this process
 and starts the others as worker processes; all join node 0's rendezvous at --master-addr:--master-port
-(torch.distributed's env:// rendezvous). Node 0 (the ordinary `serve` / `generate`) starts its own workers and
+(torch.distributed's TCP-store rendezvous, the one env:// uses). Node 0 (the ordinary `serve` / `generate`) starts its own workers and
 serves. The rendezvous and the collectives are unauthenticated: run them on a private network only.
 """
 from __future__ import annotations

@@ -111,12 +111,14 @@ def backend_for(device: torch.device) -> str:
 def init_process_groups(ctx: ParallelContext, master_addr: str, master_port: int) -> ParallelContext:
     """Join the run (torch.distributed's env rendezvous at MASTER_ADDR:MASTER_PORT) and make the TP groups of
     every stage plus the head group; every rank creates every group, in the same order."""
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = master_addr, str(master_port)
-    os.environ["RANK"], os.environ["WORLD_SIZE"] = str(ctx.rank), str(ctx.world_size)
+    # The rendezvous of env:// (a TCP store on MASTER_ADDR:MASTER_PORT), named explicitly: setting RANK /
+    # WORLD_SIZE in os.environ would make anything else in this process (the trainer) think it runs under torchrun.
+    host = f"[{master_addr}]" if ":" in master_addr else master_addr
     timeout = datetime.timedelta(seconds=collective_timeout_s())
     kwargs = {"device_id": ctx.device} if ctx.device.type == "cuda" else {}
     # the default group only waits for everyone at start-up (barrier after loading); steps use the groups below
-    dist.init_process_group(backend_for(ctx.device), init_method="env://",
+    dist.init_process_group(backend_for(ctx.device), init_method=f"tcp://{host}:{master_port}", rank=ctx.rank,
+                            world_size=ctx.world_size,
                             timeout=datetime.timedelta(seconds=max(STARTUP_TIMEOUT_S, timeout.total_seconds())),
                             **kwargs)
     ctx.control_group = dist.new_group(list(range(ctx.world_size)), timeout=timeout)
