@@ -14,7 +14,7 @@ from frontierlm.engine.model_runner import ModelRunner
 from frontierlm.engine.request import Request, RequestStatus
 from frontierlm.engine.request_group import NoText, RequestGroup, logprob_dict, make_output
 from frontierlm.engine.scheduler import Scheduler
-from frontierlm.engine.tokenizer import load_tokenizer
+from frontierlm.engine.tokenizer import bad_words_token_ids, load_tokenizer
 from frontierlm.logger import init_logger
 from frontierlm.outputs import RequestOutput
 from frontierlm.sampling_params import RequestOutputKind, SamplingParams
@@ -141,13 +141,12 @@ class LLMEngine:
                 raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
 
     def _bad_words_ids(self, params: SamplingParams) -> list[list[int]]:
-        out = []
-        for word in params.bad_words or ():
-            for text in (word, " " + word.lstrip()):
-                ids = self.tokenizer.encode(text, add_special_tokens=False)
-                if ids and ids not in out:
-                    out.append(ids)
-        return out
+        pre = getattr(params, "_bad_words_token_ids", None)  # tokenized at admission (the server's workers)
+        if pre is not None:
+            return pre
+        if self.tokenizer is None:
+            raise ValueError("bad_words needs a tokenizer; this model has none")
+        return bad_words_token_ids(self.tokenizer, params.bad_words)
 
     def add_request(self, request_id: str | None, prompt, params: SamplingParams | None = None,
                     priority: int = 0, arrival_time: float | None = None, **kwargs) -> str:
