@@ -194,3 +194,17 @@ def test_special_tokens_in_content_opt_out(tiny_model_dir):
         assert counted == r.usage.prompt_tokens
     finally:
         srv.stop()
+
+
+def test_tokenize_messages_with_special_tokens_wraps_like_the_post_processor(tiny_model_dir):
+    from tokenizers import processors
+
+    from frontierlm.engine.tokenizer import load_tokenizer
+    from frontierlm.server.routes import _add_special_tokens
+
+    tok = load_tokenizer(tiny_model_dir("llama"))
+    bos, eos = tok.convert_tokens_to_ids("<s>"), tok.convert_tokens_to_ids("</s>")
+    assert _add_special_tokens(tok, [7, 8]) == [7, 8]  # this tokenizer adds nothing
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", bos), ("</s>", eos)])
+    assert _add_special_tokens(tok, [7, 8]) == [bos, 7, 8, eos]
