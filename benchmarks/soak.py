@@ -43,17 +43,28 @@ def rss_mib(pid: int) -> float | None:
     return None
 
 
+def _slope_per_1k(points: list[tuple[int, float]]) -> float:
+    """Least-squares slope of (requests, MiB) points, in MiB per 1,000 requests."""
+    xs, ys = [n for n, _ in points], [m for _, m in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return 1000 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(1e-9, sum((x - mx) ** 2 for x in xs))
+
+
 def rss_summary(samples: list[tuple[int, float]], warmup: int) -> dict:
-    """Growth after warm-up: first and last sample past `warmup` requests, and a least-squares slope."""
+    """Growth after warm-up: first and last sample past `warmup` requests and a least-squares slope; and the
+    slope over the second half of the run alone, since caches that fill up over time (the prefix cache's
+    block keys, kernels per batch shape) make growth that levels off, where a leak keeps its slope."""
     after = [(n, m) for n, m in samples if n >= warmup]
     if len(after) < 2:
         return {}
-    xs, ys = [n for n, _ in after], [m for _, m in after]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(1e-9, sum((x - mx) ** 2 for x in xs))
-    return {"rss_at_warmup_mib": round(ys[0], 1), "rss_final_mib": round(ys[-1], 1),
-            "rss_max_after_warmup_mib": round(max(ys), 1), "rss_growth_after_warmup_mib": round(ys[-1] - ys[0], 1),
-            "rss_slope_mib_per_1k_requests": round(slope * 1000, 2)}
+    ys = [m for _, m in after]
+    summary = {"rss_at_warmup_mib": round(ys[0], 1), "rss_final_mib": round(ys[-1], 1),
+               "rss_max_after_warmup_mib": round(max(ys), 1), "rss_growth_after_warmup_mib": round(ys[-1] - ys[0], 1),
+               "rss_slope_mib_per_1k_requests": round(_slope_per_1k(after), 2)}
+    second_half = [(n, m) for n, m in samples if n >= samples[-1][0] / 2]
+    if len(second_half) >= 2:
+        summary["rss_slope_second_half_mib_per_1k_requests"] = round(_slope_per_1k(second_half), 2)
+    return summary
 
 
 def start_server(model: str, port: int) -> subprocess.Popen:
