@@ -6,6 +6,7 @@ requests finish, so growth after warm-up shows up as a slope.
     python benchmarks/soak.py                         # builds a tiny model, starts a server, 2,000 requests
     python benchmarks/soak.py --model DIR --num-requests 2000 --concurrency 64 --cancel-share 0.2
     python benchmarks/soak.py --model demo --num-requests 20000 --workload mixed   # the packaged demo model
+    python benchmarks/soak.py --model demo --serve-args="--no-enable-prefix-caching"   # extra serve flags
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import asyncio
 import json
 import os
 import random
+import shlex
 import socket
 import subprocess
 import sys
@@ -67,10 +69,10 @@ def rss_summary(samples: list[tuple[int, float]], warmup: int) -> dict:
     return summary
 
 
-def start_server(model: str, port: int) -> subprocess.Popen:
+def start_server(model: str, port: int, extra_args: tuple[str, ...] = ()) -> subprocess.Popen:
     env = dict(os.environ, FRONTIERLM_LOG_LEVEL="WARNING")
     cmd = [sys.executable, "-m", "frontierlm.cli", "serve", model, "--port", str(port), "--served-model-name",
-           "soak", "--uvicorn-log-level", "warning"]
+           "soak", "--uvicorn-log-level", "warning", *extra_args]
     return subprocess.Popen(cmd, env=env, cwd=ROOT)
 
 
@@ -198,6 +200,8 @@ def main() -> int:
                    help="ids: token-id completions; mixed: a third each of token ids, text prompts and chat")
     p.add_argument("--rss-every", type=int, default=500, help="sample the server's RSS every N finished requests")
     p.add_argument("--server-pid", type=int, default=None, help="with --base-url: the server process to sample")
+    p.add_argument("--serve-args", default="",
+                   help="more `frontierlm serve` flags in one string: --serve-args='--no-enable-prefix-caching'")
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
     server = None
@@ -215,7 +219,7 @@ def main() -> int:
 
             model = str(factories.make_model_dir(Path(tempfile.mkdtemp()) / "tiny", "llama"))
         port = free_port()
-        server = start_server(model, port)
+        server = start_server(model, port, tuple(shlex.split(args.serve_args)))
         base_url = f"http://127.0.0.1:{port}"
     try:
         pid = server.pid if server is not None else args.server_pid
