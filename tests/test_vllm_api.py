@@ -143,6 +143,19 @@ def test_chat_continue_final_message(llm):
         llm.chat(conv, lora_request=object())
 
 
+def test_bad_words_offline_are_tokenized_by_the_engine(llm):
+    from frontierlm.engine.tokenizer import bad_words_token_ids
+
+    tok = llm.get_tokenizer()
+    banned = bad_words_token_ids(tok, ["object"])  # the word alone and after a space: one token each here
+    bias = {ids[-1]: 100.0 for ids in banned}
+    params = dict(max_tokens=6, temperature=0, ignore_eos=True, logit_bias=bias)
+    free = llm.generate("The", SamplingParams(**params), use_tqdm=False)[0].outputs[0].token_ids
+    assert set(free) <= set(bias)  # the bias alone writes the word
+    out = llm.generate("The", SamplingParams(**params, bad_words=["object"]), use_tqdm=False)[0].outputs[0]
+    assert not set(out.token_ids) & set(bias) and "object" not in out.text
+
+
 def test_default_sampling_params_from_generation_config(tiny_model_dir, tmp_path):
     import json
     import shutil
