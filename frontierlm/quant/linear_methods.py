@@ -201,6 +201,10 @@ class Int8Kernel(nn.Module):
         self.n, self.k = q.shape
         self.num_groups = scale.shape[1]
         self.g = formats.group_cols(self.k, self.num_groups, group)
+        if self.num_groups == 1:  # the kernel reads K in 32-column tiles (other K crash it): pad with zeros
+            self.g = formats.cdiv(self.k, 32) * 32
+        # groups that are not whole tiles take the bfloat16 matmul at every batch size
+        self.packed_ok = self.g % 32 == 0
         kp = self.g * self.num_groups
         qp = F.pad(q, (0, kp - self.k))
         # [G, N, g]: each group's columns contiguous, for one kernel call per group
@@ -217,7 +221,7 @@ class Int8Kernel(nn.Module):
         xb = x.to(torch.bfloat16)
         if self.g * self.num_groups != self.k:
             xb = F.pad(xb, (0, self.g * self.num_groups - self.k))
-        if x.shape[0] > SMALL_BATCH or x.device.type != "cpu":
+        if x.shape[0] > SMALL_BATCH or x.device.type != "cpu" or not self.packed_ok:
             y = None
             for i in range(self.num_groups):
                 part = F.linear(xb[:, i * self.g:(i + 1) * self.g], self.q[i].to(torch.bfloat16)) * self.scale[i]
