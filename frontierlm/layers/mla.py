@@ -23,7 +23,7 @@ from frontierlm.layers.linear import Linear
 from frontierlm.layers.norm import RMSNorm
 from frontierlm.layers.paged_decode import PagedDecodePlan, paged_decode_mla
 from frontierlm.layers.rotary import RotaryEmbedding, rope_parameters
-from frontierlm.quant.kv_cache import clamp_fp8, is_fp8, store_rows
+from frontierlm.quant.kv_cache import is_fp8, round_trip_fp8, store_rows
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -179,7 +179,7 @@ class MLAAttention(nn.Module):
             if self.kv_cache is None:
                 raise RuntimeError("MLA attention got attn_meta but no KV cache is bound (call model.bind_kv_cache)")
             if is_fp8(self.kv_cache):  # FP8 latent cache at scale 1 (frontierlm/quant/kv_cache.py)
-                latent, k_pe = clamp_fp8(latent, self.kv_cache.dtype), clamp_fp8(k_pe, self.kv_cache.dtype)
+                latent, k_pe = round_trip_fp8(latent, self.kv_cache.dtype), round_trip_fp8(k_pe, self.kv_cache.dtype)
             if isinstance(plan, PagedDecodePlan):  # the static-shape decode step (engine/fast_decode.py)
                 o = paged_decode_mla(self, q_nope, q_pe, latent, k_pe, self.kv_cache, plan)
             else:

@@ -5,7 +5,7 @@ checkpoint's when it has them, else 1.0, vLLM's default). The cache stores K / k
 clamped into range; the scales never touch the cache reads: k_scale folds into the softmax scale and v_scale
 multiplies the output, so every backend and the compiled decode step read the FP8 rows as they are.
 MLA's latent cache stores the normalized latent and the rope key at scale 1 (RMS-normalized values sit far
-inside E4M3's range of +-448), clamped the same way.
+inside E4M3's range of +-448), clamped and rounded the same way.
 """
 from __future__ import annotations
 
@@ -26,10 +26,12 @@ def is_fp8(cache: torch.Tensor) -> bool:
     return cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
-def clamp_fp8(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Casting to FP8 does not saturate (E4M3 overflows to NaN): clamp into range first."""
+def round_trip_fp8(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as the FP8 cache will hold it: clamped (the cast does not saturate; E4M3 overflows to NaN) and rounded
+    to `dtype`. The step attends with these values also where it could use the fresh ones (a prefill without a
+    cached prefix), so a prefix-cache hit or a recompute after preemption gives exactly the same result."""
     fmax = torch.finfo(dtype).max
-    return x.clamp(-fmax, fmax)
+    return x.clamp(-fmax, fmax).to(dtype).to(x.dtype)
 
 
 def fp8_attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, run) -> torch.Tensor:
@@ -41,7 +43,7 @@ def fp8_attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan,
         k = k / ks
     if vs != 1.0:
         v = v / vs
-    out = run(q, clamp_fp8(k, dtype), clamp_fp8(v, dtype), attn.scale * ks)
+    out = run(q, round_trip_fp8(k, dtype), round_trip_fp8(v, dtype), attn.scale * ks)
     return out * vs if vs != 1.0 else out
 
 

@@ -53,7 +53,8 @@ def _split(name: str) -> tuple[str, str]:
 
 
 class QuantLoad:
-    def __init__(self, config: QuantConfig, weight_files: list[str]):
+    def __init__(self, config: QuantConfig | None, weight_files: list[str]):
+        """config None: float weights; only the FP8 KV cache's k_scale / v_scale are taken."""
         self.config = config
         self.files = {}  # tensor name -> file, for parts that sit in another shard
         for path in weight_files:
@@ -67,6 +68,8 @@ class QuantLoad:
     # ---- 1. before loading --------------------------------------------------------------------------
     def prepare(self, model: nn.Module, load_format: str) -> None:
         qc = self.config
+        if qc is None:
+            return
         fmt = None
         if qc.from_checkpoint and load_format != "dummy":
             fmt = "deepseek-fp8" if qc.method == "fp8" else qc.checkpoint_format
@@ -96,7 +99,7 @@ class QuantLoad:
     def view(self, f) -> tuple[list[str], callable]:
         names, virtual = [], {}
         keys = list(f.keys())
-        quantized_modules = {_split(n)[0] for n in keys if _split(n)[1] in PARTS}
+        quantized_modules = {_split(n)[0] for n in keys if _split(n)[1] in PARTS} if self.config else set()
         for n in keys:
             prefix, suffix = _split(n)
             if suffix in KV_SCALES:
@@ -164,6 +167,8 @@ class QuantLoad:
                 method.process_weights_after_loading(layer)
                 count += 1
         apply_kv_scales(model, self.kv_scales)
+        if self.config is None:
+            return
         logger.info("quantized linear layers: %d (%s)%s", count, self.config.describe(),
                     f"; {self.dequantized} quantized checkpoint tensors of float-only modules dequantized"
                     if self.dequantized else "")
@@ -186,8 +191,8 @@ def prepare(model: nn.Module, model_config, load_format: str = "auto") -> QuantL
     """The hook's entry point: None for a float model with no quantization asked for."""
     config = resolve(model_config.hf_config, getattr(model_config, "quantization", None),
                      getattr(model_config, "quantization_group_size", None))
-    if config is None:
-        return None
+    if config is None and getattr(model_config, "kv_cache_dtype", None) is None:
+        return None  # a float model with a float cache: nothing to do (k_scale / v_scale are then ignored)
     files = model_config.weight_files if load_format != "dummy" else []
     load = QuantLoad(config, files)
     load.prepare(model, load_format)
