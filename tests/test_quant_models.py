@@ -94,7 +94,7 @@ def test_greedy_agreement_with_the_float_model(llama, quantized, capsys):
     rates["fp8 KV"] = agreement(greedy(llama, prompts, kv_cache_dtype="fp8_e4m3"), ref)
     with capsys.disabled():
         print("\ngreedy agreement with float32 (36 tokens):", {k: round(v, 2) for k, v in rates.items()})
-    # measured: int8 1.0 (both), fp8 0.94, fp8-block 0.72, fp8 KV 0.72, int4 0.56: once a near tie of these
+    # measured: int8 1.0 (both), fp8 0.94, fp8-block 0.72, fp8 KV 0.72, int4 0.61: once a near tie of these
     # random tiny models flips, the rest of the sequence differs
     assert rates["int8"] >= 0.9 and rates["int8 on load"] >= 0.9
     assert min(rates.values()) >= 0.4

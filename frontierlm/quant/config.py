@@ -186,7 +186,17 @@ def resolve(hf_config, quantization: str | None, group_size: int | None = None) 
     if quantization not in ONLINE_SCHEMES:
         raise ValueError(f"quantization={quantization!r} is not supported; on a float checkpoint use one of "
                          f"{', '.join(ONLINE_SCHEMES)} (quantized checkpoints are detected from config.json)")
-    return QuantConfig("online", [(["Linear"], online_scheme(quantization, group_size))])
+    return QuantConfig("online", *online_groups(quantization, group_size))
+
+
+def online_groups(name: str, group_size: int | None = None) -> tuple[list, list]:
+    """(config groups, ignore) of `quantization=name`: an untied LM head gets int8 per channel under the int
+    schemes (llama.cpp also keeps the output matrix at higher precision: int4 logits drift) and stays float
+    under FP8 (llm-compressor's FP8 recipes leave it out)."""
+    scheme = online_scheme(name, group_size)
+    if scheme.kind == "int":
+        return [(["lm_head"], online_scheme("int8")), (["Linear"], scheme)], []
+    return [(["Linear"], scheme)], ["lm_head"]
 
 
 def check_quantization_arg(value) -> None:

@@ -97,9 +97,11 @@ def quantize_checkpoint(in_dir, out_dir, scheme: str, group_size: int | None = N
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"{out_dir} exists and is not empty; choose a new directory")
     targets = quantized_modules(in_dir)
+    if scheme.startswith("fp8"):
+        targets.discard("lm_head")  # see config.online_groups: the head is int8 under int schemes, else float
     tensors, metadata = _read_all(in_dir)
     out, count = {}, 0
-    odd_groups: dict[int | None, list[str]] = {}  # modules whose rows the group does not divide
+    odd_groups: dict = {}  # group size (or "lm_head") -> modules with their own config group
     fmt = {"fp8": "float-quantized", "int8": "pack-quantized", "int4": "pack-quantized"}.get(scheme)
     for name, t in tensors.items():
         module, _, leaf = name.rpartition(".")
@@ -114,15 +116,19 @@ def quantize_checkpoint(in_dir, out_dir, scheme: str, group_size: int | None = N
             continue
         from compressed_tensors.compressors import BaseCompressor
 
-        g = group_size
+        g, module_scheme = group_size, scheme
+        if module == "lm_head":
+            g, module_scheme = None, "int8"
+            odd_groups.setdefault("lm_head", []).append(module)
         if scheme == "fp8":
             _, scale = formats.quantize_fp8(w, "channel")
         else:
-            g = _fitting_group(w.shape[1], group_size)
-            if g != group_size:
-                odd_groups.setdefault(g, []).append(module)
-            _, scale = formats.quantize_int(w, online_scheme(scheme, group_size).bits, g)
-        ct = _ct_scheme(scheme, g)
+            if module != "lm_head":
+                g = _fitting_group(w.shape[1], group_size)
+                if g != group_size:
+                    odd_groups.setdefault(g, []).append(module)
+            _, scale = formats.quantize_int(w, online_scheme(module_scheme, g).bits, g)
+        ct = _ct_scheme(module_scheme, g)
         state = {"weight": w, "weight_scale": scale.to(t.dtype if t.dtype.is_floating_point else torch.float32),
                  "weight_zero_point": torch.zeros(scale.shape, dtype=torch.int8 if fmt == "pack-quantized"
                                                   else torch.float8_e4m3fn)}
@@ -136,8 +142,9 @@ def quantize_checkpoint(in_dir, out_dir, scheme: str, group_size: int | None = N
             shutil.copy2(p, out_dir / p.name)
     save_file(out, str(out_dir / "model.safetensors"), metadata={**metadata, "format": "pt"})
     groups = {"group_0": _ct_scheme(scheme, group_size)} if scheme != "fp8-block" else {}
-    for i, (g, modules) in enumerate(sorted(odd_groups.items(), key=lambda kv: kv[0] or 0)):
-        groups[f"group_{i + 1}"] = _ct_scheme(scheme, g, sorted(modules))
+    for i, (g, modules) in enumerate(sorted(odd_groups.items(), key=lambda kv: str(kv[0]))):
+        groups[f"group_{i + 1}"] = (_ct_scheme("int8", None, modules) if g == "lm_head" else
+                                    _ct_scheme(scheme, g, sorted(modules)))
     config["quantization_config"] = _quantization_config(scheme, groups, fmt, tensors, targets)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     before = sum(t.numel() * t.element_size() for t in tensors.values())

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from frontierlm.layers.embedding import LMHead
 from frontierlm.layers.linear import Linear
 from frontierlm.quant import formats
 from frontierlm.quant.config import QuantConfig, WeightScheme, resolve
@@ -34,8 +35,13 @@ KV_SCALES = ("k_scale", "v_scale")
 
 
 def quantizable_linears(model: nn.Module):
+    """Linear layers and an untied LM head (a tied one shares the embedding's matrix, which stays float: at
+    batch 1 the float32 head of a small model is as many bytes as all its int8 layers)."""
+    # (DeepSeek-V3's MTP proposer reads the head's matrix: such a head stays float too)
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False) or \
+        getattr(model, "num_mtp_layers", 0) > 0
     for name, m in model.named_modules():
-        if isinstance(m, Linear) and not FLOAT_ONLY.search(name):
+        if (isinstance(m, Linear) or (isinstance(m, LMHead) and not tied)) and not FLOAT_ONLY.search(name):
             yield name, m
 
 
