@@ -19,6 +19,8 @@ def configure_model(model_config, engine_config) -> str:
     report = ""
     if quant is not None:
         report += f" | weights: {quant.describe()}"
+        if any(s.kind == "float" for _, s in quant.groups) and engine_config.device.startswith("cpu"):
+            report += " (FP8 runs weight-only on CPU)"
     if model_config.kv_cache_dtype is not None:
         report += f" | KV cache {engine_config.kv_cache_dtype} (per-tensor scales)"
     return report
