@@ -2,6 +2,7 @@
 
     python benchmarks/quant.py ppl MODEL_DIR [--windows 8 --seq-len 256]
     python benchmarks/quant.py speed MODEL_DIR [--rounds 3] [--gguf-dir /tmp/quant-gguf]
+    python benchmarks/quant.py kernels [--batch 1 --reps 200]
 
 ppl: perplexity on held-out python-docs text (the trainer's own validation split: split_documents(...,
 0.05), the documents the demo model never trained on), teacher-forced through the engine (prompt_logprobs,
@@ -200,6 +201,43 @@ def cmd_speed(args) -> None:
                       "load_end": os.getloadavg()}), flush=True)
 
 
+def cmd_kernels(args) -> None:
+    """Batch-1 matmul time of the 33.6M model's layers (qkv, o, gate_up, down x 8, the head), float32 F.linear
+    vs the int8 / int4 kernels, the variants interleaved call by call and the minimum of N kept: the minimum
+    is what a quiet core would give, and interleaving exposes every variant to the same neighbours."""
+    import torch.nn.functional as F
+
+    from frontierlm.quant.formats import quantize_int
+    from frontierlm.quant.linear_methods import Int4Kernel, Int8Kernel
+
+    torch.set_num_threads(1)
+    shapes = [(1024, 512), (512, 512), (3072, 512), (512, 1536)] * 8 + [(8192, 512)]
+    totals = {"float32": 0.0, "int8": 0.0, "int4-g32": 0.0}
+    for n, k in set(shapes):
+        w = torch.randn(n, k) * 0.02
+        q8, s8 = quantize_int(w, 8, None)
+        q4, s4 = quantize_int(w, 4, 32)
+        int8 = Int8Kernel(q8, s8, k)
+        head = (n, k) == shapes[-1]  # the engine's int4 runs keep the LM head in int8 (quant/config.py)
+        fns = {"float32": lambda x, w=w: F.linear(x, w), "int8": int8,
+               "int4-g32": int8 if head else Int4Kernel(q4, s4, None, 32)}
+        x = torch.randn(args.batch, k)
+        best = {name: float("inf") for name in fns}
+        for _ in range(args.reps):
+            for name, f in fns.items():
+                t0 = time.perf_counter()
+                f(x)
+                best[name] = min(best[name], time.perf_counter() - t0)
+        count = shapes.count((n, k))
+        for name in fns:
+            totals[name] += count * best[name]
+        print(json.dumps({"shape": [n, k], "batch": args.batch,
+                          **{name: round(v * 1e6, 1) for name, v in best.items()}}), flush=True)
+    print(json.dumps({"batch": args.batch, "matmul_us_per_step": {n: round(v * 1e6) for n, v in totals.items()},
+                      "speedup_vs_float32": {n: round(totals["float32"] / v, 2) for n, v in totals.items()},
+                      "load1": os.getloadavg()[0]}), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -212,8 +250,11 @@ def main():
     b.add_argument("--rounds", type=int, default=3)
     b.add_argument("--gguf-dir", default="/tmp/quant-gguf")
     b.add_argument("--skip-offline", action="store_true")
+    c = sub.add_parser("kernels")
+    c.add_argument("--batch", type=int, default=1)
+    c.add_argument("--reps", type=int, default=200)
     args = p.parse_args()
-    {"ppl": cmd_ppl, "speed": cmd_speed}[args.cmd](args)
+    {"ppl": cmd_ppl, "speed": cmd_speed, "kernels": cmd_kernels}[args.cmd](args)
 
 
 if __name__ == "__main__":
