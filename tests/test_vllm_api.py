@@ -178,7 +178,8 @@ def test_engine_surface_and_limits(tiny_model_dir):
 
 @pytest.mark.parametrize("make,match", [
     (lambda d: LLM(d, tensor_parallel_size=2), "tensor_parallel_size=2 is not supported yet"),
-    (lambda d: LLM(d, quantization="fp8"), "quantization='fp8' is not supported yet"),
+    (lambda d: LLM(d, quantization="gptq"), "quantization must be None .* got 'gptq'"),
+    (lambda d: LLM(d, kv_cache_dtype="int8"), "kv_cache_dtype must be one of"),
     (lambda d: LLM(d, max_num_seq=4), "unknown argument 'max_num_seq'.*max_num_seqs"),
     (lambda d: SamplingParams(best_of=3), "best_of=3 is not supported yet"),
     (lambda d: SamplingParams(temprature=0.5), "unknown argument 'temprature'.*temperature"),

@@ -36,6 +36,9 @@ class LLMEngine:
             self.model_config.dtype, dtype_reason = choose_dtype(self.model_config.dtype, torch.device(config.device))
         mc = self.model_config
         check_attention_backend(torch.device(config.device), mc.is_mla)
+        from frontierlm.quant.engine import configure_model  # quantization and KV dtype (frontierlm/quant)
+
+        quant_report = configure_model(mc, config)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
         if config.max_model_len is not None and config.max_model_len > mc.max_model_len:
             raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's context "
@@ -65,7 +68,7 @@ class LLMEngine:
             f"{config.block_size} tokens = {num_blocks * config.block_size} tokens, {bpt} bytes/token{mla}, "
             f"{num_blocks * config.block_size * bpt / 2**30:.2f} GiB | structured outputs: "
             f"{config.structured_outputs_backend} | loaded in {time.perf_counter() - t0:.1f}s"
-            f" | dtype {mc.dtype}: {dtype_reason} | "
+            f" | dtype {mc.dtype}: {dtype_reason}{quant_report} | "
             + (self.runner.fast_decode.describe() if self.runner.fast_decode else
                "decode: eager (enforce_eager; enforce_eager=False compiles the decode step)"))
         if self.spec is not None:
