@@ -26,6 +26,9 @@ ENGINE_FLAGS = [
      "auto (xgrammar, guidance where xgrammar cannot enforce the constraint), xgrammar or guidance"),
     ("--enforce-eager", "enforce_eager", bool,
      "no compiled / CUDA-graphed decode step (default: eager on CPU, where compiling takes minutes)"),
+    ("--quantization", "quantization", str,
+     "fp8, int8 or int4: quantize a float checkpoint while loading (default: the checkpoint's own)"),
+    ("--kv-cache-dtype", "kv_cache_dtype", str, "auto (the model's dtype), fp8 / fp8_e4m3 or fp8_e5m2"),
     ("--speculative-config", "speculative_config", "json",
      'speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\''),
     # parallelism (frontierlm/distributed; README "Parallelism" has a two-node example)

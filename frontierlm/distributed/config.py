@@ -26,6 +26,8 @@ def check_parallel_config(config, device: torch.device) -> None:
         raise ValueError(f"{per_node} ranks on this node but only {torch.cuda.device_count()} CUDA device(s) visible")
     if world == 1:
         return
+    if getattr(config, "quantization", None) is not None or getattr(config, "kv_cache_dtype", "auto") != "auto":
+        raise ValueError("quantization / kv_cache_dtype with tensor/pipeline parallelism is not supported yet")
     if config.speculative_config is not None:
         raise ValueError("speculative decoding with tensor/pipeline parallelism is not supported yet")
     if config.enforce_eager is False:

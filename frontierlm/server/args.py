@@ -4,8 +4,7 @@ from __future__ import annotations
 import argparse
 
 # vLLM flags whose features FrontierLM does not have yet: (flag, dest, the value that means "off")
-NOT_YET = [("--kv-cache-dtype", "kv_cache_dtype", "auto", "a quantized (FP8) KV cache"),
-           ("--quantization", "quantization", None, "weight quantization")]
+NOT_YET: list = []  # every vLLM serve flag FrontierLM knows is implemented (the parallel ones: distributed/)
 TOOL_PARSERS = ("hermes", "qwen3", "qwen2_5", "llama3_json", "llama", "mistral", "deepseek_v3")  # tools.PARSERS
 
 
