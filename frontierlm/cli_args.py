@@ -28,6 +28,9 @@ ENGINE_FLAGS = [
      "no compiled / CUDA-graphed decode step (default: eager on CPU, where compiling takes minutes)"),
     ("--speculative-config", "speculative_config", "json",
      'speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\''),
+    ("--kv-transfer-config", "kv_transfer_config", "json",
+     'disaggregated prefill / decode, e.g. \'{"kv_connector": "TorchDistributedConnector", "kv_role": '
+     '"kv_producer", "kv_rank": 0, "kv_parallel_size": 2, "kv_port": 14579}\''),
 ]
 
 SAMPLING_FLAGS = [

@@ -38,6 +38,7 @@ class EngineConfig:
     # custom logits processors (classes or "module:Class" / "module.Class" names), vLLM v1's interface
     logits_processors: list = field(default_factory=list)
     speculative_config: dict | None = None  # frontierlm/spec/config.py: {"method", "num_speculative_tokens", ...}
+    kv_transfer_config: dict | None = None  # frontierlm/kv_transfer/config.py: {"kv_connector", "kv_role", ...}
 
     def __post_init__(self):
         def positive(name):
@@ -64,6 +65,10 @@ class EngineConfig:
             from frontierlm.spec.config import SpeculativeConfig
 
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
+        if self.kv_transfer_config is not None:
+            from frontierlm.kv_transfer.config import KVTransferConfig
+
+            self.kv_transfer_config = KVTransferConfig.from_any(self.kv_transfer_config)
         if not isinstance(self.tensor_parallel_size, int) or isinstance(self.tensor_parallel_size, bool) \
                 or self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")

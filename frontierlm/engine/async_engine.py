@@ -291,6 +291,8 @@ class AsyncEngine:
             t0 = time.monotonic()
             outputs = self.engine.step()
             self._dispatch(outputs, t0, time.monotonic())
+        elif hasattr(self.engine, "poll_idle"):
+            self.engine.poll_idle()
         self._refresh_counts()
         self._stats.on_step(self.engine.get_stats())
 

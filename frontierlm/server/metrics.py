@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from frontierlm.engine.async_engine import StatsSink
+from frontierlm.kv_transfer.metrics import KVTransferCollector
 from frontierlm.spec.metrics import SpecDecodeCollector
 
 # the *_created series only add noise to every counter and histogram (vLLM turns them off too)
@@ -153,6 +154,8 @@ class ServerMetrics(StatsSink):
         self.registry.register(_MoECollector(self))
         self.spec_stats: dict | None = None  # the engine's speculative-decoding counters (frontierlm/spec)
         self.registry.register(SpecDecodeCollector(self))
+        self.kv_transfer_stats: dict | None = None  # frontierlm/kv_transfer counters, for KVTransferCollector
+        self.registry.register(KVTransferCollector(self))
 
     # ---- StatsSink (engine thread) ---------------------------------------------------------------------
     def on_step(self, stats: dict) -> None:
@@ -160,6 +163,7 @@ class ServerMetrics(StatsSink):
         self.waiting.set(stats["num_waiting"])
         self.kv_usage.set(stats["kv_cache_usage"])
         self.spec_stats = stats.get("spec_decode")
+        self.kv_transfer_stats = stats.get("kv_transfer")
         # the engine keeps cumulative counts; counters advance by the difference
         for key, counter in (("prefix_cache_queries", self.prefix_queries), ("prefix_cache_hits", self.prefix_hits),
                              ("num_preemptions", self.preemptions)):
