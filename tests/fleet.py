@@ -26,7 +26,8 @@ class Instance:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "frontierlm.cli", "serve", model_dir, "--port", str(self.port),
-               "--served-model-name", MODEL, "--uvicorn-log-level", "warning", "--disable-log-requests", *extra]
+               "--served-model-name", MODEL, "--uvicorn-log-level", "warning", "--disable-log-requests",
+               "--num-threads", "1", *extra]
         if kv is not None:
             cmd += ["--kv-transfer-config", json.dumps(kv)]
         env = dict(os.environ, FRONTIERLM_LOG_LEVEL="WARNING", OMP_NUM_THREADS="1")

@@ -17,10 +17,14 @@ SHARED = ("The class statement defines a new class. The import system finds modu
 BLOCK = 16
 
 
+_ORACLES: dict = {}
+
+
 def colocated(model_dir, prompts, max_tokens, **kw):
+    """The colocated engine's greedy tokens (one engine per model, kept for the module)."""
     from frontierlm import LLM, SamplingParams
 
-    llm = LLM(model_dir, enforce_eager=True)
+    llm = _ORACLES.get(model_dir) or _ORACLES.setdefault(model_dir, LLM(model_dir, enforce_eager=True))
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **kw)
     outs = llm.generate(prompts, params, use_tqdm=False)
     tok = llm.llm_engine.tokenizer
@@ -169,3 +173,32 @@ def test_prefill_instance_dies_the_decode_side_prefills_and_frees(fleets):
     assert router.metric("frontierlm:router_local_prefill_fallbacks_total") >= 1
     assert survivor.wait_no_blocks_in_use() == 0
     assert httpx.get(router.url + "/health").status_code == 200  # the router survives
+
+
+def _mooncake_missing() -> str | None:
+    try:
+        from mooncake.engine import TransferEngine  # noqa: F401
+    except ImportError as e:
+        return f"Mooncake's transfer engine is not importable here ({e})"
+    return None
+
+
+@pytest.mark.skipif(_mooncake_missing() is not None, reason=str(_mooncake_missing()))
+def test_mooncake_transport_moves_the_same_blocks(tiny_model_dir):
+    model_dir = tiny_model_dir("llama")
+    group = [Instance(model_dir, kv) for kv in pd_configs(1, connector="MooncakeConnector")]
+    router = None
+    try:
+        (prefill, decode) = start_all(group)
+        router = Router(prefills=[prefill.url], decodes=[decode.url])
+        prompt = SHARED * 2 + "over Mooncake"
+        (want,), (n,) = colocated(model_dir, [prompt], 8)
+        assert _complete(router.url, prompt, 8) == want
+        st = decode.kv_stats()
+        assert st["blocks_received"] == (n - 1) // BLOCK and st["failures"] == 0
+        assert prefill.wait_no_blocks_in_use() == 0 and decode.wait_no_blocks_in_use() == 0
+    finally:
+        if router is not None:
+            router.stop()
+        for inst in group:
+            inst.stop()

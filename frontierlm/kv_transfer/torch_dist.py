@@ -71,7 +71,7 @@ class TorchDistributedTransport(Transport):
                     continue
                 packed, last_hash = found
                 self.group.send([torch.tensor([OK, last_hash], dtype=torch.int64)], src, tag).wait()
-                self.group.send([packed], src, tag).wait()
+                self._send_blocks(src, tag, packed)
                 sent = True
             except RuntimeError as e:
                 logger.warning("kv transfer: serving transfer %d to rank %d failed: %s", transfer_id, src, e)
@@ -90,8 +90,15 @@ class TorchDistributedTransport(Transport):
         self.group.recv([reply], remote_rank, tag).wait()
         if int(reply[0]) != OK:
             raise LookupError(f"rank {remote_rank} no longer holds transfer {transfer_id}")
-        self.group.recv([out], remote_rank, tag).wait()
+        self._recv_blocks(remote_rank, tag, out)
         return int(reply[1])
+
+    # the data path; the Mooncake transport replaces these two and keeps the rest
+    def _send_blocks(self, dst: int, tag: int, packed: torch.Tensor) -> None:
+        self.group.send([packed], dst, tag).wait()
+
+    def _recv_blocks(self, src: int, tag: int, out: torch.Tensor) -> None:
+        self.group.recv([out], src, tag).wait()
 
     def release(self, remote_rank: int, transfer_id: int) -> None:
         if 0 <= remote_rank < self.world_size and remote_rank != self.rank:
