@@ -212,31 +212,37 @@ def main() -> int:
                     for pr in procs:
                         pr.stop()
     if a.skip != "dp":
-        for label, n, policy in (("1 instance", 1, None), ("2 x round_robin", 2, "round_robin"),
-                                 ("2 x least_loaded", 2, "least_loaded"), ("2 x cache_aware", 2, "cache_aware")):
-            procs = []
-            try:
-                insts = [serve(model, a.cpus, logs / f"w{i}.log") for i in range(n)]
-                procs += [pr for pr, _ in insts]
-                urls = [u for _, u in insts]
-                url = urls[0]
-                if policy:
-                    rp, url = router({"worker": urls}, policy, a.cpus, logs / "r.log")
-                    procs.append(rp)
-                wait_healthy(urls + [url])
-                time.sleep(1.0)
-                load = os.getloadavg()
-                q0, h0 = prefix_counters(urls)
-                res, dur = asyncio.run(shared_prefix(url, a, 7))
-                q1, h1 = prefix_counters(urls)
+        # two instances, started once; each run uses its own system prompts (seed), so what one run left in
+        # the prefix caches cannot help the next
+        procs = []
+        try:
+            insts = [serve(model, a.cpus, logs / f"w{i}.log") for i in range(2)]
+            procs += [pr for pr, _ in insts]
+            urls = [u for _, u in insts]
+            wait_healthy(urls)
+            for seed, (label, policy) in enumerate((("1 instance", None), ("2 x round_robin", "round_robin"),
+                                                    ("2 x least_loaded", "least_loaded"),
+                                                    ("2 x cache_aware", "cache_aware")), start=11):
+                rp, url = (router({"worker": urls}, policy, a.cpus, logs / "r.log") if policy else (None, urls[0]))
+                try:
+                    wait_healthy([url])
+                    time.sleep(1.0)
+                    used = urls if policy else urls[:1]
+                    load = os.getloadavg()
+                    q0, h0 = prefix_counters(used)
+                    res, dur = asyncio.run(shared_prefix(url, a, seed))
+                    q1, h1 = prefix_counters(used)
+                finally:
+                    if rp is not None:
+                        rp.stop()
                 rep = report(res, dur)
                 rep["output_tok_per_s"] = round(sum(r.output_tokens for r in res if r.ok) / dur, 1)
                 rep["prefix_hit_rate"] = round((h1 - h0) / (q1 - q0), 3) if q1 > q0 else None
                 out["dp"][label] = {"load": load, **rep}
                 print(label, json.dumps(out["dp"][label]), flush=True)
-            finally:
-                for pr in procs:
-                    pr.stop()
+        finally:
+            for pr in procs:
+                pr.stop()
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(out, indent=1))
     return 0
