@@ -99,6 +99,7 @@ def test_second_request_with_the_prefix_sends_fewer_blocks(fleets, kind):
         assert last["blocks"] == sent2 and last["blocks"] + last["skipped"] == (n2 - 1) // BLOCK
         text = httpx.get(decodes[0].url + "/metrics").text  # the counters are in /metrics too
         assert "frontierlm:kv_transfer_blocks_received_total" in text
+        assert "frontierlm:time_per_output_token_seconds_count" in text  # each role has TTFT, TPOT and ITL
         assert prefill.wait_no_blocks_in_use() == 0 and decodes[0].wait_no_blocks_in_use() == 0
     finally:
         router.stop()

@@ -76,6 +76,8 @@ def test_openai_client_through_the_router(workers):
         assert e.value.body["code"] == "context_length_exceeded"
         r = httpx.post(router.url + "/v1/completions", content=b"{not json")
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+        r = _complete(router.url, "x", kv_transfer_params={"do_remote_decode": True})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "kv_transfer_params"
         assert "frontierlm:router_time_to_first_token_seconds_count" in httpx.get(router.url + "/metrics").text
         assert router.metric("frontierlm:router_time_to_first_token_seconds_count") >= 2
     finally:

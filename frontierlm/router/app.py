@@ -64,8 +64,10 @@ def build_router_app(workers: list[str] = (), prefills: list[str] = (), decodes:
         if not isinstance(body, dict):
             metrics.failures.labels("bad_request").inc()
             raise APIError(400, "the request body must be a JSON object")
-        if "resume_token_ids" in body:  # the router's own field between itself and an instance
-            raise APIError(400, "resume_token_ids is set by the router only", param="resume_token_ids")
+        for name in ("resume_token_ids", "kv_transfer_params"):  # between the router and its instances only
+            if name in body:
+                metrics.failures.labels("bad_request").inc()
+                raise APIError(400, f"{name} is set by the router only", param=name)
         return body
 
     async def forward(path: str, raw: Request):

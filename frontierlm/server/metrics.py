@@ -116,6 +116,8 @@ class ServerMetrics(StatsSink):
         self.itl = hist("inter_token_latency_seconds", "Gap between successive steps that produced tokens.",
                         ITL_BUCKETS)
         self.e2e = hist("e2e_request_latency_seconds", "Time from arrival to the last token.", LATENCY_BUCKETS)
+        self.tpot = hist("time_per_output_token_seconds", "(last token - first token) / (tokens - 1) of each "
+                         "finished request (all samples counted).", ITL_BUCKETS)
         self.queue_time = hist("request_queue_time_seconds", "Time from arrival to first scheduling.",
                                LATENCY_BUCKETS)
         self.running = Gauge(p + "num_requests_running", "Sequences running.", lab, registry=r).labels(model_name)
@@ -194,6 +196,9 @@ class ServerMetrics(StatsSink):
     def on_inter_token(self, itl: float) -> None:
         self.itl.observe(itl)
         self.series.add(itl_sum=itl, itl_n=1)
+
+    def on_time_per_output_token(self, tpot: float) -> None:
+        self.tpot.observe(tpot)
 
     def on_finished(self, reasons: list[str], e2e: float) -> None:
         self.e2e.observe(e2e)
