@@ -29,6 +29,7 @@ def teacher_dir(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("teacher")
     trainer = Trainer(TrainConfig.load(None, {
         "out_dir": str(out), "steps": 40, "eval_every": 0, "log_every": 0, "progress": False, "device": "cpu",
+        "bf16": False,
         "model.hidden_size": 64, "model.intermediate_size": 128, "model.num_hidden_layers": 2,
         "model.num_attention_heads": 4, "model.max_position_embeddings": 64,
         "data.max_chars": 60_000, "data.seq_len": 32, "data.batch_size": 8, "data.eval_batches": 1,
@@ -49,6 +50,7 @@ def test_distill_lowers_held_out_kl(tmp_path, teacher_dir, capsys):
     student = tmp_path / "student.yaml"
     TrainConfig.load(None, {
         "out_dir": str(out), "steps": 40, "eval_every": 20, "progress": False, "device": "cpu",
+        "bf16": False,
         "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_hidden_layers": 1,
         "model.num_attention_heads": 2, "model.max_position_embeddings": 64,
         "data.max_chars": 60_000, "data.seq_len": 32, "data.batch_size": 8, "data.eval_batches": 2,

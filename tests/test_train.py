@@ -16,7 +16,7 @@ def tiny_config(out_dir, tokenizer_dir, **overrides) -> TrainConfig:
     """A tiny Llama on capped python-docs text; overrides are {"section.field" or "field": value}."""
     values = {
         "out_dir": str(out_dir), "steps": 30, "eval_every": 0, "save_every": 0, "log_every": 5, "seed": 0,
-        "progress": False, "device": "cpu",
+        "progress": False, "device": "cpu", "bf16": False,  # exactness tests compare float32 runs
         "model.hidden_size": 64, "model.intermediate_size": 128, "model.num_hidden_layers": 2,
         "model.num_attention_heads": 4, "model.num_key_value_heads": 2, "model.max_position_embeddings": 128,
         "data.corpus": "python-docs", "data.max_chars": 120_000, "data.seq_len": 64, "data.batch_size": 8,

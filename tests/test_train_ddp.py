@@ -22,6 +22,7 @@ def _free_port() -> int:
 def _config(out_dir, tokenizer_dir, **overrides) -> TrainConfig:
     return TrainConfig.load(None, {
         "out_dir": str(out_dir), "steps": 2, "eval_every": 1, "progress": False, "device": "cpu",
+        "bf16": False,
         "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_hidden_layers": 2,
         "model.num_attention_heads": 4, "model.num_key_value_heads": 2, "model.max_position_embeddings": 64,
         "data.max_chars": 40_000, "data.seq_len": 32, "data.batch_size": 4, "data.eval_batches": 2,

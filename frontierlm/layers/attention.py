@@ -44,15 +44,20 @@ def sliding_window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                      sliding_window: int | None = None) -> torch.Tensor:
     """q [(B,) S, Hq, D], k/v [(B,) S, Hkv, D] -> [(B,) S, Hq, D]: causal attention within each sequence."""
-    seq = q.shape[-3]
+    seq, v_dim = q.shape[-3], v.shape[-1]
+    if v_dim < q.shape[-1]:
+        # MLA's values are narrower than its queries; the fused (flash) SDPA kernels need equal widths and
+        # fall back to the masked math path otherwise (3x slower on CPU), so pad the values with zeros.
+        v = F.pad(v, (0, q.shape[-1] - v_dim))
     q, k, v = (t.transpose(-3, -2) for t in (q, k, v))
+    gqa = q.shape[-3] != k.shape[-3]
     if sliding_window is None or seq <= sliding_window:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
         pos = torch.arange(seq, device=q.device)
         mask = sliding_window_mask(pos, pos, sliding_window)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-    return out.transpose(-3, -2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.transpose(-3, -2)[..., :v_dim]
 
 
 class AttentionBackend(abc.ABC):

@@ -156,7 +156,7 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    corpus: str = "python-docs"  # python-docs, a text file, or a folder of text files
+    corpus: str = "python-docs"  # python-docs, python-stdlib, a text file, or a folder of text files
     max_chars: int | None = None  # cap on corpus characters (None: all)
     val_fraction: float = 0.05
     seq_len: int = 256
@@ -165,13 +165,18 @@ class DataSection:
     eval_batches: int = 8  # validation micro-batches per evaluation
     tokenizer: str | None = None  # tokenizer directory; None: train one on the corpus into OUT_DIR/tokenizer
     tokenizer_vocab_size: int = 4096
+    tokenizer_pretokenizer: str = "auto"  # text, code (whitespace runs and indentation); auto: code for python-stdlib
 
     def validate(self) -> None:
-        from frontierlm.train.corpus import PYTHON_DOCS
+        from frontierlm.train.corpus import BUILTIN_CORPORA
+        from frontierlm.train.tokenizer import PRETOKENIZERS
 
-        if self.corpus != PYTHON_DOCS and not Path(self.corpus).exists():
-            raise ValueError(f"data.corpus must be {PYTHON_DOCS!r}, a text file or a folder; "
+        if self.corpus not in BUILTIN_CORPORA and not Path(self.corpus).exists():
+            raise ValueError(f"data.corpus must be one of {', '.join(BUILTIN_CORPORA)}, a text file or a folder; "
                              f"{self.corpus!r} does not exist")
+        if self.tokenizer_pretokenizer not in ("auto", *PRETOKENIZERS):
+            raise ValueError(f"data.tokenizer_pretokenizer must be auto or one of {', '.join(PRETOKENIZERS)}, "
+                             f"got {self.tokenizer_pretokenizer!r}")
         if self.max_chars is not None:
             _check_int("data.max_chars", self.max_chars)
         _check_range("data.val_fraction", self.val_fraction, 0, 1, lo_open=True, hi_open=True)
@@ -238,7 +243,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda
     parallel: str = "ddp"  # under torchrun: ddp (replicate the model) or fsdp (shard it; see distributed.py)
-    bf16: bool = True  # bf16 autocast (CUDA only; CPU trains in float32)
+    bf16: bool = True  # bf16 autocast on CUDA and on CPUs with AMX / AVX512-BF16 (precision.py); else float32
     resume: bool = False  # continue from OUT_DIR/checkpoint when it exists
     progress: bool = True  # tqdm progress line
     model: ModelSection = field(default_factory=ModelSection)

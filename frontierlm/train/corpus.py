@@ -1,8 +1,10 @@
-"""Training text: a file, a folder, or the builtin `python-docs` corpus; a deterministic train/validation
-split by document; token packing into fixed-length blocks and a resumable batch order.
+"""Training text: a file, a folder, or a builtin corpus; a deterministic train/validation split by document
+(by module for `python-stdlib`); token packing into fixed-length blocks and a resumable batch order.
 
-`python-docs` is assembled at run time from what ships with Python, so nothing is downloaded: the pydoc
-topic pages (`pydoc_data.topics`) and the standard library's module/class/function docstrings.
+The builtin corpora are assembled at run time from what ships with Python, so nothing is downloaded:
+- `python-docs`: the pydoc topic pages (`pydoc_data.topics`) and the standard library's docstrings;
+- `python-stdlib`: the standard library's own `.py` source, one document per file, without tests and without
+  generated files (codec tables, `pydoc_data`, files that say they are generated).
 """
 from __future__ import annotations
 
@@ -17,6 +19,10 @@ from pathlib import Path
 import torch
 
 PYTHON_DOCS = "python-docs"
+PYTHON_STDLIB = "python-stdlib"
+BUILTIN_CORPORA = (PYTHON_DOCS, PYTHON_STDLIB)
+# A file whose first lines say this was written by a tool (gencodec's tables, pydoc_data, Tools/ output).
+_GENERATED = re.compile(r"auto-?generated|generated (by|from|with)|do not edit", re.IGNORECASE)
 # Folders of the standard library that hold tests, vendored packages or bytecode, not documentation.
 _SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages", "idle_test", "tests", "test"}
 
@@ -79,6 +85,33 @@ def python_docs(max_chars: int | None = None, stdlib_dir: str | None = None) -> 
     return list(_python_docs(max_chars, stdlib_dir))
 
 
+def _module_group(relative: Path) -> str:
+    """The top-level module a stdlib file belongs to: `email/mime/text.py` -> `email`, `os.py` -> `os`."""
+    return relative.parts[0].removesuffix(".py")
+
+
+@functools.lru_cache(maxsize=4)
+def _python_stdlib(stdlib_dir: str | None) -> tuple[tuple[str, str], ...]:
+    root = Path(stdlib_dir or sysconfig.get_paths()["stdlib"])
+    docs = []
+    for path in _stdlib_files(root):
+        relative = path.relative_to(root)
+        if relative.parts[0] == "pydoc_data":
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if text.strip() and not _GENERATED.search(text[:3000]):
+            docs.append((_module_group(relative), text))
+    return tuple(docs)
+
+
+def python_stdlib(stdlib_dir: str | None = None) -> list[tuple[str, str]]:
+    """The builtin source corpus as (top-level module, file text) pairs, in sorted path order."""
+    return list(_python_stdlib(stdlib_dir))
+
+
 def _cap(docs: list[str], max_chars: int | None) -> list[str]:
     if max_chars is None:
         return docs
@@ -91,11 +124,24 @@ def _cap(docs: list[str], max_chars: int | None) -> list[str]:
     return out
 
 
+def load_corpus(corpus: str, max_chars: int | None = None) -> tuple[list[str], list[str] | None]:
+    """(documents, groups): the documents of load_texts, and for `python-stdlib` each one's top-level module
+    (so a split keeps a package's files together); groups is None for the other corpora."""
+    if corpus != PYTHON_STDLIB:
+        return load_texts(corpus, max_chars), None
+    pairs = python_stdlib()
+    docs = _cap([text for _, text in pairs], max_chars)
+    return docs, [group for group, _ in pairs[:len(docs)]]
+
+
 def load_texts(corpus: str, max_chars: int | None = None) -> list[str]:
-    """Documents of `corpus`: `python-docs`; a text file (its blank-line separated paragraphs); or a folder
-    (one document per file, sorted, non-UTF-8 and hidden files skipped). At most `max_chars` characters."""
+    """Documents of `corpus`: `python-docs`; `python-stdlib`; a text file (its blank-line separated paragraphs);
+    or a folder (one document per file, sorted, non-UTF-8 and hidden files skipped). At most `max_chars`
+    characters."""
     if corpus == PYTHON_DOCS:
         return python_docs(max_chars)
+    if corpus == PYTHON_STDLIB:
+        return _cap([text for _, text in python_stdlib()], max_chars)
     path = Path(corpus)
     if path.is_file():
         docs = [p.strip() for p in re.split(r"\n\s*\n", path.read_text(encoding="utf-8", errors="replace"))]
@@ -109,20 +155,35 @@ def load_texts(corpus: str, max_chars: int | None = None) -> list[str]:
             except UnicodeDecodeError:
                 continue
     else:
-        raise FileNotFoundError(f"corpus {corpus!r} is neither {PYTHON_DOCS!r}, a text file nor a folder")
+        raise FileNotFoundError(f"corpus {corpus!r} is neither {PYTHON_DOCS!r}, {PYTHON_STDLIB!r}, a text file "
+                                "nor a folder")
     return _cap([d for d in docs if d], max_chars)
 
 
-def split_documents(docs: list[str], val_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
+def split_documents(docs: list[str], val_fraction: float, seed: int = 0,
+                    groups: list[str] | None = None) -> tuple[list[str], list[str]]:
     """(train, validation): a seeded shuffle picks round(n * val_fraction) (at least 1) validation documents;
     both keep corpus order. The seed is fixed by default so runs with different training seeds share a
-    validation set."""
+    validation set. With `groups` (one name per document) whole groups are held out, in shuffled order,
+    until they cover the validation share: no group has documents on both sides."""
     if len(docs) < 2:
         raise ValueError(f"the corpus has {len(docs)} document(s); a train/validation split needs at least 2")
     n_val = min(len(docs) - 1, max(1, round(len(docs) * val_fraction)))
-    order = list(range(len(docs)))
+    keys = groups if groups is not None else list(range(len(docs)))
+    if len(keys) != len(docs):
+        raise ValueError(f"{len(keys)} groups for {len(docs)} documents")
+    members: dict = {}
+    for i, key in enumerate(keys):
+        members.setdefault(key, []).append(i)
+    order = list(members)
     random.Random(seed).shuffle(order)
-    val = set(order[:n_val])
+    val: set[int] = set()
+    for key in order:
+        if len(val) >= n_val or len(val) + len(members[key]) >= len(docs):
+            break
+        val.update(members[key])
+    if not val:
+        raise ValueError("the corpus has a single group; a split by group needs at least 2")
     return ([d for i, d in enumerate(docs) if i not in val], [d for i, d in enumerate(docs) if i in val])
 
 

@@ -19,11 +19,34 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 _BYTE_ALPHABET = 256
+# Pre-tokenization cuts text into pieces that BPE merges within, never across.
+#   text: GPT-2's byte-level rule (words with their leading space, digit runs, punctuation runs, whitespace).
+#   code: a newline with the indentation after it is one piece, so "\n" + 4k spaces become single tokens and a
+#   line's depth costs one token; identifiers keep their underscores and digits; numbers split in threes;
+#   spaces between tokens are their own runs.
+PRETOKENIZERS = ("text", "code")
+_CODE_PIECES = (r"\n[ \t]*"
+                r"| ?[\p{L}_][\p{L}\p{N}_]*"
+                r"| ?\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}_]+"
+                r"|[ \t]+(?![^ \t])"
+                r"|\s")
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str | Path | None = None):
-    """A byte-level BPE PreTrainedTokenizerFast trained on `texts` (saved to `out_dir` when given)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+def pretokenizer_for(corpus: str, choice: str = "auto") -> str:
+    """The pre-tokenizer a corpus gets: `choice`, or for auto code for the stdlib source and text otherwise."""
+    if choice != "auto":
+        return choice
+    from frontierlm.train.corpus import PYTHON_STDLIB
+
+    return "code" if corpus == PYTHON_STDLIB else "text"
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str | Path | None = None,
+                    pretokenizer: str = "text"):
+    """A byte-level BPE PreTrainedTokenizerFast trained on `texts` (saved to `out_dir` when given);
+    `pretokenizer` is one of PRETOKENIZERS."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     smallest = len(SPECIAL_TOKENS) + _BYTE_ALPHABET
@@ -32,8 +55,15 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str | Path | Non
                          f"got {vocab_size!r}")
     if not texts:
         raise ValueError("cannot train a tokenizer on an empty corpus")
+    if pretokenizer not in PRETOKENIZERS:
+        raise ValueError(f"pretokenizer must be one of {', '.join(PRETOKENIZERS)}, got {pretokenizer!r}")
     tok = Tokenizer(models.BPE(unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if pretokenizer == "code":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_CODE_PIECES), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,

@@ -11,7 +11,6 @@ rank takes its slice of every global micro-batch; the model runs in DistributedD
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
@@ -25,12 +24,13 @@ from frontierlm.logger import init_logger
 from frontierlm.train import checkpoint
 from frontierlm.train.balance import ExpertBalance
 from frontierlm.train.config import TrainConfig
-from frontierlm.train.corpus import BlockBatches, load_texts, pack_tokens, split_documents, tokenize
+from frontierlm.train.corpus import BlockBatches, load_corpus, pack_tokens, split_documents, tokenize
 from frontierlm.train.distributed import DistContext
 from frontierlm.train.metrics import MetricsLog
 from frontierlm.train.modeling import CausalLM, auxiliary_losses, build_hf_config, build_model
 from frontierlm.train.optim import build_optimizer, build_scheduler
-from frontierlm.train.tokenizer import load_tokenizer, stop_token_ids, train_tokenizer
+from frontierlm.train.precision import autocast_context, training_precision
+from frontierlm.train.tokenizer import load_tokenizer, pretokenizer_for, stop_token_ids, train_tokenizer
 
 logger = init_logger(__name__)
 
@@ -51,8 +51,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
 
-        train_docs, val_docs = split_documents(load_texts(cfg.data.corpus, cfg.data.max_chars),
-                                               cfg.data.val_fraction)
+        docs, groups = load_corpus(cfg.data.corpus, cfg.data.max_chars)
+        train_docs, val_docs = split_documents(docs, cfg.data.val_fraction, groups=groups)
         self.tokenizer = self._tokenizer(train_docs)
         if self.tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token (needed to separate packed documents)")
@@ -87,11 +87,12 @@ class Trainer:
             self._resume(state)
         self._saved_step = self.step
         self._loss_sum, self._loss_steps = torch.zeros((), device=self.device), 0
+        self.precision = training_precision(self.device, cfg.bf16)
         if self.dist.is_main:
             n = sum(p.numel() for p in self.model.parameters())
-            logger.info("%s: %.2fM parameters, %d train / %d validation blocks of %d tokens, %d process(es)",
+            logger.info("%s: %.2fM parameters, %d train / %d validation blocks of %d tokens, %d process(es), %s",
                         cfg.model.architecture, n / 1e6, self.train_blocks.shape[0], self.val_blocks.shape[0],
-                        seq_len, self.dist.world_size)
+                        seq_len, self.dist.world_size, self.precision)
 
     # ----- setup helpers -----
 
@@ -104,7 +105,8 @@ class Trainer:
         path = self.out_dir / TOKENIZER_SUBDIR
         reuse = self.cfg.resume and (path / "tokenizer.json").is_file()  # the checkpoint's vocabulary
         if self.dist.is_main and not reuse:
-            train_tokenizer(train_docs, self.cfg.data.tokenizer_vocab_size, path)
+            train_tokenizer(train_docs, self.cfg.data.tokenizer_vocab_size, path,
+                            pretokenizer_for(self.cfg.data.corpus, self.cfg.data.tokenizer_pretokenizer))
         self.dist.barrier()  # other ranks load what rank 0 trained
         return load_tokenizer(path)
 
@@ -136,9 +138,7 @@ class Trainer:
         logger.info("resumed from step %d of %d", self.step, self.cfg.steps)
 
     def _autocast(self):
-        if self.cfg.bf16 and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast_context(self.device, self.cfg.bf16)
 
     # ----- objective (override in subclasses) -----
 
@@ -200,6 +200,8 @@ class Trainer:
         cfg = self.cfg
         end = cfg.steps if until_step is None else min(until_step, cfg.steps)
         tokens_per_step = cfg.data.batch_size * cfg.data.grad_accum * cfg.data.seq_len
+        if self.dist.is_main:  # one record per (re)start: what the tok/s figures that follow were computed in
+            self.log.add("run", self.step, precision=self.precision, threads=torch.get_num_threads())
         if self.step == 0 and self.log.last("eval") is None:
             self.evaluate_and_log()  # the curve starts at the untrained model
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
