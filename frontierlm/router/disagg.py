@@ -16,6 +16,7 @@ import httpx
 from fastapi.responses import Response
 
 from frontierlm.logger import init_logger
+from frontierlm.router.instances import is_gone
 
 logger = init_logger(__name__)
 
@@ -51,7 +52,8 @@ async def prefill(router, path: str, body: dict, prompt: str) -> dict | Response
         try:
             r = await router.client.post(inst.url + path, json=prefill_body(body), timeout=router.timeout)
         except httpx.TransportError as e:
-            inst.mark_failed(f"{type(e).__name__}: {e}")
+            if is_gone(e):
+                inst.mark_failed(f"{type(e).__name__}: {e}")
             why = f"{inst.url}: {type(e).__name__}"
             continue
         finally:

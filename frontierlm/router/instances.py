@@ -41,7 +41,7 @@ class Instance:
         return max(float(self.in_flight), self.num_running + self.num_waiting)
 
     def mark_failed(self, why: str) -> None:
-        """A request to it failed at the connection: take it out until a poll says it is back."""
+        """It refused or dropped a connection: take it out until a poll says it is back."""
         if self.healthy:
             logger.warning("instance %s unavailable: %s", self.url, why)
         self.healthy = False
@@ -50,6 +50,13 @@ class Instance:
     def close_streams(self) -> None:
         for response in list(self.streams):
             asyncio.ensure_future(response.aclose())
+
+
+def is_gone(e: Exception) -> bool:
+    """A refused or dropped connection means the instance is gone; a timeout may only mean it is busy (an
+    overloaded instance accepts late), which must not take a whole fleet out at once."""
+    return isinstance(e, (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError,
+                          httpx.StreamError)) and not isinstance(e, httpx.TimeoutException)
 
 
 def parse_gauges(text: str) -> dict[str, float]:
@@ -68,10 +75,11 @@ def parse_gauges(text: str) -> dict[str, float]:
 
 
 class HealthMonitor:
-    """Polls every instance each `interval` seconds; `dead_after` failed polls in a row close its streams."""
+    """Polls every instance each `interval` seconds. A refused connection or an error status takes it out at
+    once; polls that time out do so after `dead_after` in a row, which also closes its open streams."""
 
     def __init__(self, instances: list[Instance], client: httpx.AsyncClient, interval: float = 1.0,
-                 timeout: float = 2.0, dead_after: int = 2):
+                 timeout: float = 5.0, dead_after: int = 3):
         self.instances, self.client = instances, client
         self.interval, self.timeout, self.dead_after = interval, timeout, dead_after
         self._task: asyncio.Task | None = None
@@ -105,6 +113,9 @@ class HealthMonitor:
         except (httpx.HTTPError, ValueError) as e:
             ok, draining = False, False
             why = f"{type(e).__name__}: {e}"
+            if isinstance(e, httpx.TimeoutException) and inst.failures + 1 < self.dead_after:
+                inst.failures += 1  # busy, perhaps: it keeps its requests for now
+                return
         else:
             why = f"/health answered {r.status_code} ({status})"
         inst.last_poll = time.monotonic()

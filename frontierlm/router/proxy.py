@@ -11,7 +11,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from frontierlm.logger import init_logger
 from frontierlm.router import disagg, migration
-from frontierlm.router.instances import Instance
+from frontierlm.router.instances import Instance, is_gone
 from frontierlm.router.metrics import RouterMetrics
 from frontierlm.router.policies import make_policy
 from frontierlm.router.sse import DONE, encode, is_role_event, is_token_event, sse_events, strip_token_ids, \
@@ -92,7 +92,8 @@ class Router:
             try:
                 r = await self.client.post(inst.url + path, json=body, timeout=self.timeout)
             except httpx.TransportError as e:
-                inst.mark_failed(f"{type(e).__name__}: {e}")
+                if is_gone(e):
+                    inst.mark_failed(f"{type(e).__name__}: {e}")
                 why = f"{inst.url}: {type(e).__name__}"
                 continue
             finally:
@@ -140,7 +141,8 @@ class Router:
                 response = await self.client.send(self.client.build_request(
                     "POST", inst.url + path, json=body, timeout=self.timeout), stream=True)
             except httpx.TransportError as e:
-                inst.mark_failed(f"{type(e).__name__}: {e}")
+                if is_gone(e):
+                    inst.mark_failed(f"{type(e).__name__}: {e}")
                 why = f"{inst.url}: {type(e).__name__}"
                 continue
             if response.status_code != 200:
@@ -160,7 +162,8 @@ class Router:
                         break
             except (httpx.TransportError, httpx.StreamError) as e:
                 await self._close(opened)
-                inst.mark_failed(f"{type(e).__name__}: {e}")
+                if is_gone(e):
+                    inst.mark_failed(f"{type(e).__name__}: {e}")
                 why = f"{inst.url}: {type(e).__name__} before the first token"
                 continue
             last = opened.buffered[-1] if opened.buffered else None
@@ -279,5 +282,6 @@ class _Pumped:
                 self.router.observe(event, state)
                 yield encode(event if self.wants_ids else strip_token_ids(event))
         except (httpx.TransportError, httpx.StreamError) as e:
-            opened.inst.mark_failed(f"{type(e).__name__} mid-stream")
+            if is_gone(e):
+                opened.inst.mark_failed(f"{type(e).__name__} mid-stream")
             self.why = f"{type(e).__name__}: {e}"
