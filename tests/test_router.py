@@ -259,3 +259,21 @@ def test_structured_stream_survives_its_instance_dying(workers):
         assert survivor.wait_no_blocks_in_use() == 0
     finally:
         router.stop()
+
+
+def test_cli_mistakes_are_one_line(tiny_model_dir):
+    import subprocess
+    import sys
+
+    cases = [(["router", "--worker", "localhost:1"], "must start with http://"),
+             (["router", "--worker", "http://a", "--decode", "http://b"], "not both"),
+             (["router", "--prefill", "http://a"], "at least one --prefill and one --decode"),
+             (["serve", tiny_model_dir("llama"), "--kv-transfer-config", '{"kv_role": "kv_sender"}'],
+              "kv_role must be one of kv_producer, kv_consumer, kv_both"),
+             (["serve", tiny_model_dir("llama"), "--kv-transfer-config", '{"kv_rnak": 1}'],
+              "did you mean 'kv_rank'")]
+    for argv, message in cases:
+        r = subprocess.run([sys.executable, "-m", "frontierlm.cli", *argv], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 2 and message in r.stderr, (argv, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

@@ -23,10 +23,6 @@ logger = init_logger(__name__)
 RETRYABLE = {429, 500, 502, 503, 504}  # the instance could not serve it now; another one may
 
 
-class Upstream(Exception):
-    """The instance failed the request (connection or a retryable status)."""
-
-
 def upstream_error(why: str) -> APIError:
     return APIError(503, f"no instance could serve the request: {why}", "service_unavailable",
                     code="upstream_error", reason=None)
@@ -184,7 +180,7 @@ class Router:
         dead: list[Instance] = []
         try:
             while True:
-                ended = await self._pump(opened, state, client_wants_ids)
+                ended = _Pumped(self, opened, state, client_wants_ids)
                 async for piece in ended.pieces:
                     yield piece
                 if ended.done:
@@ -203,9 +199,6 @@ class Router:
             if opened.response in opened.inst.streams:
                 await self._close(opened)
             self._record(state)
-
-    async def _pump(self, opened: Opened, state: StreamState, client_wants_ids: bool) -> "_Pumped":
-        return _Pumped(self, opened, state, client_wants_ids)
 
     def observe(self, event: dict, state: StreamState) -> None:
         ids = token_ids_of(event)
