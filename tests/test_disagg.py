@@ -31,18 +31,28 @@ def colocated(model_dir, prompts, max_tokens, **kw):
     return [o.outputs[0].token_ids for o in outs], [len(tok.encode(p)) for p in prompts]
 
 
+def _mooncake_missing() -> str | None:
+    try:
+        from mooncake.engine import TransferEngine  # noqa: F401
+    except ImportError as e:
+        return f"Mooncake's transfer engine is not importable here ({e})"
+    return None
+
+
 @pytest.fixture(scope="module")
 def fleets(tiny_model_dir):
     """Dense: one prefill, two decodes; MLA (DeepSeek-V2): one prefill, one decode. Started together."""
     dense, mla = tiny_model_dir("llama"), tiny_model_dir("deepseek_v2")
     dense_kv, mla_kv = pd_configs(num_decode=2, hold_timeout_s=5), pd_configs(num_decode=1, hold_timeout_s=5)
     out = {"dense": [Instance(dense, kv) for kv in dense_kv], "mla": [Instance(mla, kv) for kv in mla_kv]}
+    if _mooncake_missing() is None:  # started beside the others, so the start-ups overlap
+        out["mooncake"] = [Instance(dense, kv) for kv in pd_configs(1, connector="MooncakeConnector")]
     try:
         for group in out.values():
             start_all(group)
         routers = {name: Router(prefills=[g[0].url], decodes=[i.url for i in g[1:]], policy="round_robin")
                    for name, g in out.items()}
-        yield {name: (g, routers[name], dense if name == "dense" else mla) for name, g in out.items()}
+        yield {name: (g, routers[name], mla if name == "mla" else dense) for name, g in out.items()}
         for r in routers.values():
             r.stop()
     finally:
@@ -176,30 +186,12 @@ def test_prefill_instance_dies_the_decode_side_prefills_and_frees(fleets):
     assert httpx.get(router.url + "/health").status_code == 200  # the router survives
 
 
-def _mooncake_missing() -> str | None:
-    try:
-        from mooncake.engine import TransferEngine  # noqa: F401
-    except ImportError as e:
-        return f"Mooncake's transfer engine is not importable here ({e})"
-    return None
-
-
 @pytest.mark.skipif(_mooncake_missing() is not None, reason=str(_mooncake_missing()))
-def test_mooncake_transport_moves_the_same_blocks(tiny_model_dir):
-    model_dir = tiny_model_dir("llama")
-    group = [Instance(model_dir, kv) for kv in pd_configs(1, connector="MooncakeConnector")]
-    router = None
-    try:
-        (prefill, decode) = start_all(group)
-        router = Router(prefills=[prefill.url], decodes=[decode.url])
-        prompt = SHARED * 2 + "over Mooncake"
-        (want,), (n,) = colocated(model_dir, [prompt], 8)
-        assert _complete(router.url, prompt, 8) == want
-        st = decode.kv_stats()
-        assert st["blocks_received"] == (n - 1) // BLOCK and st["failures"] == 0
-        assert prefill.wait_no_blocks_in_use() == 0 and decode.wait_no_blocks_in_use() == 0
-    finally:
-        if router is not None:
-            router.stop()
-        for inst in group:
-            inst.stop()
+def test_mooncake_transport_moves_the_same_blocks(fleets):
+    (prefill, decode), router, model_dir = fleets["mooncake"]
+    prompt = SHARED * 2 + "over Mooncake"
+    (want,), (n,) = colocated(model_dir, [prompt], 8)
+    assert _complete(router.url, prompt, 8) == want
+    st = decode.kv_stats()
+    assert st["blocks_received"] == (n - 1) // BLOCK and st["failures"] == 0
+    assert prefill.wait_no_blocks_in_use() == 0 and decode.wait_no_blocks_in_use() == 0
