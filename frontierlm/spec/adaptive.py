@@ -85,6 +85,14 @@ class AdaptiveK:
         self.counts[request_id] = (self.decay * acc + accepted,
                                    self.decay * trials + accepted + (1 if accepted < proposed else 0))
 
+    def relax(self, request_id: str) -> None:
+        """A round in which the request did not speculate: it gathered no evidence, so its estimate drifts back
+        towards the prior. Without this a request whose first rounds went badly would keep K = 0 for good,
+        since only rounds with proposals are recorded."""
+        if request_id in self.counts:
+            acc, trials = self.counts[request_id]
+            self.counts[request_id] = (self.decay * acc, self.decay * trials)
+
     def forget(self, live) -> None:
         for rid in [r for r in self.counts if r not in live]:
             del self.counts[rid]
@@ -121,4 +129,7 @@ class AdaptiveK:
         best_m = int(np.argmax(rate)) if rate.max() > rate[0] * (1 + 1e-9) else 0
         for i, j in zip(idx[:best_m], js[:best_m]):
             ks[i] = max(ks[i], int(j))
+        for i, _ in free:
+            if ks[i] == 0:
+                self.relax(requests[i].request_id)
         return ks

@@ -1,0 +1,52 @@
+"""AdaptiveK: K per request from the measured step cost and each request's acceptance; a request switched off
+after bad rounds is tried again once its evidence has aged."""
+from types import SimpleNamespace
+
+from frontierlm.spec.adaptive import AdaptiveK, LinearCost
+
+
+class _FreeProposer:  # n-gram lookup: proposing costs nothing measurable
+    def expected_cost(self, num_requests, k):
+        return 0.0
+
+
+def _adaptive_with_costly_tokens() -> AdaptiveK:
+    ak = AdaptiveK(num_speculative_tokens=3, adaptive=True)
+    # A step costs 10 ms + 5 ms per token (the prior agrees), so one more token pays off above alpha ~ 1/3:
+    # (1 + alpha) / 20 ms > 1 / 15 ms.
+    ak.step_cost = LinearCost(prior_ratio=2.0)
+    for tokens in range(1, 40):
+        ak.step_cost.observe(tokens, 0.010 + 0.005 * tokens)
+    return ak
+
+
+def test_full_k_until_the_step_cost_is_measured():
+    ak = AdaptiveK(num_speculative_tokens=3, adaptive=True)
+    req = SimpleNamespace(request_id="a")
+    assert ak.choose([req], [3], [False], 0, _FreeProposer()) == [3]
+
+
+def test_good_requests_speculate_and_bad_ones_stop():
+    ak = _adaptive_with_costly_tokens()
+    good, bad = SimpleNamespace(request_id="good"), SimpleNamespace(request_id="bad")
+    for _ in range(10):
+        ak.record("good", 3, 3)
+        ak.record("bad", 3, 0)
+    ks = ak.choose([good, bad], [3, 3], [False, False], 0, _FreeProposer())
+    assert ks[0] == 3 and ks[1] == 0
+
+
+def test_a_switched_off_request_is_tried_again():
+    ak = _adaptive_with_costly_tokens()
+    bad = SimpleNamespace(request_id="bad")
+    for _ in range(10):
+        ak.record("bad", 3, 0)
+    history = [ak.choose([bad], [3], [False], 0, _FreeProposer())[0] for _ in range(12)]
+    assert history[0] == 0 and max(history) > 0  # its low estimate aged back towards the prior
+    assert ak.acceptance("bad") > 0.3
+
+
+def test_pinned_requests_keep_their_cap():
+    ak = _adaptive_with_costly_tokens()
+    ak.record("seeded", 3, 0)
+    assert ak.choose([SimpleNamespace(request_id="seeded")], [2], [True], 0, _FreeProposer()) == [2]
