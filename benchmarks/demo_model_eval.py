@@ -41,12 +41,14 @@ def evaluate(name: str, path: str, headers: list[str], text: str, max_tokens: in
 
 def draft_acceptance(target: str, draft: str, headers: list[str], max_tokens: int, k: int) -> dict:
     llm = LLM(target, dtype="float32",
-              speculative_config={"method": "draft_model", "model": draft, "num_speculative_tokens": k})
+              speculative_config={"method": "draft_model", "model": draft, "num_speculative_tokens": k,
+                                  "adaptive": False})  # the draft's quality, not the K policy's choice
     llm.generate(headers, SamplingParams(temperature=0, max_tokens=max_tokens))
     stats = llm.llm_engine.get_stats()["spec_decode"]
     return {"draft": draft, "target": target, "num_speculative_tokens": k,
             "acceptance_rate": round(stats["acceptance_rate"], 3),
-            "mean_accepted_length": round(stats["mean_accepted_length"], 3)}
+            "mean_accepted_length": round(stats["mean_accepted_length"], 3),
+            "accepted_per_position": [round(n / max(stats["num_drafts"], 1), 3) for n in stats["accepted_per_pos"]]}
 
 
 def main() -> None:

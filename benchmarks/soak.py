@@ -6,6 +6,7 @@ requests finish, so growth after warm-up shows up as a slope.
     python benchmarks/soak.py                         # builds a tiny model, starts a server, 2,000 requests
     python benchmarks/soak.py --model DIR --num-requests 2000 --concurrency 64 --cancel-share 0.2
     python benchmarks/soak.py --model demo --num-requests 20000 --workload mixed   # the packaged demo model
+    python benchmarks/soak.py --model demo --serve-args="--no-enable-prefix-caching"   # extra serve flags
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import asyncio
 import json
 import os
 import random
+import shlex
 import socket
 import subprocess
 import sys
@@ -43,23 +45,34 @@ def rss_mib(pid: int) -> float | None:
     return None
 
 
+def _slope_per_1k(points: list[tuple[int, float]]) -> float:
+    """Least-squares slope of (requests, MiB) points, in MiB per 1,000 requests."""
+    xs, ys = [n for n, _ in points], [m for _, m in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return 1000 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(1e-9, sum((x - mx) ** 2 for x in xs))
+
+
 def rss_summary(samples: list[tuple[int, float]], warmup: int) -> dict:
-    """Growth after warm-up: first and last sample past `warmup` requests, and a least-squares slope."""
+    """Growth after warm-up: first and last sample past `warmup` requests and a least-squares slope; and the
+    slope over the second half of the run alone, since caches that fill up over time (the prefix cache's
+    block keys, kernels per batch shape) make growth that levels off, where a leak keeps its slope."""
     after = [(n, m) for n, m in samples if n >= warmup]
     if len(after) < 2:
         return {}
-    xs, ys = [n for n, _ in after], [m for _, m in after]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(1e-9, sum((x - mx) ** 2 for x in xs))
-    return {"rss_at_warmup_mib": round(ys[0], 1), "rss_final_mib": round(ys[-1], 1),
-            "rss_max_after_warmup_mib": round(max(ys), 1), "rss_growth_after_warmup_mib": round(ys[-1] - ys[0], 1),
-            "rss_slope_mib_per_1k_requests": round(slope * 1000, 2)}
+    ys = [m for _, m in after]
+    summary = {"rss_at_warmup_mib": round(ys[0], 1), "rss_final_mib": round(ys[-1], 1),
+               "rss_max_after_warmup_mib": round(max(ys), 1), "rss_growth_after_warmup_mib": round(ys[-1] - ys[0], 1),
+               "rss_slope_mib_per_1k_requests": round(_slope_per_1k(after), 2)}
+    second_half = [(n, m) for n, m in samples if n >= samples[-1][0] / 2]
+    if len(second_half) >= 2:
+        summary["rss_slope_second_half_mib_per_1k_requests"] = round(_slope_per_1k(second_half), 2)
+    return summary
 
 
-def start_server(model: str, port: int) -> subprocess.Popen:
+def start_server(model: str, port: int, extra_args: tuple[str, ...] = ()) -> subprocess.Popen:
     env = dict(os.environ, FRONTIERLM_LOG_LEVEL="WARNING")
     cmd = [sys.executable, "-m", "frontierlm.cli", "serve", model, "--port", str(port), "--served-model-name",
-           "soak", "--uvicorn-log-level", "warning"]
+           "soak", "--uvicorn-log-level", "warning", *extra_args]
     return subprocess.Popen(cmd, env=env, cwd=ROOT)
 
 
@@ -187,6 +200,8 @@ def main() -> int:
                    help="ids: token-id completions; mixed: a third each of token ids, text prompts and chat")
     p.add_argument("--rss-every", type=int, default=500, help="sample the server's RSS every N finished requests")
     p.add_argument("--server-pid", type=int, default=None, help="with --base-url: the server process to sample")
+    p.add_argument("--serve-args", default="",
+                   help="more `frontierlm serve` flags in one string: --serve-args='--no-enable-prefix-caching'")
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
     server = None
@@ -204,7 +219,7 @@ def main() -> int:
 
             model = str(factories.make_model_dir(Path(tempfile.mkdtemp()) / "tiny", "llama"))
         port = free_port()
-        server = start_server(model, port)
+        server = start_server(model, port, tuple(shlex.split(args.serve_args)))
         base_url = f"http://127.0.0.1:{port}"
     try:
         pid = server.pid if server is not None else args.server_pid

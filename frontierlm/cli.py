@@ -90,6 +90,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from frontierlm.plan import cli as plan_cli
 
     plan_cli.add_parsers(sub)  # plan, sim, profile
+    from frontierlm.quant import cli as quant_cli
+
+    quant_cli.add_parsers(sub)
     _use_formatter(parser)
     return parser
 
@@ -308,11 +311,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         from frontierlm.plan.cli import COMMANDS as planning_commands
+        from frontierlm.quant.cli import COMMANDS as quant_commands
         from frontierlm.train.cli import COMMANDS as train_commands
 
         commands = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "bench": cmd_bench,
                     "router": cmd_router,
-                    "grammar": cmd_grammar, **train_commands, **planning_commands}
+                    "grammar": cmd_grammar, **train_commands, **planning_commands, **quant_commands}
         return commands[args.command](args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -10,7 +10,7 @@ from typing import Iterable
 # vLLM options FrontierLM knows by name but does not implement yet: passing them (other than at their neutral
 # value) raises "not supported yet" instead of being silently ignored.
 UNSUPPORTED_ENGINE_ARGS = {
-    "quantization": None, "kv_cache_dtype": "auto", "pipeline_parallel_size": 1, "data_parallel_size": 1,
+    "pipeline_parallel_size": 1, "data_parallel_size": 1,
     "enable_lora": False, "cpu_offload_gb": 0, "tokenizer_mode": "auto",
     "swap_space": 4,  # vLLM's default; preemption here recomputes, nothing is swapped to the CPU
     "enable_expert_parallel": False, "revision": None, "tokenizer_revision": None, "download_dir": None,

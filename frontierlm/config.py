@@ -39,6 +39,10 @@ class EngineConfig:
     logits_processors: list = field(default_factory=list)
     speculative_config: dict | None = None  # frontierlm/spec/config.py: {"method", "num_speculative_tokens", ...}
     kv_transfer_config: dict | None = None  # frontierlm/kv_transfer/config.py: {"kv_connector", "kv_role", ...}
+    # frontierlm/quant: None reads the checkpoint's quantization_config; "fp8" | "int8" | "int4" quantize a float
+    # checkpoint while loading. kv_cache_dtype: "auto" (the model's dtype) or "fp8" / "fp8_e4m3" / "fp8_e5m2".
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
         def positive(name):
@@ -61,6 +65,11 @@ class EngineConfig:
                              f"{self.structured_outputs_backend!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        from frontierlm.quant.config import check_quantization_arg
+        from frontierlm.quant.kv_cache import kv_cache_torch_dtype
+
+        check_quantization_arg(self.quantization)
+        kv_cache_torch_dtype(self.kv_cache_dtype)
         if self.speculative_config is not None:
             from frontierlm.spec.config import SpeculativeConfig
 
@@ -245,6 +254,8 @@ class ModelConfig:
         # DeepSeek MLA: the cache holds a latent of kv_lora_rank plus one shared rope key per token and layer.
         self.kv_lora_rank: int | None = getattr(c, "kv_lora_rank", None)
         self.qk_rope_head_dim: int | None = getattr(c, "qk_rope_head_dim", None) if self.kv_lora_rank else None
+        self.quantization: str | None = None  # the engine's quantization argument (frontierlm/quant)
+        self.kv_cache_dtype: torch.dtype | None = None  # None: the model's dtype
         windows = [self.layer_sliding_window(i) for i in range(self.num_layers)]
         self.sliding_window: int | None = next((w for w in windows if w is not None), None)
 
@@ -261,7 +272,7 @@ class ModelConfig:
         return self.kv_lora_rank is not None
 
     def kv_cache_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
-        elem = torch.empty((), dtype=dtype or self.dtype).element_size()
+        elem = torch.empty((), dtype=dtype or self.kv_cache_dtype or self.dtype).element_size()
         if self.is_mla:
             return self.num_layers * (self.kv_lora_rank + self.qk_rope_head_dim) * elem
         return self.num_layers * 2 * self.num_kv_heads * self.head_dim * elem

@@ -88,6 +88,62 @@ def test_huge_prompt_does_not_stall_a_running_stream(server):
     server.wait_idle()
 
 
+def test_tokenize_and_detokenize_run_off_the_loop(server):
+    stream = TimedStream(server.url, LONG)
+    _wait(lambda: len(stream.times) >= 3)
+    big = "word " * (2 * 2**20)  # 10 MiB: refused by its characters, never tokenized
+    fits = "word " * 1500  # tokenized on a worker thread, and counted
+    t0 = time.perf_counter()
+    health = []
+    checker = threading.Thread(target=lambda: health.append(httpx.get(server.url + "/health", timeout=30)))
+    checker.start()
+    post = lambda path, body: httpx.post(server.url + path, json=body, timeout=120)
+    huge = [post("/tokenize", {"prompt": big}), post("/tokenize", {"messages": [{"role": "user", "content": big}]}),
+            post("/tokenize", {"prompt": "wordy " * 20000})]  # passes the character check, too long once tokenized
+    counted = post("/tokenize", {"prompt": fits, "return_token_strs": True}).json()
+    back = post("/detokenize", {"tokens": counted["tokens"]})
+    checker.join(30)
+    t1 = time.perf_counter()
+    time.sleep(0.3)
+    gap = stream.max_gap(t0, t1)
+    stream.stop()
+    for r, param in zip(huge, ("prompt", "messages", "prompt")):
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == param, r.text
+    assert "characters" in huge[0].json()["error"]["message"] and "characters" not in huge[2].json()["error"]["message"]
+    tok = server.engine.engine.tokenizer
+    assert counted["tokens"] == tok.encode(fits) and counted["count"] == len(counted["tokens"]) > 1000
+    assert counted["token_strs"] == tok.convert_ids_to_tokens(counted["tokens"])
+    assert back.status_code == 200 and back.json()["prompt"] == fits
+    assert health and health[0].status_code == 200
+    assert gap < 1.0, f"the stream stalled for {gap:.2f}s while /tokenize was handled ({t1 - t0:.1f}s)"
+    server.wait_idle()
+
+
+def test_bad_words_are_tokenized_at_admission_not_on_the_engine_thread(server, monkeypatch):
+    from frontierlm.engine import tokenizer as tokenizer_module
+
+    tok = server.engine.engine.tokenizer
+    word = "object"
+    banned = tokenizer_module.bad_words_token_ids(tok, [word])
+    assert all(len(ids) == 1 for ids in banned)  # single tokens: the bias alone would make them the output
+    threads = []
+    real_encode = tokenizer_module.encode
+    monkeypatch.setattr(tokenizer_module, "encode",
+                        lambda *a, **k: threads.append(threading.current_thread().name) or real_encode(*a, **k))
+    body = {"prompt": "The", "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+            "logit_bias": {str(ids[0]): 100 for ids in banned}}
+    biased = httpx.post(server.url + "/v1/completions", json=body).json()["choices"][0]["text"]
+    assert word in biased  # without the ban the bias writes the word
+    r = httpx.post(server.url + "/v1/completions", json={**body, "bad_words": [word]})
+    assert r.status_code == 200 and word not in r.json()["choices"][0]["text"], r.text
+    assert threads and all(name.startswith("frontierlm-tokenize") for name in threads), threads
+    for bad in ([""], ["x"] * 1025, "object"):
+        r = httpx.post(server.url + "/v1/completions", json={**body, "bad_words": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "bad_words", r.text
+    server.wait_idle()
+
+
 def test_request_body_limit(tiny_model_dir):
     srv = LiveServer(tiny_model_dir("llama"), security=SecurityOptions(max_request_body_bytes=4096))
     try:

@@ -169,9 +169,15 @@ def test_special_token_text_in_content_is_tokenized_as_text(plain, tiny_model_di
     # the operator's opt-out reads them as control tokens
     _, ids3 = render_chat(tok, msgs, parse_special_tokens=True)
     assert ids3 == tok.encode(text, add_special_tokens=False) and sum(t in control for t in ids3) == 6
-    # through the server: the prompt token count is the text tokenization's
+    # through the server: the prompt token count is the text tokenization's, and /tokenize agrees
     r = plain.client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=1)
     assert r.usage.prompt_tokens == len(ids)
+    assert httpx.post(plain.url + "/tokenize", json={"messages": msgs}).json()["tokens"] == ids
+    # a raw prompt is the caller's own text, as on /v1/completions: its special-token spellings are control tokens
+    raw = httpx.post(plain.url + "/tokenize", json={"prompt": evil, "add_special_tokens": False}).json()["tokens"]
+    assert raw == tok.encode(evil, add_special_tokens=False) and sum(t in control for t in raw) == 3
+    r = plain.client.completions.create(model=MODEL, prompt=evil, max_tokens=1)
+    assert r.usage.prompt_tokens == len(tok.encode(evil))
 
 
 def test_special_tokens_in_content_opt_out(tiny_model_dir):
@@ -184,5 +190,21 @@ def test_special_tokens_in_content_opt_out(tiny_model_dir):
         tok = srv.engine.engine.tokenizer
         assert r.usage.prompt_tokens == len(render_chat(tok, msgs, parse_special_tokens=True)[1])
         assert r.usage.prompt_tokens < len(render_chat(tok, msgs)[1])
+        counted = httpx.post(srv.url + "/tokenize", json={"messages": msgs}).json()["count"]
+        assert counted == r.usage.prompt_tokens
     finally:
         srv.stop()
+
+
+def test_tokenize_messages_with_special_tokens_wraps_like_the_post_processor(tiny_model_dir):
+    from tokenizers import processors
+
+    from frontierlm.engine.tokenizer import load_tokenizer
+    from frontierlm.server.routes import _add_special_tokens
+
+    tok = load_tokenizer(tiny_model_dir("llama"))
+    bos, eos = tok.convert_tokens_to_ids("<s>"), tok.convert_tokens_to_ids("</s>")
+    assert _add_special_tokens(tok, [7, 8]) == [7, 8]  # this tokenizer adds nothing
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", bos), ("</s>", eos)])
+    assert _add_special_tokens(tok, [7, 8]) == [bos, 7, 8, eos]

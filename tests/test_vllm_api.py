@@ -143,6 +143,19 @@ def test_chat_continue_final_message(llm):
         llm.chat(conv, lora_request=object())
 
 
+def test_bad_words_offline_are_tokenized_by_the_engine(llm):
+    from frontierlm.engine.tokenizer import bad_words_token_ids
+
+    tok = llm.get_tokenizer()
+    banned = bad_words_token_ids(tok, ["object"])  # the word alone and after a space: one token each here
+    bias = {ids[-1]: 100.0 for ids in banned}
+    params = dict(max_tokens=6, temperature=0, ignore_eos=True, logit_bias=bias)
+    free = llm.generate("The", SamplingParams(**params), use_tqdm=False)[0].outputs[0].token_ids
+    assert set(free) <= set(bias)  # the bias alone writes the word
+    out = llm.generate("The", SamplingParams(**params, bad_words=["object"]), use_tqdm=False)[0].outputs[0]
+    assert not set(out.token_ids) & set(bias) and "object" not in out.text
+
+
 def test_default_sampling_params_from_generation_config(tiny_model_dir, tmp_path):
     import json
     import shutil
@@ -165,7 +178,8 @@ def test_engine_surface_and_limits(tiny_model_dir):
 
 @pytest.mark.parametrize("make,match", [
     (lambda d: LLM(d, tensor_parallel_size=2), "tensor_parallel_size=2 is not supported yet"),
-    (lambda d: LLM(d, quantization="fp8"), "quantization='fp8' is not supported yet"),
+    (lambda d: LLM(d, quantization="gptq"), "quantization must be None .* got 'gptq'"),
+    (lambda d: LLM(d, kv_cache_dtype="int8"), "kv_cache_dtype must be one of"),
     (lambda d: LLM(d, max_num_seq=4), "unknown argument 'max_num_seq'.*max_num_seqs"),
     (lambda d: SamplingParams(best_of=3), "best_of=3 is not supported yet"),
     (lambda d: SamplingParams(temprature=0.5), "unknown argument 'temprature'.*temperature"),

@@ -169,8 +169,8 @@ def test_model_id_is_model_as_typed_and_inline_template(model_dir):
 @pytest.mark.parametrize("flags,message", [
     (["--tensor-parallel-size", "2"], "--tensor-parallel-size 2: tensor parallelism (one device per server) is "
                                       "not supported yet"),
-    (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype fp8: a quantized (FP8) KV cache is not supported yet"),
-    (["--quantization", "fp8"], "--quantization fp8: weight quantization is not supported yet"),
+    (["--kv-cache-dtype", "fp4"], "kv_cache_dtype must be one of auto, fp8, fp8_e4m3, fp8_e5m2, got 'fp4'"),
+    (["--quantization", "gptq"], "quantization must be None (the checkpoint's own) or one of"),
     (["--generation-config", "/nonexistent"], "--generation-config: /nonexistent is not 'auto', 'vllm' or a"),
     (["--chat-template", "missing.jinja"], "--chat-template: missing.jinja is neither a file nor"),
     (["--model", "elsewhere"], "the model is given twice"),

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+from pathlib import Path
 from typing import Sequence
 
 from tqdm.auto import tqdm
@@ -13,6 +15,29 @@ from frontierlm.engine.chat_template import render_chat
 from frontierlm.engine.llm_engine import LLMEngine
 from frontierlm.outputs import RequestOutput
 from frontierlm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
+
+# generation_config.json keys that are sampling defaults, and the SamplingParams field each sets (vLLM's set)
+GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                       "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def generation_config_defaults(directory: Path) -> dict:
+    """SamplingParams keyword defaults from `directory`/generation_config.json ({} when there is none): the
+    one reader behind LLM.get_default_sampling_params and `serve --generation-config`."""
+    path = Path(directory) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    defaults = {ours: config[key] for key, ours in GENERATION_DEFAULTS.items() if config.get(key) is not None}
+    if config.get("do_sample") is False:  # transformers' greedy flag
+        defaults["temperature"] = 0.0
+    return defaults
+
 
 # vLLM keywords of generate / chat that only make sense for features FrontierLM lacks: accepted at None
 _NOT_YET = {"lora_request": None, "prompt_adapter_request": None, "mm_processor_kwargs": None,
@@ -41,20 +66,7 @@ class LLM:
     def get_default_sampling_params(self) -> SamplingParams:
         """vLLM's: SamplingParams() with the sampling defaults of the model's generation_config.json (temperature,
         top_p, top_k, min_p, repetition_penalty; max_new_tokens as max_tokens) where it sets them."""
-        import json
-        from pathlib import Path
-
-        path = Path(self.llm_engine.config.model) / "generation_config.json"
-        try:
-            gen = json.loads(path.read_text()) if path.is_file() else {}
-        except ValueError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-        names = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-                 "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
-        kw = {ours: gen[theirs] for theirs, ours in names.items() if gen.get(theirs) is not None}
-        if gen.get("do_sample") is False:  # transformers' greedy flag
-            kw["temperature"] = 0.0
-        return SamplingParams(**kw)
+        return SamplingParams(**generation_config_defaults(Path(self.llm_engine.config.model)))
 
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True, priority: Sequence[int] | None = None, **kwargs) -> list[RequestOutput]:

@@ -15,7 +15,7 @@ from frontierlm.engine.request import Request, RequestStatus
 from frontierlm.engine.resume import replay_grammar, resume_token_ids
 from frontierlm.engine.request_group import NoText, RequestGroup, logprob_dict, make_output
 from frontierlm.engine.scheduler import Scheduler
-from frontierlm.engine.tokenizer import load_tokenizer
+from frontierlm.engine.tokenizer import bad_words_token_ids, load_tokenizer
 from frontierlm.logger import init_logger
 from frontierlm.outputs import RequestOutput
 from frontierlm.sampling_params import RequestOutputKind, SamplingParams
@@ -37,6 +37,9 @@ class LLMEngine:
             self.model_config.dtype, dtype_reason = choose_dtype(self.model_config.dtype, torch.device(config.device))
         mc = self.model_config
         check_attention_backend(torch.device(config.device), mc.is_mla)
+        from frontierlm.quant.engine import configure_model  # quantization and KV dtype (frontierlm/quant)
+
+        quant_report = configure_model(mc, config)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
         if config.max_model_len is not None and config.max_model_len > mc.max_model_len:
             raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's context "
@@ -72,7 +75,7 @@ class LLMEngine:
             f"{config.block_size} tokens = {num_blocks * config.block_size} tokens, {bpt} bytes/token{mla}, "
             f"{num_blocks * config.block_size * bpt / 2**30:.2f} GiB | structured outputs: "
             f"{config.structured_outputs_backend} | loaded in {time.perf_counter() - t0:.1f}s"
-            f" | dtype {mc.dtype}: {dtype_reason} | "
+            f" | dtype {mc.dtype}: {dtype_reason}{quant_report} | "
             + (self.runner.fast_decode.describe() if self.runner.fast_decode else
                "decode: eager (enforce_eager; enforce_eager=False compiles the decode step)"))
         if self.spec is not None:
@@ -148,13 +151,12 @@ class LLMEngine:
                 raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
 
     def _bad_words_ids(self, params: SamplingParams) -> list[list[int]]:
-        out = []
-        for word in params.bad_words or ():
-            for text in (word, " " + word.lstrip()):
-                ids = self.tokenizer.encode(text, add_special_tokens=False)
-                if ids and ids not in out:
-                    out.append(ids)
-        return out
+        pre = getattr(params, "_bad_words_token_ids", None)  # tokenized at admission (the server's workers)
+        if pre is not None:
+            return pre
+        if self.tokenizer is None:
+            raise ValueError("bad_words needs a tokenizer; this model has none")
+        return bad_words_token_ids(self.tokenizer, params.bad_words)
 
     def add_request(self, request_id: str | None, prompt, params: SamplingParams | None = None,
                     priority: int = 0, arrival_time: float | None = None, **kwargs) -> str:

@@ -53,7 +53,8 @@ class ModelRunner:
         # The decode fast path gets one scratch block past the managed ones for its padding rows.
         scratch = 0 if self.config.enforce_eager else 1
         shapes = self.model.kv_cache_shapes(num_blocks + scratch, self.block_size)
-        self.kv_caches = [torch.zeros(s, dtype=self.model_config.dtype, device=self.device) for s in shapes]
+        dtype = self.model_config.kv_cache_dtype or self.model_config.dtype  # FP8: frontierlm/quant/kv_cache.py
+        self.kv_caches = [torch.zeros(s, dtype=dtype, device=self.device) for s in shapes]
         self.model.bind_kv_cache(self.kv_caches)
         if scratch:
             from frontierlm.engine.fast_decode import FastDecode

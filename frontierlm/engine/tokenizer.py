@@ -42,6 +42,18 @@ def encode(tokenizer, text: str, add_special_tokens: bool = True, split_special_
         backend.encode_special_tokens = False
 
 
+def bad_words_token_ids(tokenizer, words) -> list[list[int]]:
+    """The token sequences that `bad_words` forbid: each word as given and with one leading space (vLLM's
+    rule, since a word mid-sentence usually tokenizes with its space)."""
+    out: list[list[int]] = []
+    for word in words:
+        for text in (word, " " + word.lstrip()):
+            ids = encode(tokenizer, text, add_special_tokens=False)
+            if ids and ids not in out:
+                out.append(ids)
+    return out
+
+
 def special_token_texts(tokenizer) -> list[str]:
     """The strings that encode() reads as special (control) tokens, longest first."""
     texts = set(getattr(tokenizer, "all_special_tokens", ()) or ())

@@ -17,15 +17,19 @@ class BlockIO:
         self.dtype = kv_caches[0].dtype
         self.device = kv_caches[0].device
         self.bytes_per_block = self.numel * kv_caches[0].element_size()
+        # an FP8 cache (frontierlm/quant/kv_cache.py) travels as its bytes: gloo has no float8 types
+        self.wire_dtype = torch.uint8 if kv_caches[0].element_size() == 1 else self.dtype
 
     def empty(self, num_blocks: int) -> torch.Tensor:
-        return torch.empty(num_blocks, self.numel, dtype=self.dtype, device=self.device)
+        return torch.empty(num_blocks, self.numel, dtype=self.wire_dtype, device=self.device)
 
     def gather(self, block_ids: list[int]) -> torch.Tensor:
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        return torch.cat([v.index_select(0, idx).reshape(len(block_ids), -1) for v in self.views], dim=1)
+        packed = torch.cat([v.index_select(0, idx).reshape(len(block_ids), -1) for v in self.views], dim=1)
+        return packed.view(self.wire_dtype)
 
     def scatter(self, block_ids: list[int], packed: torch.Tensor) -> None:
+        packed = packed.view(self.dtype)
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         offset = 0
         for v, n in zip(self.views, self.numels):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from frontierlm.layers.paged_decode import PagedDecodePlan, paged_decode_attention
+from frontierlm.quant.kv_cache import fp8_attention, is_fp8, store_rows
 
 
 @dataclass
@@ -183,8 +184,8 @@ class TorchAttentionBackend(AttentionBackend):
             new_k, new_v = k, v
         else:
             new_k, new_v = k[plan.write_rows], v[plan.write_rows]
-        flat_k.index_copy_(0, plan.write_slots, new_k.to(flat_k.dtype))
-        flat_v.index_copy_(0, plan.write_slots, new_v.to(flat_v.dtype))
+        store_rows(flat_k, plan.write_slots, new_k)
+        store_rows(flat_v, plan.write_slots, new_v)
 
         out = torch.zeros_like(q) if plan.has_padding else torch.empty_like(q)
         num_heads = q.shape[-2]
@@ -268,6 +269,11 @@ class Attention(nn.Module):
             return causal_attention(q, k, v, self.scale, self.sliding_window)
         if self.kv_cache is None:
             raise RuntimeError("attention got attn_meta but no KV cache is bound (call model.bind_kv_cache)")
+        if is_fp8(self.kv_cache):  # scaled, clamped K/V (frontierlm/quant/kv_cache.py)
+            return fp8_attention(self, q, k, v, plan, lambda q, k, v, scale: self._attend(q, k, v, plan, scale))
+        return self._attend(q, k, v, plan, self.scale)
+
+    def _attend(self, q, k, v, plan, scale: float) -> torch.Tensor:
         if isinstance(plan, PagedDecodePlan):  # the static-shape decode step (engine/fast_decode.py)
-            return paged_decode_attention(q, k, v, self.kv_cache, plan, self.scale, self.sliding_window)
-        return self.backend.forward(q, k, v, self.kv_cache, plan, self.scale, self.sliding_window)
+            return paged_decode_attention(q, k, v, self.kv_cache, plan, scale, self.sliding_window)
+        return self.backend.forward(q, k, v, self.kv_cache, plan, scale, self.sliding_window)

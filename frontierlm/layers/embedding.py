@@ -21,10 +21,15 @@ class VocabEmbedding(nn.Module):
 class LMHead(nn.Module):
     """hidden -> float32 logits. With tied embeddings the model points `weight` at the embedding's."""
 
+    quant_method = None  # frontierlm/quant/linear_methods.py: an untied head may hold quantized weights
+
     def __init__(self, vocab_size: int, hidden_size: int):
         super().__init__()
+        self.input_size, self.output_size = hidden_size, vocab_size
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
         self.weight.weight_loader = default_weight_loader
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.quant_method is not None:
+            return self.quant_method.apply(self, hidden_states, None).float()
         return F.linear(hidden_states, self.weight).float()

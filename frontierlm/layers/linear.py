@@ -22,6 +22,8 @@ def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor, shar
 class Linear(nn.Module):
     """y = x W^T (+ b). Parameters start uninitialized: they are always overwritten by the loader."""
 
+    quant_method = None  # frontierlm/quant/linear_methods.py: set when the layer holds quantized weights
+
     def __init__(self, input_size: int, output_size: int, bias: bool = False):
         super().__init__()
         self.input_size, self.output_size = input_size, output_size
@@ -37,6 +39,8 @@ class Linear(nn.Module):
         default_weight_loader(param, loaded_weight, shard_id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant_method is not None:
+            return self.quant_method.apply(self, x, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

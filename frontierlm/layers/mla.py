@@ -23,6 +23,7 @@ from frontierlm.layers.linear import Linear
 from frontierlm.layers.norm import RMSNorm
 from frontierlm.layers.paged_decode import PagedDecodePlan, paged_decode_mla
 from frontierlm.layers.rotary import RotaryEmbedding, rope_parameters
+from frontierlm.quant.kv_cache import is_fp8, round_trip_fp8, store_rows
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -61,7 +62,7 @@ class TorchMLABackend:
         rows = torch.cat([latent, k_pe], dim=-1)
         flat = cache.view(-1, cache.shape[-1])
         new = rows if plan.write_rows is None else rows[plan.write_rows]
-        flat.index_copy_(0, plan.write_slots, new.to(flat.dtype))
+        store_rows(flat, plan.write_slots, new)
 
         num_tokens, num_heads = q_nope.shape[:2]
         out = q_nope.new_zeros(num_tokens, num_heads, layer.v_head_dim) if plan.has_padding else \
@@ -177,6 +178,8 @@ class MLAAttention(nn.Module):
         else:
             if self.kv_cache is None:
                 raise RuntimeError("MLA attention got attn_meta but no KV cache is bound (call model.bind_kv_cache)")
+            if is_fp8(self.kv_cache):  # FP8 latent cache at scale 1 (frontierlm/quant/kv_cache.py)
+                latent, k_pe = round_trip_fp8(latent, self.kv_cache.dtype), round_trip_fp8(k_pe, self.kv_cache.dtype)
             if isinstance(plan, PagedDecodePlan):  # the static-shape decode step (engine/fast_decode.py)
                 o = paged_decode_mla(self, q_nope, q_pe, latent, k_pe, self.kv_cache, plan)
             else:

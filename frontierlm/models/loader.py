@@ -16,6 +16,7 @@ from torch import nn
 from frontierlm.config import ModelConfig
 from frontierlm.layers.linear import default_weight_loader
 from frontierlm.models.registry import get_model_class
+from frontierlm.quant import loading as quant_loading
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +42,13 @@ def load_model(model_config: ModelConfig, device: torch.device | str = "cpu", lo
     # Allocate parameters directly on the device and in the target dtype (no float32 copy on the host).
     with _default_dtype(model_config.dtype), torch.device(device):
         model = model_cls(model_config)
+    quant = quant_loading.prepare(model, model_config, load_format)  # None for a float model (frontierlm/quant)
     if load_format == "dummy":
         init_dummy_weights(model, getattr(model_config.hf_config, "initializer_range", 0.02), seed)
     else:
-        load_weights(model, model_config.weight_files)
+        load_weights(model, model_config.weight_files, quant)
+    if quant is not None:
+        quant.finalize(model)
     return model.eval()
 
 
@@ -103,7 +107,8 @@ def _checkpoint_name(param_name: str, shard, model: nn.Module) -> str:
     return ".".join(back.get(p, p) for p in name.split("."))
 
 
-def load_weights(model: nn.Module, weight_files: list[str]) -> None:
+def load_weights(model: nn.Module, weight_files: list[str], quant=None) -> None:
+    """quant: frontierlm/quant/loading.py's QuantLoad, which shows each file's tensors as the layers take them."""
     params = dict(model.named_parameters())  # tied weights appear once, under the embedding's name
     skip = getattr(model, "skip_checkpoint_weight", lambda name: False)
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
@@ -114,7 +119,8 @@ def load_weights(model: nn.Module, weight_files: list[str]) -> None:
         except Exception as e:  # safetensors raises its own error type for a damaged file
             raise ValueError(f"cannot read weights file {path}: {e} (truncated or damaged? download it again)") from None
         with handle as f:
-            for name in f.keys():
+            names, get_tensor = (f.keys(), f.get_tensor) if quant is None else quant.view(f)
+            for name in names:
                 if name.endswith(_SKIP_SUFFIXES) or (tied and name == "lm_head.weight") or skip(name):
                     continue
                 target, shard = _target(name, model)
@@ -124,7 +130,7 @@ def load_weights(model: nn.Module, weight_files: list[str]) -> None:
                     continue
                 loader = getattr(param, "weight_loader", default_weight_loader)
                 try:
-                    loader(param, f.get_tensor(name), shard)
+                    loader(param, get_tensor(name), shard)
                 except ValueError as e:
                     raise ValueError(f"cannot load {name!r} from {path}: {e}") from None
                 loaded.add((target, shard))

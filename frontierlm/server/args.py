@@ -4,9 +4,7 @@ from __future__ import annotations
 import argparse
 
 # vLLM flags whose features FrontierLM does not have yet: (flag, dest, the value that means "off")
-NOT_YET = [("--kv-cache-dtype", "kv_cache_dtype", "auto", "a quantized (FP8) KV cache"),
-           ("--quantization", "quantization", None, "weight quantization"),
-           ("--tensor-parallel-size", "tensor_parallel_size", 1, "tensor parallelism (one device per server)")]
+NOT_YET = [("--tensor-parallel-size", "tensor_parallel_size", 1, "tensor parallelism (one device per server)")]
 TOOL_PARSERS = ("hermes", "qwen3", "qwen2_5", "llama3_json", "llama", "mistral", "deepseek_v3")  # tools.PARSERS
 
 

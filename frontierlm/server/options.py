@@ -1,13 +1,10 @@
 """What `frontierlm serve` flags change in request handling (one object, so the app's signature stays small)."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# generation_config.json keys that are sampling defaults, and the SamplingParams field each sets (vLLM's set)
-GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-                       "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+from frontierlm.engine.llm import generation_config_defaults
 
 
 @dataclass
@@ -41,16 +38,9 @@ def generation_defaults(mode: str, model_dir: str) -> dict:
     directory = Path(model_dir if mode == "auto" else mode)
     if mode != "auto" and not directory.is_dir():
         raise ValueError(f"--generation-config: {mode} is not 'auto', 'vllm' or a directory")
-    path = directory / "generation_config.json"
-    if not path.is_file():
-        if mode != "auto":
-            raise ValueError(f"--generation-config: no generation_config.json in {directory}")
-        return {}
+    if mode != "auto" and not (directory / "generation_config.json").is_file():
+        raise ValueError(f"--generation-config: no generation_config.json in {directory}")
     try:
-        config = json.loads(path.read_text())
+        return generation_config_defaults(directory)
     except ValueError as e:
-        raise ValueError(f"--generation-config: {path} is not valid JSON: {e}") from None
-    defaults = {ours: config[key] for key, ours in GENERATION_DEFAULTS.items() if config.get(key) is not None}
-    if config.get("do_sample") is False:  # transformers' greedy flag (as LLM.get_default_sampling_params reads it)
-        defaults["temperature"] = 0.0
-    return defaults
+        raise ValueError(f"--generation-config: {e}") from None

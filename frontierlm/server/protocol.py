@@ -18,11 +18,13 @@ from frontierlm.server.tools.protocol import Tool, ToolCall, ToolChoice
 # Server-side bounds that keep one request from holding too much (vLLM's defaults: max_logprobs=20; OpenAI: n<=128)
 MAX_N = 128
 MAX_LOGPROBS = 20
+MAX_BAD_WORDS = 1024  # each is checked against the output at every step of every sequence
 
 # request fields handed to SamplingParams unchanged (when given)
 PASSTHROUGH = ("n", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty", "logit_bias",
                "top_k", "min_p", "typical_p", "repetition_penalty", "mirostat_mode", "mirostat_tau", "mirostat_eta",
-               "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output")
+               "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output",
+               "bad_words")
 
 
 class ErrorInfo(BaseModel):
@@ -112,6 +114,7 @@ class _SamplingFields(_Strict):
     min_tokens: Optional[int] = None
     ignore_eos: Optional[bool] = None
     stop_token_ids: Optional[list[int]] = None
+    bad_words: Optional[list[str]] = Field(default=None, max_length=MAX_BAD_WORDS)  # tokenized at admission
     skip_special_tokens: Optional[bool] = None
     include_stop_str_in_output: Optional[bool] = None
     priority: int = 0

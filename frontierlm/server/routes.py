@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from frontierlm.engine.tokenizer import encode
 from frontierlm.server.errors import APIError
 from frontierlm.server.protocol import ChatMessage
 from frontierlm.server.tools.protocol import Tool
@@ -32,6 +33,16 @@ class DetokenizeRequest(_Body):
     tokens: list[int] = Field(max_length=1_000_000)
 
 
+def _add_special_tokens(tok, ids: list[int]) -> list[int]:
+    """`ids` wrapped in the special tokens the tokenizer's post-processor adds to any text (a BOS, say),
+    found by encoding one letter with and without them (for /tokenize of messages with add_special_tokens)."""
+    core, full = encode(tok, "a", add_special_tokens=False), encode(tok, "a", add_special_tokens=True)
+    for i in range(len(full) - len(core) + 1):
+        if full[i:i + len(core)] == core:
+            return full[:i] + ids + full[i + len(core):]
+    return ids
+
+
 def add_routes(app: FastAPI, ctx, ready_context, check_model) -> None:
     def tokenizer(c):
         if c.tokenizer is None:
@@ -40,38 +51,49 @@ def add_routes(app: FastAPI, ctx, ready_context, check_model) -> None:
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
+        # on the tokenizer pool's worker threads (a long prompt must not stall the loop), with the completion
+        # and chat routes' rules: a raw prompt's special-token text is control tokens (the caller wrote the
+        # prompt), a message's is plain text unless the operator opted out (--parse-special-tokens-in-content)
         check_model(body.model)
         c = await ready_context()
-        tok = tokenizer(c)
+        tokenizer(c)
+        pool = c.tokenizer_pool
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt and messages", param="prompt")
+        limit = c.engine.engine.max_model_len
         if body.prompt is not None:
-            ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
+            ids = await pool.encode(body.prompt, limit, add_special_tokens=body.add_special_tokens is not False)
         else:
-            template = c.options.chat_template or getattr(tok, "chat_template", None)
-            if not template:
+            if not (c.options.chat_template or getattr(c.tokenizer, "chat_template", None)):
                 raise APIError(400, "this model has no chat template", param="messages")
-            try:
-                text = tok.apply_chat_template(
-                    [m.template_dict() for m in body.messages], tokenize=False,
-                    tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
-                    add_generation_prompt=body.add_generation_prompt, chat_template=c.options.chat_template)
-            except Exception as e:  # jinja errors
-                raise APIError(400, f"chat template failed: {e}", param="messages") from None
-            ids = tok.encode(text, add_special_tokens=bool(body.add_special_tokens))
-        return {"count": len(ids), "max_model_len": c.engine.engine.max_model_len, "tokens": ids,
-                "token_strs": tok.convert_ids_to_tokens(ids) if body.return_token_strs else None}
+            tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+            _, ids = await pool.render_chat([m.template_dict() for m in body.messages], limit,
+                                            body.add_generation_prompt, c.parse_special_tokens_in_content,
+                                            tools=tools, chat_template=c.options.chat_template)
+            if body.add_special_tokens:
+                ids = await pool.call(_add_special_tokens, ids)
+        param = "prompt" if body.prompt is not None else "messages"
+        if len(ids) > limit:  # vLLM's answer too
+            raise APIError(400, f"{param} has {len(ids)} tokens; the model's context is {limit} tokens",
+                           param=param, code="context_length_exceeded")
+        strs = await pool.call(lambda tok: tok.convert_ids_to_tokens(ids)) if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": limit, "tokens": ids, "token_strs": strs}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
         check_model(body.model)
         c = await ready_context()
-        tok = tokenizer(c)
+        tokenizer(c)
         vocab = c.engine.engine.model_config.vocab_size
-        bad = [t for t in body.tokens if not 0 <= t < vocab]
+
+        def work(tok):  # up to a million ids: checked and decoded off the loop
+            bad = [t for t in body.tokens if not 0 <= t < vocab]
+            return bad, (None if bad else tok.decode(body.tokens))
+
+        bad, text = await c.tokenizer_pool.call(work)
         if bad:
             raise APIError(400, f"tokens out of range [0, {vocab}): {bad[:5]}", param="tokens")
-        return {"prompt": tok.decode(body.tokens)}
+        return {"prompt": text}
 
     async def ping():
         # vLLM's liveness probe (SageMaker's name): 200 once the model serves, 503 before and while stopping

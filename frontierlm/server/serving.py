@@ -167,9 +167,18 @@ def _check_queue(ctx: ServerContext, num_seqs: int, n: int) -> None:
                        headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
+async def _tokenize_bad_words(ctx: ServerContext, params) -> None:
+    """bad_words become token ids here, on a tokenizer worker, so the engine thread never tokenizes."""
+    if params.bad_words:
+        if ctx.tokenizer is None:
+            raise APIError(400, "bad_words needs a tokenizer; this model has none", param="bad_words")
+        await ctx.tokenizer_pool.tokenize_bad_words(params)
+
+
 async def _admit(ctx: ServerContext, prompts: list, params, priority: int, prefix: str,
                  constraint_field: str = "structured_outputs") -> list:
     _check_fits(ctx, prompts, params)
+    await _tokenize_bad_words(ctx, params)  # before the queue check: no await between it and the reservation
     num_seqs = len(prompts) * params.n
     _check_queue(ctx, num_seqs, params.n)
     ctx.admitting += num_seqs  # no await since the check: concurrent requests see this reservation

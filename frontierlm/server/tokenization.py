@@ -15,7 +15,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from frontierlm.engine.chat_template import render_chat
-from frontierlm.engine.tokenizer import encode, max_chars_per_token
+from frontierlm.engine.tokenizer import bad_words_token_ids, encode, max_chars_per_token
 from frontierlm.server.errors import APIError
 
 
@@ -47,9 +47,20 @@ class TokenizerPool:
                            f"tokens fit in the context and no token of this tokenizer covers more than {bound} "
                            "characters", param=param, code="context_length_exceeded")
 
-    async def encode(self, text: str, max_prompt_tokens: int, param: str = "prompt") -> list[int]:
+    async def encode(self, text: str, max_prompt_tokens: int, param: str = "prompt",
+                     add_special_tokens: bool = True) -> list[int]:
         self.check_length(text, max_prompt_tokens, param)
-        return await self._run(lambda: encode(self._tokenizer(), text))
+        return await self._run(lambda: encode(self._tokenizer(), text, add_special_tokens=add_special_tokens))
+
+    async def call(self, fn, *args):
+        """fn(tokenizer, *args) on a worker thread, with that thread's tokenizer (decode, id -> token text)."""
+        return await self._run(lambda: fn(self._tokenizer(), *args))
+
+    async def tokenize_bad_words(self, params) -> None:
+        """Tokenize `params.bad_words` here, at admission, so the engine thread does not (it reads the ids
+        from `params._bad_words_token_ids`, vLLM's attribute)."""
+        if params.bad_words:
+            params._bad_words_token_ids = await self.call(bad_words_token_ids, params.bad_words)
 
     async def render_chat(self, messages: list[dict], max_prompt_tokens: int, add_generation_prompt: bool,
                           parse_special_tokens: bool, **template_kwargs) -> tuple[str, list[int]]:
