@@ -92,10 +92,10 @@ class HealthMonitor:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def _run(self) -> None:
+    async def _run(self) -> None:  # the app polled everyone once before serving
         while True:
-            await self.poll_all()
             await asyncio.sleep(self.interval)
+            await self.poll_all()
 
     async def poll_all(self) -> None:
         await asyncio.gather(*(self.poll(i) for i in self.instances))
