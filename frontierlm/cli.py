@@ -64,6 +64,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
     add_serve_args(serve)
 
+    router = sub.add_parser("router", help="one OpenAI-compatible endpoint over several serve instances "
+                            "(data parallel, or disaggregated prefill / decode)")
+    from frontierlm.router.args import add_router_args
+
+    add_router_args(router)
+
     grammar = sub.add_parser("grammar", help="grammar tools")
     check = grammar.add_subparsers(dest="grammar_command", required=True).add_parser(
         "check", help="say whether each TEXT is accepted by a GBNF grammar (or a JSON schema)")
@@ -270,6 +276,12 @@ def cmd_grammar(args) -> int:
     return 0 if all_ok else 1
 
 
+def cmd_router(args) -> int:
+    from frontierlm.router.app import run_router
+
+    return run_router(args)
+
+
 def cmd_bench(args) -> int:
     from frontierlm.bench import serve
 
@@ -307,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         from frontierlm.train.cli import COMMANDS as train_commands
 
         commands = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "bench": cmd_bench,
+                    "router": cmd_router,
                     "grammar": cmd_grammar, **train_commands, **planning_commands, **quant_commands}
         return commands[args.command](args)
     except ValueError as e:

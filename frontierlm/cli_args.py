@@ -31,6 +31,9 @@ ENGINE_FLAGS = [
     ("--kv-cache-dtype", "kv_cache_dtype", str, "auto (the model's dtype), fp8 / fp8_e4m3 or fp8_e5m2"),
     ("--speculative-config", "speculative_config", "json",
      'speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\''),
+    ("--kv-transfer-config", "kv_transfer_config", "json",
+     'disaggregated prefill / decode, e.g. \'{"kv_connector": "TorchDistributedConnector", "kv_role": '
+     '"kv_producer", "kv_rank": 0, "kv_parallel_size": 2, "kv_port": 14579}\''),
     # parallelism (frontierlm/distributed; README "Parallelism" has a two-node example)
     ("--tensor-parallel-size", "tensor_parallel_size", int, "tensor-parallel ranks"),
     ("--pipeline-parallel-size", "pipeline_parallel_size", int, "pipeline stages"),

@@ -46,6 +46,7 @@ class EngineConfig:
     # custom logits processors (classes or "module:Class" / "module.Class" names), vLLM v1's interface
     logits_processors: list = field(default_factory=list)
     speculative_config: dict | None = None  # frontierlm/spec/config.py: {"method", "num_speculative_tokens", ...}
+    kv_transfer_config: dict | None = None  # frontierlm/kv_transfer/config.py: {"kv_connector", "kv_role", ...}
     # frontierlm/quant: None reads the checkpoint's quantization_config; "fp8" | "int8" | "int4" quantize a float
     # checkpoint while loading. kv_cache_dtype: "auto" (the model's dtype) or "fp8" / "fp8_e4m3" / "fp8_e5m2".
     quantization: str | None = None
@@ -81,6 +82,10 @@ class EngineConfig:
             from frontierlm.spec.config import SpeculativeConfig
 
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
+        if self.kv_transfer_config is not None:
+            from frontierlm.kv_transfer.config import KVTransferConfig
+
+            self.kv_transfer_config = KVTransferConfig.from_any(self.kv_transfer_config)
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "nnodes"):
             positive(name)
         for name in ("trust_remote_code", "enforce_eager", "enable_expert_parallel"):

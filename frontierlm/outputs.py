@@ -41,3 +41,4 @@ class RequestOutput:
     # SamplingParams.prompt_logprobs: None for the first prompt token, then one dict per prompt token (the token
     # itself plus the top N), as in vLLM
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    kv_transfer_params: dict | None = None  # a KV producer's finished request: where its blocks wait

@@ -28,6 +28,9 @@ def check_parallel_config(config, device: torch.device) -> None:
         return
     if getattr(config, "quantization", None) is not None or getattr(config, "kv_cache_dtype", "auto") != "auto":
         raise ValueError("quantization / kv_cache_dtype with tensor/pipeline parallelism is not supported yet")
+    if getattr(config, "kv_transfer_config", None) is not None:
+        raise ValueError("kv_transfer_config (disaggregated prefill / decode) with tensor/pipeline parallelism is "
+                         "not supported yet")
     if config.speculative_config is not None:
         raise ValueError("speculative decoding with tensor/pipeline parallelism is not supported yet")
     if config.enforce_eager is False:

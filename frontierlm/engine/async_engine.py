@@ -44,6 +44,7 @@ class StatsSink:
     def on_first_token(self, ttft: float, num_prompt_tokens: int) -> None: ...
     def on_new_tokens(self, count: int) -> None: ...
     def on_inter_token(self, itl: float) -> None: ...
+    def on_time_per_output_token(self, tpot: float) -> None: ...
     def on_finished(self, reasons: list[str], e2e: float) -> None: ...
     def on_failure(self, reason: str) -> None: ...
 
@@ -292,6 +293,8 @@ class AsyncEngine:
             t0 = time.monotonic()
             outputs = self.engine.step()
             self._dispatch(outputs, t0, time.monotonic())
+        elif hasattr(self.engine, "poll_idle"):
+            self.engine.poll_idle()
         self._refresh_counts()
         self._stats.on_step(self.engine.get_stats())
 
@@ -319,4 +322,6 @@ class AsyncEngine:
             track.push(out)
             if out.finished:
                 del self._tracks[out.request_id]
+                if track.first_token_time is not None and track.num_gen_tokens > 1:
+                    self._stats.on_time_per_output_token((now - track.first_token_time) / (track.num_gen_tokens - 1))
                 self._stats.on_finished([c.finish_reason or "abort" for c in out.outputs], now - track.arrival)

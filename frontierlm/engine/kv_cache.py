@@ -176,6 +176,26 @@ class KVCacheManager:
         del blocks[keep:]
         self.pool.free(list(reversed(tail)))
 
+    # ---- KV transfer (frontierlm/kv_transfer) ----------------------------------------------------------
+    def allocate_external(self, request: Request, computed_blocks: list[Block], num_tokens: int) -> bool:
+        """Blocks for the request's first `num_tokens` tokens: the cache hits, then fresh blocks that another
+        instance will fill. The fresh ones are hashed only once filled (when the request is next scheduled)."""
+        need = -(-num_tokens // self.block_size) - len(computed_blocks)
+        revive = sum(1 for b in computed_blocks if b.ref_cnt == 0)
+        if need + revive > self.pool.num_free_blocks or request.request_id in self.req_blocks:
+            return False
+        self.pool.touch(computed_blocks)
+        self.req_blocks[request.request_id] = computed_blocks + self.pool.allocate(need)
+        return True
+
+    def detach(self, request: Request) -> list[Block]:
+        """Take over a finishing request's block references (a producer holds them until they are sent)."""
+        self.req_num_registered.pop(request.request_id, None)
+        return self.req_blocks.pop(request.request_id, [])
+
+    def free_blocks(self, blocks: list[Block]) -> None:
+        self.pool.free(list(reversed(blocks)))
+
     def free(self, request: Request) -> None:
         blocks = self.req_blocks.pop(request.request_id, [])
         self.req_num_registered.pop(request.request_id, None)

@@ -12,6 +12,7 @@ from frontierlm.engine.detokenizer import IncrementalDetokenizer
 from frontierlm.engine.kv_cache import KVCacheManager
 from frontierlm.engine.model_runner import ModelRunner
 from frontierlm.engine.request import Request, RequestStatus
+from frontierlm.engine.resume import replay_grammar, resume_token_ids
 from frontierlm.engine.request_group import NoText, RequestGroup, logprob_dict, make_output
 from frontierlm.engine.scheduler import Scheduler
 from frontierlm.engine.tokenizer import bad_words_token_ids, load_tokenizer
@@ -50,6 +51,12 @@ class LLMEngine:
         self.runner.allocate_kv_cache(num_blocks)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
+        self.kv_connector = None  # disaggregated prefill / decode: KV blocks to and from other instances
+        if config.kv_transfer_config is not None:
+            from frontierlm.kv_transfer.connector import make_connector
+
+            self.kv_connector = self.scheduler.connector = make_connector(config.kv_transfer_config, self.kv,
+                                                                          self.runner.kv_caches)
         self.grammar_backend = None  # built on the first structured request (importing xgrammar takes a while)
         self.spec = None  # speculative decoding (frontierlm/spec) when speculative_config is set
         if config.speculative_config is not None:
@@ -198,6 +205,7 @@ class LLMEngine:
         if procs:
             procs.validate_params(params)
         max_tokens = self._resolve_max_tokens(len(ids), params)
+        resumed = resume_token_ids(params, vocab, max_tokens)  # engine/resume.py: a stream moved here
         bad_words = self._bad_words_ids(params) if params.bad_words else []
         grammar_future = self._compile_grammar(params) if params.structured_outputs is not None else None
         arrival = time.monotonic() if arrival_time is None else arrival_time
@@ -212,13 +220,15 @@ class LLMEngine:
                           arrival, generator=generator,
                           mirostat_mu=2.0 * params.mirostat_tau if params.mirostat_mode else None,
                           bad_words_token_ids=bad_words, grammar_future=grammar_future)
+            for t in resumed:
+                req.append_token(t)
             children.append(req)
-            detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop,
+            detoks.append(IncrementalDetokenizer(self.tokenizer, ids + resumed, params.skip_special_tokens, params.stop,
                                                  params.include_stop_str_in_output,
                                                  params.spaces_between_special_tokens)
                           if self.tokenizer is not None and params.detokenize else NoText())
         group = RequestGroup(request_id, text, ids, children, detoks, [[] for _ in children], [""] * len(children),
-                       [0] * len(children), [(0, 0)] * len(children))
+                       [len(resumed)] * len(children), [(0, len(resumed))] * len(children))
         self.groups[request_id] = group
         for req in children:
             self._child_to_group[req.request_id] = group
@@ -253,6 +263,8 @@ class LLMEngine:
                 compiled = future.result()
                 for req in group.children:
                     req.grammar = self.grammar_backend.matcher(compiled)
+                    if req.output_token_ids:  # resumed from another instance
+                        replay_grammar(req)
             except Exception as e:
                 for req in group.children:
                     req.stop_reason = str(e)
@@ -282,7 +294,7 @@ class LLMEngine:
         group = self.groups.get(request_id)
         return list(group.children) if group is not None else []
 
-    def has_unfinished_requests(self) -> bool:
+    def has_unfinished_requests(self) -> bool:  # (a producer's held KV blocks are not requests: see poll_idle)
         return bool(self.groups)
 
     def get_num_unfinished_requests(self) -> int:
@@ -319,7 +331,16 @@ class LLMEngine:
                 self._forget(group)
         if self.spec is not None:  # proposals for the next step
             self.spec.propose(self.scheduler.running)
+        if self.kv_connector is not None:  # a prefill instance tells where the prompt's blocks wait
+            for out in outputs:
+                if out.finished:
+                    out.kv_transfer_params = self.kv_connector.transfer_params(out.request_id)
         return outputs
+
+    def poll_idle(self) -> None:
+        """Between steps of an idle engine: give back KV blocks a producer held and that were sent or expired."""
+        if self.kv_connector is not None:
+            self.kv_connector.poll()
 
     def _detokenize(self, group: RequestGroup, idx: int, req: Request) -> None:
         detok = group.detoks[idx]
@@ -383,6 +404,7 @@ class LLMEngine:
             # structured-output requests per backend since start ({} before the first one)
             "structured_output_requests": dict(self.grammar_backend.served) if self.grammar_backend else {},
             **({"spec_decode": self.spec.stats.as_dict()} if self.spec is not None else {}),
+            **({"kv_transfer": self.kv_connector.get_stats()} if self.kv_connector is not None else {}),
         }
 
     def spec_decode_summary(self) -> str | None:

@@ -59,6 +59,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.connector = None  # frontierlm/kv_transfer: KV blocks that arrive from / leave for other instances
 
     # ---- queue management -------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -74,16 +75,21 @@ class Scheduler:
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
-        queue = self.running if request.status == RequestStatus.RUNNING else self.waiting
-        queue.remove(request)
+        if request.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
+            self.connector.cancel_load(request)
+        else:
+            (self.running if request.status == RequestStatus.RUNNING else self.waiting).remove(request)
         request.status = status
-        self.kv.free(request)
+        if self.connector is None or not self.connector.request_finished(request):  # a producer may hold them
+            self.kv.free(request)
         return request
 
     # ---- one step --------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        if self.connector is not None:
+            self._take_remote_kvs()
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -110,12 +116,16 @@ class Scheduler:
             i += 1
 
         # Admit waiting requests only when nothing had to be preempted this step.
-        while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        loading = self.connector.num_loading if self.connector is not None else 0
+        while not out.preempted and self.waiting and budget > 0 and len(self.running) + loading < self.max_num_seqs:
             # a request whose grammar is still compiling lets the ones behind it go first
             request = next((r for r in self.waiting if not r.waiting_for_grammar), None)
             if request is None:
                 break
             hit_blocks, num_hit = self.kv.get_computed_blocks(request)
+            if self.connector is not None and self._load_remote(request, hit_blocks, num_hit):
+                loading += 1
+                continue
             num_new = min(request.num_tokens - num_hit, budget)
             block_ids = self.kv.allocate_slots(request, num_new, hit_blocks)
             if block_ids is None:
@@ -131,6 +141,29 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(request, num_new, block_ids))
             budget -= num_new
         return out
+
+    def _load_remote(self, request: Request, hit_blocks, num_hit: int) -> bool:
+        """KV transfer: if more of the prompt's blocks can come from another instance, allocate them and let
+        the request wait for them outside both queues (True), costing no budget this step."""
+        num_external = self.connector.get_num_new_matched_tokens(request, num_hit)
+        if not num_external or not self.kv.allocate_external(request, hit_blocks, num_hit + num_external):
+            return False
+        self.waiting.remove(request)
+        self.kv.prefix_queries += request.num_tokens
+        self.kv.prefix_hits += num_hit
+        request.num_computed_tokens = num_hit
+        if request.num_cached_tokens < 0:
+            request.num_cached_tokens = num_hit
+        request.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+        self.connector.start_load(request, num_hit, num_external)
+        return True
+
+    def _take_remote_kvs(self) -> None:
+        """Requests whose blocks arrived (or failed to: then they compute them) join the running queue."""
+        self.connector.poll()
+        for request in self.connector.take_finished():
+            request.status = RequestStatus.RUNNING
+            bisect.insort(self.running, request, key=Request.sort_key)
 
     def _preempt(self, request: Request) -> None:
         """Preempt by recompute: drop the blocks, keep the tokens, requeue in priority order."""

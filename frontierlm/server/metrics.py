@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from frontierlm.engine.async_engine import StatsSink
+from frontierlm.kv_transfer.metrics import KVTransferCollector
 from frontierlm.spec.metrics import SpecDecodeCollector
 
 # the *_created series only add noise to every counter and histogram (vLLM turns them off too)
@@ -126,6 +127,8 @@ class ServerMetrics(StatsSink):
         self.itl = hist("inter_token_latency_seconds", "Gap between successive steps that produced tokens.",
                         ITL_BUCKETS)
         self.e2e = hist("e2e_request_latency_seconds", "Time from arrival to the last token.", LATENCY_BUCKETS)
+        self.tpot = hist("time_per_output_token_seconds", "(last token - first token) / (tokens - 1) of each "
+                         "finished request (all samples counted).", ITL_BUCKETS)
         self.queue_time = hist("request_queue_time_seconds", "Time from arrival to first scheduling.",
                                LATENCY_BUCKETS)
         self.running = Gauge(p + "num_requests_running", "Sequences running.", lab, registry=r).labels(model_name)
@@ -165,6 +168,8 @@ class ServerMetrics(StatsSink):
         self.registry.register(_MoECollector(self))
         self.spec_stats: dict | None = None  # the engine's speculative-decoding counters (frontierlm/spec)
         self.registry.register(SpecDecodeCollector(self))
+        self.kv_transfer_stats: dict | None = None  # frontierlm/kv_transfer counters, for KVTransferCollector
+        self.registry.register(KVTransferCollector(self))
 
     # ---- StatsSink (engine thread) ---------------------------------------------------------------------
     def on_step(self, stats: dict) -> None:
@@ -172,6 +177,7 @@ class ServerMetrics(StatsSink):
         self.waiting.set(stats["num_waiting"])
         self.kv_usage.set(stats["kv_cache_usage"])
         self.spec_stats = stats.get("spec_decode")
+        self.kv_transfer_stats = stats.get("kv_transfer")
         # the engine keeps cumulative counts; counters advance by the difference
         for key, counter in (("prefix_cache_queries", self.prefix_queries), ("prefix_cache_hits", self.prefix_hits),
                              ("num_preemptions", self.preemptions)):
@@ -202,6 +208,9 @@ class ServerMetrics(StatsSink):
     def on_inter_token(self, itl: float) -> None:
         self.itl.observe(itl)
         self.series.add(itl_sum=itl, itl_n=1)
+
+    def on_time_per_output_token(self, tpot: float) -> None:
+        self.tpot.observe(tpot)
 
     def on_finished(self, reasons: list[str], e2e: float) -> None:
         self.e2e.observe(e2e)

@@ -128,6 +128,11 @@ class _SamplingFields(_Strict):
     guided_regex: Optional[str] = None
     guided_choice: Optional[list[str]] = None
     guided_grammar: Optional[str] = None
+    # between the router and an instance (vLLM's names where it has them): token ids in each choice, the
+    # disaggregated-prefill parameters, and the output a resumed stream already has (engine/resume.py)
+    return_token_ids: Optional[bool] = None
+    kv_transfer_params: Optional[dict] = None
+    resume_token_ids: Optional[list[int]] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -151,6 +156,9 @@ class _SamplingFields(_Strict):
         constraint = self._structured_outputs()
         if constraint is not None:
             kw["structured_outputs"] = constraint
+        extra = {k: getattr(self, k) for k in ("kv_transfer_params", "resume_token_ids") if getattr(self, k)}
+        if extra:
+            kw["extra_args"] = extra
         return kw
 
     def _structured_outputs(self) -> StructuredOutputsParams | None:

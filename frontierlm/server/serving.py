@@ -278,13 +278,14 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: HTT
         choices = [choice(i, c, c.text, c.logprobs or [], 0, c.finish_reason)
                    for i, out in enumerate(finals) for c in out.outputs]
         gen = sum(len(c.token_ids) for out in finals for c in out.outputs)
-        return JSONResponse({**base, "choices": choices, "usage": usage(num_prompt, gen)})
+        return JSONResponse({**base, "choices": _with_ids(choices, finals, req), "usage": usage(num_prompt, gen),
+                             **_transfer(finals)})
 
     def chunk(i, c, prev_text, prev_tokens, finish):
         return choice(i, c, c.text[len(prev_text):], (c.logprobs or [])[prev_tokens:], len(prev_text), finish)
 
     return _stream(ctx, raw, tracks, base, chunk, req.stream_options, num_prompt, first=None,
-                   token_chunks=n_lp is not None)
+                   token_chunks=n_lp is not None, req=req)
 
 
 async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest, raw: HTTPRequest):
@@ -339,7 +340,8 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
                             "logprobs": chat_logprobs(c.logprobs or [], n_lp) if n_lp is not None else None,
                             "finish_reason": finish, "stop_reason": c.stop_reason})
         gen = sum(len(c.token_ids) for c in out.outputs)
-        return JSONResponse({**base, "choices": choices, "usage": usage(num_prompt, gen)})
+        return JSONResponse({**base, "choices": _with_ids(choices, [out], req), "usage": usage(num_prompt, gen),
+                             **_transfer([out])})
 
     streamers: dict[int, ToolStreamer] = {}
 
@@ -359,31 +361,52 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     first = lambda i: {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                        "finish_reason": None}
     return _stream(ctx, raw, tracks, {**base, "object": "chat.completion.chunk"}, chunk, req.stream_options,
-                   num_prompt, first=first, n=params.n, token_chunks=n_lp is not None)
+                   num_prompt, first=first, n=params.n, token_chunks=n_lp is not None, req=req)
 
 
-def _stream(ctx, raw, tracks, base, chunk, stream_options, num_prompt, first, n=1, token_chunks=False):
+def _with_ids(choices: list, finals: list, req) -> list:
+    """return_token_ids: each choice with its generated token ids (after any resumed ones)."""
+    if not req.return_token_ids:
+        return choices
+    ids = [c.token_ids[len(req.resume_token_ids or ()):] for out in finals for c in out.outputs]
+    return [{**ch, "token_ids": t} for ch, t in zip(choices, ids)]
+
+
+def _transfer(finals: list) -> dict:
+    """A KV producer's answer names where the prompt's blocks wait (vLLM's kv_transfer_params)."""
+    params = finals[0].kv_transfer_params if len(finals) == 1 else None
+    return {"kv_transfer_params": params} if params is not None else {}
+
+
+def _stream(ctx, raw, tracks, base, chunk, stream_options, num_prompt, first, n=1, token_chunks=False, req=None):
     """SSE response. A chunk goes out when a choice's text grows or it finishes; with logprobs also when only
-    tokens arrived (their text may be held back while it could still become a stop string)."""
+    tokens arrived (their text may be held back while it could still become a stop string). With
+    return_token_ids every new token is sent with its id; a resumed stream (resume_token_ids) sends only what
+    follows the tokens the client has."""
     include_usage = bool(stream_options and stream_options.include_usage)
+    return_ids = bool(req is not None and req.return_token_ids)
+    token_chunks = token_chunks or return_ids
+    resumed = len(req.resume_token_ids or ()) if req is not None else 0
 
     async def events():
         sent: dict[tuple[int, int], tuple[str, int, bool]] = {}  # (prompt, sample) -> (text, tokens, finished)
         extra = {"usage": None} if include_usage else {}
         if first is not None:  # chat: the role comes first, once per choice
             yield _sse({**base, "choices": [first(i) for i in range(n)], **extra})
-        gen_tokens = 0
+        gen_tokens = resumed  # usage counts the whole output, also what another instance generated
         try:
             async for i, out in _merge(ctx.engine, tracks, _deadline(ctx)):
                 choices = []
                 for c in out.outputs:
-                    text, ntok, done = sent.get((i, c.index), ("", 0, False))
+                    text, ntok, done = sent.get((i, c.index), ("", resumed, False))
                     finish = c.finish_reason if not done else None
                     grew = len(c.text) > len(text) or (token_chunks and len(c.token_ids) > ntok)
                     if done or not (grew or finish):
                         continue
                     piece = chunk(i, c, text, ntok, finish)
                     if piece is not None:
+                        if return_ids:
+                            piece["token_ids"] = c.token_ids[ntok:]
                         choices.append(piece)
                     gen_tokens += len(c.token_ids) - ntok
                     sent[(i, c.index)] = (c.text, len(c.token_ids), finish is not None)

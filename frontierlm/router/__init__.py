@@ -1,0 +1,1 @@
+"""The OpenAI-compatible front over many instances: policies, health, P/D orchestration, migration."""
