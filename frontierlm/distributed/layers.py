@@ -168,18 +168,25 @@ def _vocab_loader(vocab_size: int, rank: int):
     return load
 
 
+def _shard_vocab(module: nn.Module, ctx, vocab_size: int, per_rank: int) -> None:
+    """The vocabulary split shared by the embedding and the LM head: this rank holds rows
+    [tp_rank * per_rank, (tp_rank + 1) * per_rank) and its loader reads only those."""
+    module.tp_rank, module.tp_size, module.tp_group = ctx.tp_rank, ctx.tp_size, ctx.tp_group
+    module.vocab_size, module.per_rank = vocab_size, per_rank
+    if ctx.tp_size > 1:
+        module.weight.weight_loader = _vocab_loader(vocab_size, ctx.tp_rank)
+        module.weight.loads_slices = True
+
+
 class VocabParallelEmbedding(VocabEmbedding):
     """Rows of the vocabulary split over the TP ranks (padded to a multiple of tp_size); each rank embeds the
     ids in its range, zeros the rest, and one all-reduce assembles the embeddings."""
 
     def __init__(self, vocab_size: int, hidden_size: int):
         ctx = build_context()
-        self.tp_rank, self.tp_size, self.tp_group = ctx.tp_rank, ctx.tp_size, ctx.tp_group
-        self.vocab_size, self.per_rank = vocab_size, -(-vocab_size // ctx.tp_size)
-        super().__init__(self.per_rank, hidden_size)
-        if ctx.tp_size > 1:
-            self.weight.weight_loader = _vocab_loader(vocab_size, ctx.tp_rank)
-            self.weight.loads_slices = True
+        per_rank = -(-vocab_size // ctx.tp_size)
+        super().__init__(per_rank, hidden_size)
+        _shard_vocab(self, ctx, vocab_size, per_rank)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
@@ -196,12 +203,9 @@ class ParallelLMHead(LMHead):
 
     def __init__(self, vocab_size: int, hidden_size: int):
         ctx = build_context()
-        self.tp_rank, self.tp_size, self.tp_group = ctx.tp_rank, ctx.tp_size, ctx.tp_group
-        self.vocab_size, self.per_rank = vocab_size, -(-vocab_size // ctx.tp_size)
-        super().__init__(self.per_rank, hidden_size)
-        if ctx.tp_size > 1:
-            self.weight.weight_loader = _vocab_loader(vocab_size, ctx.tp_rank)
-            self.weight.loads_slices = True
+        per_rank = -(-vocab_size // ctx.tp_size)
+        super().__init__(per_rank, hidden_size)
+        _shard_vocab(self, ctx, vocab_size, per_rank)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         logits = super().forward(hidden_states)
