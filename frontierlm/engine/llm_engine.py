@@ -9,6 +9,7 @@ import torch
 from frontierlm.compat import check_kwargs
 from frontierlm.config import EngineConfig, ModelConfig, check_attention_backend
 from frontierlm.engine.detokenizer import IncrementalDetokenizer
+from frontierlm.engine.engine_stats import EngineStats
 from frontierlm.engine.kv_cache import KVCacheManager
 from frontierlm.engine.model_runner import ModelRunner
 from frontierlm.engine.request import Request, RequestStatus
@@ -25,7 +26,7 @@ logger = init_logger(__name__)
 CPU_DEFAULT_KV_BYTES = 2 * 2**30
 
 
-class LLMEngine:
+class LLMEngine(EngineStats):
     def __init__(self, config: EngineConfig):
         t0 = time.perf_counter()
         self.config = config
@@ -390,42 +391,3 @@ class LLMEngine:
 
     def _decode_one(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""
-
-    def get_stats(self) -> dict:
-        return {
-            "num_running": len(self.scheduler.running),
-            "num_waiting": len(self.scheduler.waiting),
-            "kv_cache_usage": self.kv.usage,
-            "num_blocks": self.kv.num_blocks,
-            "num_free_blocks": self.kv.pool.num_free_blocks,
-            "prefix_cache_queries": self.kv.prefix_queries,
-            "prefix_cache_hits": self.kv.prefix_hits,
-            "num_preemptions": self.scheduler.num_preemptions,
-            # structured-output requests per backend since start ({} before the first one)
-            "structured_output_requests": dict(self.grammar_backend.served) if self.grammar_backend else {},
-            **({"spec_decode": self.spec.stats.as_dict()} if self.spec is not None else {}),
-            **({"kv_transfer": self.kv_connector.get_stats()} if self.kv_connector is not None else {}),
-        }
-
-    def spec_decode_summary(self) -> str | None:
-        """One line on speculative decoding so far (logged at shutdown), or None when it is off."""
-        return None if self.spec is None else f"speculative decoding: {self.spec.stats.summary()}"
-
-    def expert_load(self) -> list[list[int]]:
-        """MoE models: tokens routed to each expert, per MoE layer, since start (empty for dense models).
-        Counted on the device every forward; this is the one copy to the host, so call it when you need it
-        rather than every step."""
-        return self.runner.model.expert_load()
-
-    def expert_load_per_rank(self) -> list[list[int]]:
-        """Expert parallelism: tokens routed to each rank's experts, per MoE layer ([] without it)."""
-        if not self.config.enable_expert_parallel:
-            return []
-        from frontierlm.distributed.moe import load_per_rank
-
-        return load_per_rank(self.expert_load(), self.config.tensor_parallel_size)
-
-    def expert_layers(self) -> list[int]:
-        """The model's own layer number of each row of expert_load() (dense layers and MTP modules skipped)."""
-        return self.runner.model.expert_layers()
-
