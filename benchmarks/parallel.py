@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -29,6 +28,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 if (ROOT / "frontierlm").is_dir():
     sys.path.insert(0, str(ROOT))
 from make_random_model import make_random_model  # noqa: E402
+
+from frontierlm.sim.profile import cpu_name  # noqa: E402
 
 NUM_SPECIAL = 8
 LAYOUTS = {"TP=1": {}, "TP=2": {"tensor_parallel_size": 2}, "PP=2": {"pipeline_parallel_size": 2}}
@@ -98,16 +99,6 @@ def run_layout(model_dir: str, flags: dict, threads: int, reqs, decode_new: int,
                 "first_tokens": [o.outputs[0].token_ids[:8] for o in outs[:4]]}
     finally:
         llm.llm_engine.shutdown()
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main(argv=None) -> None:

@@ -18,7 +18,7 @@ from frontierlm.sampling_params import SamplingParams
 from frontierlm.sim.timing import ProfileTimer, prefill_pairs
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
@@ -83,7 +83,7 @@ def profile_engine(config: EngineConfig, prefill_tokens: list[int], decode_reque
         for rid in decoders:
             engine.abort_request(rid)
     bar.close()
-    data = {"model": config.model, "device": str(engine.runner.device), "cpu": _cpu_name(),
+    data = {"model": config.model, "device": str(engine.runner.device), "cpu": cpu_name(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(engine.model_config.dtype),
             "block_size": config.block_size, "num_blocks": engine.kv.num_blocks,
             "max_num_batched_tokens": budget, "max_num_seqs": config.max_num_seqs, "max_model_len": max_len,
