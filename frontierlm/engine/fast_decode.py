@@ -181,12 +181,12 @@ class FastDecode:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
             self._compiled = torch.compile(self._forward, dynamic=None if CPU_DYNAMIC_SHAPES else False,
                                            fullgraph=True)
+        if not first:  # a shape already compiled: no marking needed
+            return self._compiled(*args)
         if CPU_DYNAMIC_SHAPES:  # one graph for every batch > 1 and every width: few compiles on a slow host
             for t in args:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
             torch._dynamo.maybe_mark_dynamic(args[3], 1)
-        if not first:
-            return self._compiled(*args)
         # A call that may compile: the options are set globally for it (torch.compile's `options=` did not reach
         # the freezing pass here, measured at half the speed).
         with torch._inductor.config.patch(CPU_INDUCTOR_OPTIONS):
