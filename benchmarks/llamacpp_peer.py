@@ -58,6 +58,22 @@ def _convert_one(model_dir: str, outtype: str, out: str) -> None:
     runpy.run_path(str(LLAMA_SRC / "convert_hf_to_gguf.py"), run_name="__main__")
 
 
+def no_weight_repacking() -> None:
+    """Load models without llama.cpp's extra buffer types (the AMX / AVX-512 weight repacking of quantized types):
+    on this VM's Xeon (AMX) the repacked q8_0 / q4_0 path segfaults in its first llama_decode; f32 / bf16 never
+    repack, so only quantized files need this."""
+    import llama_cpp
+    import llama_cpp.llama as high_level
+    default = llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_model_default_params = high_level.llama_cpp.llama_model_default_params = params
+
+
 def batch1(path: str, reqs, threads: int) -> float:
     from llama_cpp import Llama
     llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=1024, verbose=False)
@@ -161,6 +177,7 @@ def main(argv=None) -> None:
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--rounds", type=int, default=3)
     r.add_argument("--skip-b1", action="store_true")
+    r.add_argument("--no-repack", action="store_true", help="no extra buffer types (needed for q8_0 / q4_0 here)")
     o = sub.add_parser("_convert_one")
     o.add_argument("args", nargs=3)
     a = p.parse_args(argv)
@@ -169,6 +186,8 @@ def main(argv=None) -> None:
     if a.cmd == "convert":
         return convert(a.model, a.out, a.types.split(","))
     import llama_cpp
+    if a.no_repack:
+        no_weight_repacking()
     reqs = anchor_workload(8192)
     runs: dict[str, list[float]] = {}
     engines = {f"slots{n}": Slots(a.gguf, int(n), a.threads) for n in a.slots.split(",") if n}
@@ -182,6 +201,7 @@ def main(argv=None) -> None:
         print(json.dumps({"round": rnd, **{k: v[-1] for k, v in runs.items()}, "load1": os.getloadavg()[0]}),
               file=sys.stderr, flush=True)
     print(json.dumps({"engine": "llama.cpp", "version": llama_cpp.__version__, "gguf": a.gguf, "threads": a.threads,
+                      "repack": not a.no_repack,
                       "median": {k: statistics.median(v) for k, v in runs.items()}, "runs": runs}))
 
 
