@@ -9,6 +9,8 @@ acknowledges, after which the producer lets the buffer go. A producer publishes 
 in the store it hosts; a consumer reads it when it pairs."""
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from frontierlm.kv_transfer.torch_dist import Pair, TorchDistributedTransport
@@ -31,6 +33,10 @@ class MooncakeTransport(TorchDistributedTransport):
         super().__init__(config.kv_ip, config.kv_port, float(config.extra("transfer_timeout_s")),
                          config.extra("backend"), producer=config.is_producer)
         self.engine = _engine(config.kv_ip)
+        # registered (start, end) ranges: Mooncake refuses overlapping ones, and two concurrent pulls may hand
+        # it the same memory (a tensor served twice), so a registration waits for an overlapping one to go
+        self._regions: list[tuple[int, int]] = []
+        self._regions_changed = threading.Condition()
         if self.store is not None:  # a consumer reads it when it pairs with this producer
             self.store.set("mooncake", f"{config.kv_ip}:{self.engine.get_rpc_port()}")
 
@@ -39,10 +45,22 @@ class MooncakeTransport(TorchDistributedTransport):
             pair.extra["session"] = pair.store.get("mooncake").decode()
 
     def _register(self, t: torch.Tensor) -> int:
-        nbytes = t.numel() * t.element_size()
-        if self.engine.register_memory(t.data_ptr(), nbytes) != 0:
-            raise RuntimeError("Mooncake could not register a buffer")
+        start, nbytes = t.data_ptr(), t.numel() * t.element_size()
+        with self._regions_changed:
+            if not self._regions_changed.wait_for(
+                    lambda: not any(s < start + nbytes and start < e for s, e in self._regions),
+                    self.timeout.total_seconds()):
+                raise RuntimeError("Mooncake: an overlapping buffer stayed registered")
+            if self.engine.register_memory(start, nbytes) != 0:
+                raise RuntimeError("Mooncake could not register a buffer")
+            self._regions.append((start, start + nbytes))
         return nbytes
+
+    def _unregister(self, t: torch.Tensor) -> None:
+        with self._regions_changed:
+            self.engine.unregister_memory(t.data_ptr())
+            self._regions = [r for r in self._regions if r[0] != t.data_ptr()]
+            self._regions_changed.notify_all()
 
     def _send_blocks(self, pair: Pair, tag: int, packed: torch.Tensor) -> None:
         packed = packed.contiguous()
@@ -52,7 +70,7 @@ class MooncakeTransport(TorchDistributedTransport):
             ack = torch.zeros(1, dtype=torch.int64)
             pair.group.recv([ack], pair.peer, tag).wait()  # the consumer has read it (or gave up)
         finally:
-            self.engine.unregister_memory(packed.data_ptr())
+            self._unregister(packed)
 
     def _recv_blocks(self, pair: Pair, tag: int, out: torch.Tensor, seq: int) -> None:
         where = torch.zeros(2, dtype=torch.int64)
@@ -67,5 +85,5 @@ class MooncakeTransport(TorchDistributedTransport):
             if not ok:
                 raise RuntimeError(f"Mooncake read of {nbytes} bytes from {pair.extra['session']} failed")
         finally:
-            self.engine.unregister_memory(out.data_ptr())
+            self._unregister(out)
             pair.group.send([torch.tensor([int(ok)], dtype=torch.int64)], pair.peer, tag).wait()
