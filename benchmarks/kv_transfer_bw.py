@@ -21,7 +21,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def transport(kind: str, rank: int, port: int):
-    cfg = SimpleNamespace(kv_rank=rank, kv_parallel_size=2, kv_ip="127.0.0.1", kv_port=port,
+    """Rank 0 is the producer (it hosts its KV store at `port`), rank 1 the consumer."""
+    cfg = SimpleNamespace(kv_ip="127.0.0.1", kv_port=port, is_producer=rank == 0,
                           extra=lambda k: {"transfer_timeout_s": 60.0, "backend": "gloo"}[k])
     if kind == "mooncake":
         from frontierlm.kv_transfer.mooncake import MooncakeTransport
@@ -29,7 +30,26 @@ def transport(kind: str, rank: int, port: int):
         return MooncakeTransport(cfg)
     from frontierlm.kv_transfer.torch_dist import TorchDistributedTransport
 
-    return TorchDistributedTransport(rank, 2, "127.0.0.1", port, 60.0)
+    return TorchDistributedTransport("127.0.0.1", port, 60.0, producer=rank == 0)
+
+
+def producer_peer(port: int):
+    """The producer as its kv_transfer_params would name it (its engine id is in the store it hosts)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from frontierlm.kv_transfer.base import Peer
+
+    deadline = time.time() + 120
+    while True:
+        try:
+            store = dist.TCPStore("127.0.0.1", port, None, False, timeout=datetime.timedelta(seconds=60))
+            return Peer("127.0.0.1", port, store.get("engine_id").decode())
+        except RuntimeError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def worker(kind: str, rank: int, port: int, sizes: list[int], pulls: int) -> None:
@@ -42,15 +62,16 @@ def worker(kind: str, rank: int, port: int, sizes: list[int], pulls: int) -> Non
         data = {s: torch.randn(max(1, s // 32), numel) for s in sizes}
         t.start(lambda tid, start, count: (data[tid][:count], 7), lambda tid, sent: None)
         time.sleep(3600)
+    peer = producer_peer(port)
     rows = []
     for s in sizes:
         n = max(1, s // 32)
         out = torch.empty(n, numel)
-        t.pull(0, s, 0, n, out)  # warm-up (connects the pair)
+        t.pull(peer, s, 0, n, out)  # warm-up (the first one pairs)
         times = []
         for _ in range(pulls):
             t0 = time.perf_counter()
-            t.pull(0, s, 0, n, out)
+            t.pull(peer, s, 0, n, out)
             times.append(time.perf_counter() - t0)
         times.sort()
         nbytes = out.numel() * 4

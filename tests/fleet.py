@@ -30,9 +30,14 @@ class Instance:
                "--num-threads", "1", *extra]
         if kv is not None:
             cmd += ["--kv-transfer-config", json.dumps(kv)]
-        env = dict(os.environ, FRONTIERLM_LOG_LEVEL="WARNING", OMP_NUM_THREADS="1")
+        self.cmd = cmd
         self.log = open(os.devnull, "w") if not os.environ.get("FLEET_LOGS") else None
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.restart()
+
+    def restart(self) -> None:
+        """Start the process (again, after a kill: the same port and configuration)."""
+        env = dict(os.environ, FRONTIERLM_LOG_LEVEL="WARNING", OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen(self.cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout=240.0) -> None:
         deadline = time.time() + timeout
@@ -81,12 +86,12 @@ def start_all(instances) -> list:
 
 
 def pd_configs(num_decode=1, hold_timeout_s=30.0, connector="TorchDistributedConnector"):
-    """kv_transfer_config for rank 0 = the prefill instance and ranks 1.. = decode instances."""
-    port, size = free_port(), 1 + num_decode
-    base = {"kv_connector": connector, "kv_parallel_size": size, "kv_port": port,
+    """kv_transfer_config for the prefill instance (which hosts its KV store at kv_port), then the decode
+    instances (which find it through the kv_transfer_params)."""
+    base = {"kv_connector": connector,
             "kv_connector_extra_config": {"hold_timeout_s": hold_timeout_s, "transfer_timeout_s": 5}}
-    return [{**base, "kv_role": "kv_producer", "kv_rank": 0}] + [
-        {**base, "kv_role": "kv_consumer", "kv_rank": r} for r in range(1, size)]
+    return [{**base, "kv_role": "kv_producer", "kv_port": free_port()}] + [
+        {**base, "kv_role": "kv_consumer"} for _ in range(num_decode)]
 
 
 class Router:

@@ -20,11 +20,17 @@ BLOCK = 16
 _ORACLES: dict = {}
 
 
+def _oracle(model_dir):
+    from frontierlm import LLM
+
+    return _ORACLES.get(model_dir) or _ORACLES.setdefault(model_dir, LLM(model_dir, enforce_eager=True))
+
+
 def colocated(model_dir, prompts, max_tokens, **kw):
     """The colocated engine's greedy tokens (one engine per model, kept for the module)."""
-    from frontierlm import LLM, SamplingParams
+    from frontierlm import SamplingParams
 
-    llm = _ORACLES.get(model_dir) or _ORACLES.setdefault(model_dir, LLM(model_dir, enforce_eager=True))
+    llm = _oracle(model_dir)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **kw)
     outs = llm.generate(prompts, params, use_tqdm=False)
     tok = llm.llm_engine.tokenizer
@@ -115,6 +121,25 @@ def test_second_request_with_the_prefix_sends_fewer_blocks(fleets, kind):
         router.stop()
 
 
+def test_concurrent_disaggregated_streams_equal_colocated(fleets):
+    (prefill, *decodes), router, model_dir = fleets["dense"]
+    prompts = [f"Stream {i}: " + SHARED * 2 + f"question number {i}" for i in range(6)]
+    wants, _ = colocated(model_dir, prompts, 10)
+    before = [d.kv_stats() for d in decodes]
+    outs = [{} for _ in prompts]
+    threads = [threading.Thread(target=_stream_tokens, args=(router.url, p, 10, o)) for p, o in zip(prompts, outs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [o.get("ids") for o in outs] == wants and all(o.get("done") for o in outs)
+    after = [d.kv_stats() for d in decodes]
+    assert sum(a["transfers"] - b["transfers"] for a, b in zip(after, before)) == len(prompts)
+    assert all(a["failures"] == b["failures"] and a["local_prefill_fallbacks"] == b["local_prefill_fallbacks"]
+               for a, b in zip(after, before)), after
+    assert prefill.wait_no_blocks_in_use() == 0 and all(d.wait_no_blocks_in_use() == 0 for d in decodes)
+
+
 def _stream_tokens(url, prompt, max_tokens, out: dict, **kw):
     out["ids"], out["events"] = [], []
     with httpx.stream("POST", url + "/v1/completions", timeout=120, json={
@@ -184,6 +209,72 @@ def test_prefill_instance_dies_the_decode_side_prefills_and_frees(fleets):
     assert router.metric("frontierlm:router_local_prefill_fallbacks_total") >= 1
     assert survivor.wait_no_blocks_in_use() == 0
     assert httpx.get(router.url + "/health").status_code == 200  # the router survives
+
+
+def _wait_routed_healthy(router, timeout=30.0):
+    deadline = time.time() + timeout
+    while not all(i.healthy for i in router.app.state.instances) and time.time() < deadline:
+        time.sleep(0.1)
+    assert all(i.healthy for i in router.app.state.instances), router.app.state.instances
+
+
+def test_dead_instances_rejoin_and_serve_disaggregated_again(fleets):
+    (prefill, *decodes), router, model_dir = fleets["dense"]
+    dead = [i for i in (prefill, *decodes) if i.proc.poll() is not None]  # the tests before killed two
+    dead = dead or [prefill, decodes[0]]
+    for inst in dead:
+        if inst.proc.poll() is None:
+            inst.kill()
+    routed = {i.url: i for i in router.app.state.instances}
+    deadline = time.time() + 30
+    while any(routed[i.url].healthy for i in dead) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(routed[i.url].healthy for i in dead), "the router saw them die"
+    for inst in dead:
+        inst.restart()
+    start_all(dead)
+    _wait_routed_healthy(router)  # the router's health polls take them back
+    fallbacks = router.metric("frontierlm:router_local_prefill_fallbacks_total")
+    before = [d.kv_stats() for d in decodes]
+    prompts = [f"Restart {i}: " + SHARED * 2 for i in range(4)]  # nothing any prefix cache holds
+    wants, _ = colocated(model_dir, prompts, 6)
+    assert [_complete(router.url, p, 6) for p in prompts] == wants
+    after = [d.kv_stats() for d in decodes]
+    # round robin: each decode instance (the restarted one too) pulled from the restarted prefill instance
+    assert all(a["transfers"] - b["transfers"] == 2 for a, b in zip(after, before)), (before, after)
+    assert all(a["local_prefill_fallbacks"] == b["local_prefill_fallbacks"] for a, b in zip(after, before))
+    assert router.metric("frontierlm:router_local_prefill_fallbacks_total") == fallbacks
+    assert prefill.wait_no_blocks_in_use() == 0 and all(d.wait_no_blocks_in_use() == 0 for d in decodes)
+
+
+def test_a_moved_stream_keeps_the_text_its_dead_instance_held_back(fleets):
+    """A stop string whose prefix matches from a tenth of the text on: the instance holds every character
+    after that back until the request ends, so when it dies mid-stream it dies holding text."""
+    (prefill, *decodes), router, model_dir = fleets["dense"]
+    prompt, max_tokens = SHARED + "Hold this back.", 200
+    from frontierlm import SamplingParams
+
+    llm = _oracle(model_dir)
+    want = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    stop = want.text[len(want.text) // 10:] + "\u2603"
+    out: dict = {}
+    t = threading.Thread(target=_stream_tokens, args=(router.url, prompt, max_tokens, out), kwargs={"stop": [stop]})
+    t.start()
+    deadline = time.time() + 60
+    while len(out.get("ids", ())) < 40 and time.time() < deadline:  # past a tenth: text is being held
+        time.sleep(0.01)
+    serving = [d for d, i in zip(decodes, router.app.state.router.targets) if i.in_flight]
+    assert len(serving) == 1 and len(out["ids"]) < max_tokens
+    migrations = router.metric("frontierlm:router_migrations_total")
+    serving[0].kill()
+    t.join(120)
+    assert not t.is_alive() and out.get("done") and not any("error" in e for e in out["events"])
+    assert router.metric("frontierlm:router_migrations_total") == migrations + 1
+    assert out["ids"] == list(want.token_ids)
+    assert "".join(c.get("text") or "" for e in out["events"] for c in e.get("choices") or []) == want.text
+    survivor = next(d for d in decodes if d is not serving[0])
+    assert survivor.wait_no_blocks_in_use() == 0 and prefill.wait_no_blocks_in_use() == 0
 
 
 @pytest.mark.skipif(_mooncake_missing() is not None, reason=str(_mooncake_missing()))

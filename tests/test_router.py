@@ -168,6 +168,46 @@ def test_policy_rules_and_health_states():
     assert inst.draining and not inst.available
 
 
+def test_one_retry_helper_serves_plain_requests_and_the_prefill_leg():
+    """router/proxy.py's post_with_retry, under both Router.complete and the prefill leg (router/disagg.py):
+    a retryable status moves the request once to another instance; past that, the last answer (or the local-
+    prefill fallback) stands."""
+    import asyncio
+
+    from frontierlm.router import disagg
+    from frontierlm.router.instances import Instance as Inst
+    from frontierlm.router.metrics import RouterMetrics
+    from frontierlm.router.proxy import Router as Proxy
+
+    status = {"http://p1": 503, "http://p2": 200, "http://d1": 503, "http://d2": 503}
+    seen = []
+
+    def app(request: httpx.Request):
+        url = f"http://{request.url.host}"
+        seen.append(url)
+        body = {"kv_transfer_params": {"transfer_id": 7}} if url.startswith("http://p") else {"ok": url}
+        return httpx.Response(status[url], json=body)
+
+    async def run():
+        insts = [Inst(u, "prefill" if u[7] == "p" else "decode", healthy=True) for u in status]
+        async with httpx.AsyncClient(transport=httpx.MockTransport(app)) as client:
+            metrics = RouterMetrics(insts)
+            proxy = Proxy([], insts[:2], insts[2:], "round_robin", client, metrics)
+            body = await disagg.prefill(proxy, "/v1/completions", {"prompt": "x"}, "x")
+            assert body["kv_transfer_params"] == {"transfer_id": 7} and seen == ["http://p1", "http://p2"]
+            status["http://p2"] = 500
+            assert "kv_transfer_params" not in await disagg.prefill(proxy, "/v1/completions", {"prompt": "x"}, "x")
+            plain = Proxy(insts[2:], [], [], "round_robin", client, metrics)  # plain data parallel
+            answer = await plain.complete("/v1/completions", {"prompt": "x"}, "x")
+            assert answer.status_code == 503 and seen[-2:] == ["http://d1", "http://d2"]  # the last answer stands
+            return metrics
+
+    metrics = asyncio.run(run())
+    text = metrics.render()[0].decode()
+    assert "frontierlm:router_retries_total 3.0" in text  # one per call
+    assert "frontierlm:router_local_prefill_fallbacks_total 1.0" in text
+
+
 def test_no_healthy_instance_is_a_503():
     router = Router(workers=[f"http://127.0.0.1:{free_port()}"])  # nothing listens there
     try:

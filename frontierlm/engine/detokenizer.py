@@ -125,6 +125,14 @@ class IncrementalDetokenizer:
             self._ids = []
         return self.get_new_text()
 
+    def mark_streamed(self, num_chars: int) -> None:
+        """Count the first `num_chars` characters of output_text as streamed (by another instance, for a resumed
+        request): get_new_text() continues after them, still holding back what may start a stop string."""
+        if not 0 <= num_chars <= self._len:
+            raise ValueError(f"{num_chars} characters were streamed, but the output holds {self._len}")
+        self._unstreamed = self.output_text[num_chars:]
+        self._hold = min(self._hold, len(self._unstreamed))
+
     # ------------------------------------------------------------------ internals
 
     def _decode(self, ids: list[int]) -> str:

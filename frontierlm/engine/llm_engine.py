@@ -14,7 +14,7 @@ from frontierlm.engine.kv_budget import num_kv_blocks
 from frontierlm.engine.kv_cache import KVCacheManager
 from frontierlm.engine.model_runner import ModelRunner
 from frontierlm.engine.request import Request, RequestStatus
-from frontierlm.engine.resume import replay_grammar, resume_token_ids
+from frontierlm.engine.resume import replay_grammar, replay_text, resume_token_ids
 from frontierlm.engine.request_group import NoText, RequestGroup, logprob_dict, make_output
 from frontierlm.engine.scheduler import Scheduler
 from frontierlm.engine.tokenizer import bad_words_token_ids, load_tokenizer
@@ -214,10 +214,11 @@ class LLMEngine(EngineStats):
             for t in resumed:
                 req.append_token(t)
             children.append(req)
-            detoks.append(IncrementalDetokenizer(self.tokenizer, ids + resumed, params.skip_special_tokens, params.stop,
+            detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop,
                                                  params.include_stop_str_in_output,
                                                  params.spaces_between_special_tokens)
                           if self.tokenizer is not None and params.detokenize else NoText())
+            replay_text(detoks[-1], resumed, params)  # text a dead instance held back streams from here
         group = RequestGroup(request_id, text, ids, children, detoks, [[] for _ in children], [""] * len(children),
                        [len(resumed)] * len(children), [(0, len(resumed))] * len(children))
         self.groups[request_id] = group

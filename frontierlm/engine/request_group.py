@@ -45,6 +45,9 @@ class NoText:
 
     finish = get_new_text
 
+    def mark_streamed(self, num_chars: int) -> None:
+        pass
+
 
 def logprob_dict(entry, detokenize: bool, decode_one: Decode) -> dict[int, Logprob]:
     """(ids, logprobs, rank) -> {token id: Logprob}: the chosen token first, then the top N by rank."""

@@ -14,12 +14,14 @@ EXTRA_KEYS = {"hold_timeout_s": 30.0, "transfer_timeout_s": 10.0, "backend": "gl
 class KVTransferConfig:
     kv_connector: str = "TorchDistributedConnector"
     kv_role: str = "kv_both"
-    kv_rank: int = 0  # this instance's rank among the kv_parallel_size instances that exchange KV
+    # vLLM's fields, checked and kept; the connectors here need neither: a consumer pairs with a producer on its
+    # first pull (torch_dist.py), so instances can join, die and come back without a fixed group
+    kv_rank: int = 0
     kv_parallel_size: int = 2
-    kv_ip: str = "127.0.0.1"  # where rank 0 hosts the rendezvous store
-    kv_port: int = 14579
+    kv_ip: str = "127.0.0.1"  # where a producer hosts its KV store (and the address its kv_transfer_params name)
+    kv_port: int = 14579  # that store's port: one per producer
     # hold_timeout_s: how long a producer keeps a finished prompt's blocks for a consumer to pull;
-    # transfer_timeout_s: how long one pull may take; backend: torch.distributed backend ("gloo"; "nccl" on CUDA)
+    # transfer_timeout_s: how long one pull may take; backend: "gloo" (CPU caches) or "nccl" (CUDA caches, nccl.py)
     kv_connector_extra_config: dict = field(default_factory=dict)
 
     @classmethod
@@ -60,6 +62,9 @@ class KVTransferConfig:
             if key not in EXTRA_KEYS:
                 raise ValueError(f"kv_transfer_config.kv_connector_extra_config: unknown key {key!r}; known: "
                                  f"{', '.join(EXTRA_KEYS)}")
+            if key == "backend" and value not in ("gloo", "nccl"):
+                raise ValueError(f"kv_transfer_config.kv_connector_extra_config.backend must be 'gloo' (CPU caches) "
+                                 f"or 'nccl' (CUDA caches), got {value!r}")
             if key.endswith("_s") and not (isinstance(value, (int, float)) and value > 0):
                 raise ValueError(f"kv_transfer_config.kv_connector_extra_config.{key} must be > 0, got {value!r}")
 

@@ -1,14 +1,16 @@
 """The connector: the scheduler side (block accounting on the engine thread) over a Transport (worker side).
 
 Producer (prefill instance): a request sent with kv_transfer_params {"do_remote_decode": true} keeps its
-blocks when it finishes; its output carries kv_transfer_params naming this rank, a transfer id and the number
-of whole prompt blocks. The blocks are held until a consumer has pulled them or hold_timeout_s passes.
+blocks when it finishes; its output carries kv_transfer_params naming this producer (remote_host,
+remote_port, remote_engine_id), a transfer id and the number of whole prompt blocks. The blocks are held
+until a consumer has pulled them or hold_timeout_s passes.
 Consumer (decode instance): a request arriving with those parameters first looks up its own prefix cache; only
 the whole prompt blocks past that hit are pulled (blocks it already holds by hash are never sent). They are
-allocated at admission, the request waits (WAITING_FOR_REMOTE_KVS) while a worker thread pulls them, and the
-engine thread copies them into the cache; the request then runs with those tokens computed, like a prefix-cache
-hit, and they are hashed into the prefix cache. A failed pull (peer gone, blocks no longer held, hashes that
-differ) leaves the blocks allocated and the request computes them itself: a local-prefill fallback, counted."""
+allocated at admission, the request waits (WAITING_FOR_REMOTE_KVS) while a worker thread pulls them (up to
+MAX_PULLS requests' pulls at once), and the engine thread copies them into the cache; the request then runs
+with those tokens computed, like a prefix-cache hit, and they are hashed into the prefix cache. A failed pull
+(peer gone or restarted, blocks no longer held, hashes that differ) leaves the blocks allocated and the request
+computes them itself: a local-prefill fallback, counted."""
 from __future__ import annotations
 
 import itertools
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from frontierlm.engine.request import Request, RequestStatus
-from frontierlm.kv_transfer.base import KVConnectorScheduler, Transport
+from frontierlm.kv_transfer.base import KVConnectorScheduler, Peer, Transport
 from frontierlm.kv_transfer.blocks import BlockIO
 from frontierlm.kv_transfer.config import KVTransferConfig
 from frontierlm.logger import init_logger
@@ -79,6 +81,13 @@ def prefix_digest(token_ids: list[int]) -> int:
     return hash(tuple(token_ids))
 
 
+MAX_PULLS = 4  # pulls in flight at once on a consumer
+
+
+def peer_of(params: dict) -> Peer:
+    return Peer(params["remote_host"], params["remote_port"], params["remote_engine_id"])
+
+
 def params_of(request: Request) -> dict:
     extra = request.sampling_params.extra_args or {}
     params = extra.get("kv_transfer_params")
@@ -90,7 +99,6 @@ class KVConnector(KVConnectorScheduler):
         self.config, self.kv, self.bs = config, kv, kv.block_size
         self.io = BlockIO(kv_caches)
         self.transport = transport
-        self.rank = config.kv_rank
         self.hold_timeout = float(config.extra("hold_timeout_s"))
         self.stats = TransferStats()
         self._lock = threading.Lock()
@@ -99,7 +107,8 @@ class KVConnector(KVConnectorScheduler):
         self._ids = itertools.count(1)
         self._loads: dict[str, _Load] = {}
         self._tried: weakref.WeakSet = weakref.WeakSet()  # requests that had their one pull
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-transfer-pull")
+        # pulls for different requests run side by side (a slow one does not hold up the others)
+        self._pool = ThreadPoolExecutor(max_workers=MAX_PULLS, thread_name_prefix="kv-transfer-pull")
         if config.is_producer:
             transport.start(self._serve, self._served)
 
@@ -111,8 +120,8 @@ class KVConnector(KVConnectorScheduler):
                 and request.sampling_params.n == 1):
             return False
         n = min((request.num_prompt_tokens - 1) // self.bs, len(self.kv.block_ids(request.request_id)))
-        tid = (self.rank << 40) | next(self._ids)
-        self._params[request.request_id] = {"do_remote_prefill": True, "remote_rank": self.rank,
+        tid = next(self._ids)
+        self._params[request.request_id] = {"do_remote_prefill": True, **self.transport.address(),
                                             "transfer_id": tid, "num_blocks": n, "block_size": self.bs}
         if n == 0:
             return False  # nothing whole to send: the consumer computes the short prompt itself
@@ -165,8 +174,9 @@ class KVConnector(KVConnectorScheduler):
         p = params_of(request)
         if not self.config.is_consumer or not p.get("do_remote_prefill") or request in self._tried:
             return None
-        ok = all(isinstance(p.get(k), int) and not isinstance(p.get(k), bool) and p[k] >= 0
-                 for k in ("remote_rank", "transfer_id", "num_blocks")) and p.get("block_size") == self.bs
+        ok = (all(isinstance(p.get(k), int) and not isinstance(p.get(k), bool) and p[k] >= 0
+                  for k in ("remote_port", "transfer_id", "num_blocks")) and p.get("block_size") == self.bs
+              and isinstance(p.get("remote_host"), str) and isinstance(p.get("remote_engine_id"), str))
         if not ok:
             self._tried.add(request)
             self.stats.local_prefill_fallbacks += 1
@@ -182,18 +192,18 @@ class KVConnector(KVConnectorScheduler):
         have = num_computed_tokens // self.bs
         if n <= have:
             self._tried.add(request)
-            self._pool.submit(self._release, p["remote_rank"], p["transfer_id"])
+            self._pool.submit(self._release, peer_of(p), p["transfer_id"])
             self.stats.blocks_skipped += n
             self.stats.recent.append({"request_id": request.request_id, "blocks": 0, "bytes": 0, "seconds": 0.0,
                                       "skipped": n})
             return 0
         return (n - have) * self.bs
 
-    def _release(self, remote_rank: int, transfer_id: int) -> None:
+    def _release(self, peer: Peer, transfer_id: int) -> None:
         try:
-            self.transport.release(remote_rank, transfer_id)
-        except (RuntimeError, ValueError) as e:  # the producer's hold expires on its own
-            logger.warning("releasing transfer %d on rank %d failed: %s", transfer_id, remote_rank, e)
+            self.transport.release(peer, transfer_id)
+        except (RuntimeError, ValueError, LookupError) as e:  # the producer's hold expires on its own
+            logger.warning("releasing transfer %d at %s:%d failed: %s", transfer_id, peer.host, peer.port, e)
 
     def start_load(self, request: Request, num_computed_tokens: int, num_external_tokens: int) -> None:
         p = params_of(request)
@@ -202,7 +212,7 @@ class KVConnector(KVConnectorScheduler):
         dst = self.kv.block_ids(request.request_id)[start:start + count]
         expected = prefix_digest(request.prompt_token_ids[:(start + count) * self.bs])
         buffer = self.io.empty(count)
-        future = self._pool.submit(self.transport.pull, p["remote_rank"], p["transfer_id"], start, count, buffer)
+        future = self._pool.submit(self.transport.pull, peer_of(p), p["transfer_id"], start, count, buffer)
         self._loads[request.request_id] = _Load(request, start, dst, buffer, expected, future, time.monotonic())
 
     def cancel_load(self, request: Request) -> None:
@@ -251,13 +261,22 @@ class KVConnector(KVConnectorScheduler):
 
 
 def make_connector(config: KVTransferConfig, kv, kv_caches: list[torch.Tensor]) -> KVConnector:
+    timeout, backend, device = float(config.extra("transfer_timeout_s")), config.extra("backend"), kv_caches[0].device
+    if backend == "gloo" and device.type != "cpu":
+        raise ValueError(f"kv_connector_extra_config.backend 'gloo' moves CPU caches; this one is on {device} "
+                         f"(use 'nccl')")
     if config.kv_connector == "MooncakeConnector":
+        if backend != "gloo":
+            raise ValueError("MooncakeConnector moves the blocks itself: its backend (the control messages) is gloo")
         from frontierlm.kv_transfer.mooncake import MooncakeTransport
 
         transport = MooncakeTransport(config)
+    elif backend == "nccl":
+        from frontierlm.kv_transfer.nccl import NcclTransport
+
+        transport = NcclTransport(config.kv_ip, config.kv_port, timeout, config.is_producer, device)
     else:
         from frontierlm.kv_transfer.torch_dist import TorchDistributedTransport
 
-        transport = TorchDistributedTransport(config.kv_rank, config.kv_parallel_size, config.kv_ip, config.kv_port,
-                                              float(config.extra("transfer_timeout_s")), config.extra("backend"))
+        transport = TorchDistributedTransport(config.kv_ip, config.kv_port, timeout, producer=config.is_producer)
     return KVConnector(config, kv, kv_caches, transport)

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import time
 
-import httpx
 from fastapi.responses import Response
 
 from frontierlm.logger import init_logger
-from frontierlm.router.instances import is_gone
+from frontierlm.router.instances import RETRYABLE
 
 logger = init_logger(__name__)
 
@@ -37,38 +36,17 @@ def prefill_body(body: dict) -> dict:
 async def prefill(router, path: str, body: dict, prompt: str) -> dict | Response:
     """The body to send to the decode instance (with kv_transfer_params when the prefill leg worked), or the
     prefill instance's own answer when it refused the request (a 4xx: the client's request is at fault)."""
-    from frontierlm.router.proxy import RETRYABLE
-
-    start, tried, why = time.monotonic(), [], "no prefill instance is available"
-    for attempt in range(2):
-        candidates = [i for i in router.prefills if i.available and i not in tried]
-        if not candidates:
-            break
-        inst = router.prefill_policy.choose(candidates, prompt)
-        router.prefill_policy.on_routed(inst, prompt)
-        router.metrics.requests.labels(inst.url, inst.role).inc()
-        tried.append(inst)
-        inst.in_flight += 1
-        try:
-            r = await router.client.post(inst.url + path, json=prefill_body(body), timeout=router.timeout)
-        except httpx.TransportError as e:
-            if is_gone(e):
-                inst.mark_failed(f"{type(e).__name__}: {e}")
-            why = f"{inst.url}: {type(e).__name__}"
-            continue
-        finally:
-            inst.in_flight -= 1
-        if r.status_code in RETRYABLE:
-            why = f"{inst.url} answered {r.status_code}"
-            continue
-        if r.status_code != 200:
-            return Response(r.content, r.status_code, media_type=r.headers.get("content-type"))
-        params = r.json().get("kv_transfer_params")
-        if not isinstance(params, dict):
-            why = f"{inst.url} returned no kv_transfer_params (is it serving with kv_role kv_producer?)"
-            break
-        router.metrics.prefill.observe(time.monotonic() - start)
-        return {**body, "kv_transfer_params": params}
+    start = time.monotonic()
+    answer, why, tried = await router.post_with_retry(router.prefills, router.prefill_policy, path,
+                                                      prefill_body(body), prompt)
+    if answer is not None and answer.status_code not in RETRYABLE:
+        if answer.status_code != 200:
+            return Response(answer.content, answer.status_code, media_type=answer.headers.get("content-type"))
+        params = answer.json().get("kv_transfer_params")
+        if isinstance(params, dict):
+            router.metrics.prefill.observe(time.monotonic() - start)
+            return {**body, "kv_transfer_params": params}
+        why = f"{tried[-1].url} returned no kv_transfer_params (is it serving with kv_role kv_producer?)"
     logger.warning("prefill leg failed (%s): prefilling on the decode instance", why)
     router.metrics.fallbacks.inc()
     return body

@@ -13,6 +13,7 @@ from frontierlm.logger import init_logger
 
 logger = init_logger(__name__)
 
+RETRYABLE = {429, 500, 502, 503, 504}  # statuses that say the instance could not serve it now; another one may
 GAUGES = {"frontierlm:num_requests_running": "num_running", "frontierlm:num_requests_waiting": "num_waiting",
           "frontierlm:kv_cache_usage_perc": "kv_usage"}
 

@@ -1,7 +1,8 @@
 """Resuming a stream whose instance died: the router sends the same request to another instance with the
-tokens the client already has (`resume_token_ids`). That instance takes them as output already generated:
-they count toward max_tokens and the penalties, a grammar's matcher is advanced over them, and decoding goes
-on from there, so the client reads one stream. Greedy requests continue exactly; a seeded sampled one
+tokens the client already has (`resume_token_ids`) and how many characters of text it was sent
+(`resume_text_chars`). That instance takes the tokens as output already generated: they count toward
+max_tokens and the penalties, a grammar's matcher is advanced over them, text the dead instance was still
+holding back (engine/resume.py) is sent on, and decoding goes on from there, so the client reads one stream. Greedy requests continue exactly; a seeded sampled one
 continues with fresh random draws. Requests with n > 1, logprobs or tools are not resumed (their streamed state
 is more than the tokens): they end with an error event."""
 from __future__ import annotations
@@ -32,7 +33,10 @@ async def resume(router, path: str, body: dict, prompt: str, state, dead: list, 
         return _error_event(lost)
     state.migrations += 1
     router.metrics.migrations.inc()
-    resume_body = {**body, "stream": True, "return_token_ids": True, "resume_token_ids": list(state.token_ids)}
+    # the text count matters where the dead instance was holding text back (what may start a stop string, an
+    # incomplete character): the new one streams that text too, after the characters the client has
+    resume_body = {**body, "stream": True, "return_token_ids": True, "resume_token_ids": list(state.token_ids),
+                   "resume_text_chars": state.text_chars}
     resume_body.pop("kv_transfer_params", None)  # the new instance prefills locally
     try:
         opened = await router._open(path, resume_body, prompt, list(dead), attempts=1)

@@ -11,7 +11,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from frontierlm.logger import init_logger
 from frontierlm.router import disagg, migration
-from frontierlm.router.instances import Instance, is_gone
+from frontierlm.router.instances import RETRYABLE, Instance, is_gone
 from frontierlm.router.metrics import RouterMetrics
 from frontierlm.router.policies import make_policy
 from frontierlm.router.sse import DONE, encode, is_role_event, is_token_event, sse_events, strip_token_ids, \
@@ -20,12 +20,16 @@ from frontierlm.server.errors import APIError
 
 logger = init_logger(__name__)
 
-RETRYABLE = {429, 500, 502, 503, 504}  # the instance could not serve it now; another one may
 
 
 def upstream_error(why: str) -> APIError:
     return APIError(503, f"no instance could serve the request: {why}", "service_unavailable",
                     code="upstream_error", reason=None)
+
+
+def no_instance(tried: list) -> APIError:
+    return APIError(503, "no healthy instance can take the request" + (" (the others failed it)" if tried else ""),
+                    "service_unavailable", code="no_instance", reason=None)
 
 
 @dataclass
@@ -42,6 +46,7 @@ class StreamState:
     """What the client has been sent, so a stream can be resumed elsewhere."""
     arrival: float
     token_ids: list[int] = field(default_factory=list)
+    text_chars: int = 0  # characters of text sent: a resumed stream starts after them (resume_text_chars)
     tracks_tokens: bool = True  # every event so far carried its token ids
     first_token: float | None = None
     last_token: float | None = None
@@ -63,15 +68,51 @@ class Router:
         self.timeout = httpx.Timeout(upstream_timeout, connect=5.0)
         self.max_migrations = max_migrations
 
-    def pick(self, pool: list[Instance], prompt: str, exclude: list[Instance], policy=None) -> Instance:
+    def choose(self, pool: list[Instance], prompt: str, exclude: list[Instance], policy=None) -> Instance | None:
+        """The instance the policy picks among the available ones not in `exclude` (None: there is none)."""
         candidates = [i for i in pool if i.available and i not in exclude]
         if not candidates:
-            raise APIError(503, "no healthy instance can take the request" + (" (the others failed it)" if exclude
-                           else ""), "service_unavailable", code="no_instance", reason=None)
-        inst = (policy or self.policy).choose(candidates, prompt)
-        (policy or self.policy).on_routed(inst, prompt)
+            return None
+        policy = policy or self.policy
+        inst = policy.choose(candidates, prompt)
+        policy.on_routed(inst, prompt)
         self.metrics.requests.labels(inst.url, inst.role).inc()
         return inst
+
+    def pick(self, pool: list[Instance], prompt: str, exclude: list[Instance], policy=None) -> Instance:
+        inst = self.choose(pool, prompt, exclude, policy)
+        if inst is None:
+            raise no_instance(exclude)
+        return inst
+
+    async def post_with_retry(self, pool: list[Instance], policy, path: str, body: dict,
+                              prompt: str) -> tuple[httpx.Response | None, str, list[Instance]]:
+        """POST `body` to the instance the policy picks; a dropped connection or a retryable status moves it once
+        to another instance. Returns the last answer (None: no instance answered), why the attempts failed, and
+        the instances tried. Plain requests and the prefill leg of disaggregated ones both go this way."""
+        tried: list[Instance] = []
+        answer, why = None, "no instance is available"
+        for attempt in range(2):
+            inst = self.choose(pool, prompt, tried, policy)
+            if inst is None:
+                break
+            if attempt:
+                self.metrics.retries.inc()
+            tried.append(inst)
+            inst.in_flight += 1
+            try:
+                answer = await self.client.post(inst.url + path, json=body, timeout=self.timeout)
+            except httpx.TransportError as e:
+                if is_gone(e):
+                    inst.mark_failed(f"{type(e).__name__}: {e}")
+                answer, why = None, f"{inst.url}: {type(e).__name__}"
+                continue
+            finally:
+                inst.in_flight -= 1
+            if answer.status_code not in RETRYABLE:
+                break
+            why = f"{inst.url} answered {answer.status_code}"
+        return answer, why, tried
 
     # ---- one JSON answer ---------------------------------------------------------------------------------
     async def complete(self, path: str, body: dict, prompt: str) -> Response:
@@ -79,28 +120,14 @@ class Router:
         body = await self._with_prefill(path, body, prompt)
         if isinstance(body, Response):
             return body
-        tried: list[Instance] = []
-        why = "no attempt"
-        for attempt in range(2):
-            inst = self._pick_target(prompt, tried, attempt)
-            tried.append(inst)
-            inst.in_flight += 1
-            try:
-                r = await self.client.post(inst.url + path, json=body, timeout=self.timeout)
-            except httpx.TransportError as e:
-                if is_gone(e):
-                    inst.mark_failed(f"{type(e).__name__}: {e}")
-                why = f"{inst.url}: {type(e).__name__}"
-                continue
-            finally:
-                inst.in_flight -= 1
-            if r.status_code in RETRYABLE and attempt == 0:
-                why = f"{inst.url} answered {r.status_code}"
-                continue
-            self.metrics.e2e.observe(time.monotonic() - arrival)
-            return Response(r.content, r.status_code, media_type=r.headers.get("content-type"))
-        self.metrics.failures.labels("upstream_error").inc()
-        raise upstream_error(why)
+        answer, why, tried = await self.post_with_retry(self.targets, self.policy, path, body, prompt)
+        if answer is None:
+            if not tried:
+                raise no_instance(tried)
+            self.metrics.failures.labels("upstream_error").inc()
+            raise upstream_error(why)
+        self.metrics.e2e.observe(time.monotonic() - arrival)
+        return Response(answer.content, answer.status_code, media_type=answer.headers.get("content-type"))
 
     def _pick_target(self, prompt: str, tried: list[Instance], attempt: int) -> Instance:
         if attempt:
@@ -206,7 +233,9 @@ class Router:
             state.tracks_tokens = state.tracks_tokens and not is_token_event(event)
         else:
             state.token_ids += ids
-        if not is_token_event(event) or not (ids or _has_text(event)):
+        text = _text_of(event)
+        state.text_chars += len(text)
+        if not is_token_event(event) or not (ids or text):
             return
         now = time.monotonic()
         if state.first_token is None:
@@ -224,12 +253,13 @@ class Router:
             self.metrics.tpot.observe((state.last_token - state.first_token) / (n - 1))
 
 
-def _has_text(event: dict) -> bool:
+def _text_of(event: dict) -> str:
+    """The text an event adds (streams that can be resumed have one choice)."""
+    out = []
     for c in event.get("choices") or []:
         delta = c.get("delta")
-        if (c.get("text") if delta is None else delta.get("content")):
-            return True
-    return False
+        out.append((c.get("text") if delta is None else delta.get("content")) or "")
+    return "".join(out)
 
 
 class _Pumped:

@@ -133,6 +133,7 @@ class _SamplingFields(_Strict):
     return_token_ids: Optional[bool] = None
     kv_transfer_params: Optional[dict] = None
     resume_token_ids: Optional[list[int]] = None
+    resume_text_chars: Optional[int] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -156,7 +157,8 @@ class _SamplingFields(_Strict):
         constraint = self._structured_outputs()
         if constraint is not None:
             kw["structured_outputs"] = constraint
-        extra = {k: getattr(self, k) for k in ("kv_transfer_params", "resume_token_ids") if getattr(self, k)}
+        extra = {k: getattr(self, k) for k in ("kv_transfer_params", "resume_token_ids", "resume_text_chars")
+                 if getattr(self, k) is not None}
         if extra:
             kw["extra_args"] = extra
         return kw
