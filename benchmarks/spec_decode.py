@@ -1,7 +1,7 @@
 """Speculative decoding on the packaged demo model: its distilled draft, its MTP module, and n-gram lookup.
 
     python benchmarks/spec_decode.py [--ks 1,2,4,8] [--batches 1,4,16,64] [--tokens 24] [--json-out FILE]
-                                     [--plot-dir docs] [--compiled]
+                                     [--plot-dir docs] [--compiled] [--throughput-only]
 
 Two workloads: held-out python-docs prompts (the validation documents of the demo model's training split) and
 a code-editing workload whose prompt holds a function and asks for it back with one name changed (the answer
@@ -155,6 +155,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per configuration (the fastest counts)")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--plot-dir", default=None)
+    ap.add_argument("--throughput-only", action="store_true", help="skip the acceptance table (batch 4)")
     ap.add_argument("--compiled", action="store_true",
                     help="enforce_eager=False for every engine: decode, verification and proposer steps compiled "
                          "(on first use, in the untimed warm-up runs)")
@@ -174,7 +175,7 @@ def main() -> None:
     results = {"load_before": load(), "acceptance": [], "throughput": []}
 
     # 1. acceptance per workload, proposer and K (batch 4), each checked against the plain run
-    for wname, prompts in workloads.items():
+    for wname, prompts in ({} if args.throughput_only else workloads).items():
         ref, _, _ = run(base_llm, prompts[:4], args.tokens)
         for m in methods:
             for k in ks:
