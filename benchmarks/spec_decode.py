@@ -1,7 +1,7 @@
 """Speculative decoding on the packaged demo model: its distilled draft, its MTP module, and n-gram lookup.
 
     python benchmarks/spec_decode.py [--ks 1,2,4,8] [--batches 1,4,16,64] [--tokens 24] [--json-out FILE]
-                                     [--plot-dir docs]
+                                     [--plot-dir docs] [--compiled] [--throughput-only]
 
 Two workloads: held-out python-docs prompts (the validation documents of the demo model's training split) and
 a code-editing workload whose prompt holds a function and asks for it back with one name changed (the answer
@@ -113,8 +113,12 @@ class Timed:
             prop.propose = propose
 
 
+COMPILED = False  # --compiled: every engine (the plain one too) takes the static-shape compiled paths
+
+
 def make_llm(spec: dict | None) -> LLM:
-    return LLM(default_model(), dtype="float32", max_num_seqs=64, speculative_config=spec)
+    return LLM(default_model(), dtype="float32", max_num_seqs=64, speculative_config=spec,
+               enforce_eager=not COMPILED)
 
 
 def run(llm: LLM, prompts, tokens: int) -> tuple[list, float, Timed]:
@@ -151,7 +155,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per configuration (the fastest counts)")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--plot-dir", default=None)
+    ap.add_argument("--throughput-only", action="store_true", help="skip the acceptance table (batch 4)")
+    ap.add_argument("--compiled", action="store_true",
+                    help="enforce_eager=False for every engine: decode, verification and proposer steps compiled "
+                         "(on first use, in the untimed warm-up runs)")
     args = ap.parse_args()
+    if args.compiled:
+        global COMPILED
+        import frontierlm.engine.fast_decode as fd
+
+        COMPILED, fd.WARMUP_DECODE_STEPS = True, 0
     torch.set_num_threads(args.threads)
     ks = [int(k) for k in args.ks.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
@@ -162,7 +175,7 @@ def main() -> None:
     results = {"load_before": load(), "acceptance": [], "throughput": []}
 
     # 1. acceptance per workload, proposer and K (batch 4), each checked against the plain run
-    for wname, prompts in workloads.items():
+    for wname, prompts in ({} if args.throughput_only else workloads).items():
         ref, _, _ = run(base_llm, prompts[:4], args.tokens)
         for m in methods:
             for k in ks:

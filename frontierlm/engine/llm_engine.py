@@ -353,6 +353,9 @@ class LLMEngine(EngineStats):
             if stop is not None and fed < len(new):  # the tokens after it were never generated
                 del req.output_token_ids[fed - len(new):]
                 del req.all_token_ids[fed - len(new):]
+                if req.logprobs:
+                    del req.logprobs[req.num_output_tokens:]
+                    req.cumulative_logprob = sum(e[1][0] for e in req.logprobs)  # the same additions, in order
                 if req.is_finished:  # by a rule that a later token met: the stop string came first
                     req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop
         group.num_detokenized[idx] = req.num_output_tokens
@@ -366,8 +369,9 @@ class LLMEngine(EngineStats):
             if detok.stop_str is not None and req.stop_reason is None:  # flushed text completed a stop string
                 req.stop_reason = detok.stop_str
                 req.status = RequestStatus.FINISHED_STOPPED
-        if req.sampling_params.logprobs is not None and req.logprobs:
-            group.logprobs[idx].append(logprob_dict(req.logprobs[-1], req.sampling_params.detokenize, self._decode_one))
+        if req.sampling_params.logprobs is not None:  # one entry per new token (several with speculation)
+            detok, done = req.sampling_params.detokenize, group.logprobs[idx]
+            done += [logprob_dict(e, detok, self._decode_one) for e in req.logprobs[len(done):]]
 
     def _jump_forward(self, req: Request) -> None:
         """Append the text the grammar forces next as tokens, without sampling them: the scheduler then computes

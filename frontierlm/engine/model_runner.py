@@ -201,23 +201,31 @@ class ModelRunner:
             spec_mask_job = self._host_pool().submit(fill_spec_bitmask, [s.request.grammar for s in spec_rows],
                                                      [s.spec_token_ids for s in spec_rows],
                                                      self.model_config.vocab_size)
-        hidden, logits, prompt_lps, spec_index = self._forward(sched)
+        fast = self.spec.fast.step(sched) if self.spec.fast is not None else None  # all decodes: compiled
+        if fast is None:
+            hidden, logits, prompt_lps, spec_index = self._forward(sched)
+            spec_logits = None
+        else:
+            (hidden, logits, spec_logits), prompt_lps = fast, {}
         if logits is not None:
             result = self._sample(logits, rows, matchers, bitmask_job, prompt_lps)
         else:
             result = RunnerOutput(sampled={}, prompt_logprobs=prompt_lps)
         if spec_rows:
-            index = torch.tensor(spec_index, dtype=torch.long).to(self.device, non_blocking=True)
-            spec_logits = self.model.compute_logits(hidden.index_select(0, index))
+            if spec_logits is None:
+                index = torch.tensor(spec_index, dtype=torch.long).to(self.device, non_blocking=True)
+                spec_logits = self.model.compute_logits(hidden.index_select(0, index))
             if spec_mask_job is not None:
                 from frontierlm.spec.grammar import apply_spec_bitmask
 
                 apply_spec_bitmask(spec_logits, spec_mask_job.result(), [s.request.grammar for s in spec_rows],
                                    [s.spec_token_ids for s in spec_rows])
             verified = self.spec.verify(self.sampler, spec_logits, spec_rows, self.model_config.eos_token_ids)
-            for s, (accepted, token) in zip(spec_rows, verified):
-                result.sampled[s.request.request_id] = token
-                result.spec_accepted[s.request.request_id] = accepted
+            for s, v in zip(spec_rows, verified):
+                rid = s.request.request_id
+                result.sampled[rid], result.spec_accepted[rid] = v.token, v.accepted
+                if v.logprobs is not None:  # one entry per kept token: the accepted ones, then `token`'s
+                    result.spec_logprobs[rid], result.logprobs[rid] = v.logprobs[:-1], v.logprobs[-1]
         self.spec.observe(sched, hidden, result.spec_accepted)
         return result
 

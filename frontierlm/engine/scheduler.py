@@ -44,6 +44,7 @@ class RunnerOutput:
     sampled: dict[str, int]  # request id -> new token
     spec_accepted: dict[str, list[int]] = field(default_factory=dict)  # accepted proposals, before `sampled`
     logprobs: dict[str, tuple[list[int], list[float], int]] = field(default_factory=dict)
+    spec_logprobs: dict[str, list[tuple]] = field(default_factory=dict)  # entries of the accepted proposals
     mirostat_mu: dict[str, float] = field(default_factory=dict)
     prompt_logprobs: dict[str, list] = field(default_factory=dict)  # engine/prompt_logprobs.py entries
 
@@ -195,20 +196,21 @@ class Scheduler:
                 request.check_invariants()
                 continue
             status = None
-            for t in accepted:  # accepted proposals are ordinary tokens: each passes the stop rules
+            accepted_lps = result.spec_logprobs.get(request.request_id)
+            for j, t in enumerate(accepted):  # accepted proposals are ordinary tokens: each passes the stop rules
                 request.append_token(t)
+                if accepted_lps is not None:
+                    self._append_logprob(request, accepted_lps[j])
                 status = self._check_stop(request, t)
                 if status is not None:
                     break
             if status is None:
                 request.append_token(token)
+                if request.request_id in result.logprobs:
+                    self._append_logprob(request, result.logprobs[request.request_id])
                 status = self._check_stop(request, token)
             if request.first_token_time is None:
                 request.first_token_time = now
-            if request.request_id in result.logprobs:
-                entry = result.logprobs[request.request_id]
-                request.logprobs.append(entry)
-                request.cumulative_logprob += entry[1][0]
             if request.request_id in result.mirostat_mu:
                 request.mirostat_mu = result.mirostat_mu[request.request_id]
             request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
@@ -219,6 +221,11 @@ class Scheduler:
                 self.kv.free_tail(request.request_id, request.num_tokens)
             updated.append(request)
         return updated
+
+    @staticmethod
+    def _append_logprob(request: Request, entry) -> None:
+        request.logprobs.append(entry)
+        request.cumulative_logprob += entry[1][0]
 
     def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
         params = request.sampling_params

@@ -78,7 +78,7 @@ class Sampler:
             return SamplerOutput(logits.argmax(dim=-1), None, None, None, old_mu)
 
         x = logits.to(torch.float32, copy=True)  # never modify the caller's logits
-        x, mu_t = self._process(x, states, eos_token_ids, old_mu)
+        x, mu_t = self._process(x, states, eos_token_ids, old_mu, procs)
         mu_rows = [i for i, (g, p) in enumerate(zip(greedy, params)) if not g and p.mirostat_mode]
 
         # 10. Sample. The final distribution is softmax(x); masked tokens are -inf there.
@@ -117,25 +117,30 @@ class Sampler:
         return SamplerOutput(tokens, ids, lps, ranks, new_mu)
 
     def processed_logits(self, logits: torch.Tensor, states: Sequence[SamplingState],
-                         eos_token_ids: Sequence[int]) -> torch.Tensor:
+                         eos_token_ids: Sequence[int], logits_processors: LogitsProcessors | None = None
+                         ) -> torch.Tensor:
         """Stages 1-9 without sampling, for rows without Mirostat: float32 logits whose softmax is exactly the
         distribution __call__ draws from (greedy rows: whose argmax it takes). Speculative verification
-        scores proposals against these."""
+        scores proposals against these. The custom processors keep state per batch row, so a caller with
+        other rows than the engine's (speculation's verification rows) passes its own instance, told about
+        `states` here."""
         x = logits.to(torch.float32, copy=True)
-        return self._process(x, states, eos_token_ids, [None] * len(states), logits_processors=False)[0]
+        if logits_processors:
+            logits_processors.update(states)
+        return self._process(x, states, eos_token_ids, [None] * len(states), logits_processors)[0]
 
     def _process(self, x: torch.Tensor, states: Sequence[SamplingState], eos_token_ids: Sequence[int],
-                 old_mu: list[float | None], logits_processors: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Stages 1-9 on x (in place but for the custom processors); returns (x, Mirostat rows' current mu).
-        The custom processors are stateful per batch row, so speculation (which refuses them) skips them."""
+                 old_mu: list[float | None], logits_processors: LogitsProcessors | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Stages 1-9 on x (in place but for the custom processors); returns (x, Mirostat rows' current mu)."""
         params = [s.sampling_params for s in states]
         greedy = [p.greedy for p in params]
         self._apply_bias_and_bans(x, states, eos_token_ids)
         # 2. The grammar bitmask was applied by the runner (structured outputs) before the sampler.
         # 2b. allowed_token_ids, then the user's logits processors (the documented stage for them).
         apply_allowed_token_ids(x, states)
-        if logits_processors and self.logits_processors:
-            x = self.logits_processors.apply(x)
+        if logits_processors:
+            x = logits_processors.apply(x)
         self._apply_penalties(x, states)
 
         # 4. Temperature. Greedy rows keep temperature 1 so their logprobs are of the penalized distribution.

@@ -18,6 +18,7 @@ from torch import nn
 from frontierlm.config import ModelConfig
 from frontierlm.distributed.layers import VocabParallelEmbedding
 from frontierlm.distributed.pipeline import MissingEmbedding, first_stage_only, stage_layers
+from frontierlm.layers.attention import AttentionMetadata
 from frontierlm.layers.linear import Linear
 from frontierlm.layers.mla import MLAAttention, TorchMLABackend, mla_rotary
 from frontierlm.layers.moe import MoE, RoutingConfig
@@ -166,10 +167,14 @@ class DeepseekV2ForCausalLM(CausalLM):
                 if not getattr(layer, "is_missing", False)]  # pipeline parallel: this stage's layers
 
     def mtp_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, previous_hidden: torch.Tensor,
-                    depth: int = 0, return_next_hidden: bool = False):
-        """Multi-token prediction over contiguous sequences (plain causal attention, no cache): given the
-        hidden state at position i (this model's output, or the previous MTP depth's) and the token at i + 1
-        + depth, returns the MTP module's hidden state; `mtp_logits` turns it into logits for token i + 2 + depth.
+                    depth: int = 0, return_next_hidden: bool = False, attn_meta: AttentionMetadata | None = None,
+                    plan=None):
+        """Multi-token prediction: given the hidden state at position i (this model's output, or the previous
+        MTP depth's) and the token at i + 1 + depth, returns the MTP module's hidden state; `mtp_logits` turns
+        it into logits for token i + 2 + depth. Without attn_meta: contiguous [B, T] sequences, plain causal
+        attention, no cache. With attn_meta: flat [num_tokens] rows over the paged cache bound to the module's
+        attention (frontierlm/spec/mtp.py keeps one per request). With a plan too: the static-shape decode
+        step (a PagedDecodePlan, and attn_meta its DecodeMeta: frontierlm/spec/mtp_fast.py).
 
         return_next_hidden: return (that hidden state, the module's output before its shared head's norm): the
         second is what depth + 1 takes as previous_hidden (as in vLLM's DeepSeek MTP)."""
@@ -178,8 +183,12 @@ class DeepseekV2ForCausalLM(CausalLM):
         layer: MTPLayer = self.model.layers[self.config.num_layers + depth]
         embeds = self.model.embed_tokens(input_ids)
         x = layer.eh_proj(torch.cat([layer.enorm(embeds), layer.hnorm(previous_hidden)], dim=-1))
-        cos_sin = self.model.rope(positions, None)
-        x, residual = layer(x, None, cos_sin, self.model.rotary_emb, None)
+        if plan is None:  # (the cache may start past position 0: the rope table's bound comes from positions)
+            cos_sin = self.model.rope(positions, None)
+            plan = None if attn_meta is None else self.attn_backend.plan(attn_meta)
+        else:  # static shapes: the bound is the DecodeMeta's, no host read of positions
+            cos_sin = self.model.rope(positions, attn_meta)
+        x, residual = layer(x, None, cos_sin, self.model.rotary_emb, plan)
         x, residual = layer.shared_head.norm(x, residual)
         return (x, residual) if return_next_hidden else x
 

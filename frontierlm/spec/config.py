@@ -16,7 +16,6 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 1  # ngram: shortest suffix to match
     prompt_lookup_max: int = 4  # ngram: longest suffix to match (tried first)
     adaptive: bool = True  # K follows acceptance and the measured step cost; False pins K
-    mtp_window: int = 8  # mtp: positions the MTP module attends over (recomputed each step)
 
     @classmethod
     def from_dict(cls, value) -> "SpeculativeConfig":
@@ -48,7 +47,6 @@ class SpeculativeConfig:
         integer("num_speculative_tokens", 1)
         integer("prompt_lookup_min", 1)
         integer("prompt_lookup_max", 1)
-        integer("mtp_window", 1)
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(f"speculative_config.prompt_lookup_min ({self.prompt_lookup_min}) exceeds "
                              f"prompt_lookup_max ({self.prompt_lookup_max})")

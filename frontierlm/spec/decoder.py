@@ -6,8 +6,10 @@
     spec.propose(scheduler.running)       # proposals for the next step, K chosen by AdaptiveK
 
 Which requests speculate: running requests that are decoding (all but their newest token computed). Mirostat
-requests do not (their mu update is sequential per token; counted in `num_mirostat_skipped`), nor do requests
-that ask for logprobs (one logprobs entry per step)."""
+requests do not (their mu update is sequential per token; counted in `num_mirostat_skipped`). Requests that
+ask for logprobs get one entry per kept token (verify.py); custom logits processors see every verification
+and drafting row as a request of its own, through instances of their own (the engine's instance keeps the
+plain rows)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ import torch
 
 from frontierlm.spec.adaptive import AdaptiveK, cost_clock
 from frontierlm.spec.config import SpeculativeConfig
-from frontierlm.spec.verify import Proposal, verify
+from frontierlm.spec.verify import Proposal, Verified, verify
 
 
 @dataclass
@@ -60,7 +62,8 @@ def build_proposer(cfg: SpeculativeConfig, engine):
     if cfg.method == "mtp":
         from frontierlm.spec.mtp import MTPProposer
 
-        return MTPProposer(runner.model, cfg.mtp_window, runner.sampler, eos)
+        return MTPProposer(runner.model, engine.kv.num_blocks, engine.config.block_size, runner.sampler, eos,
+                           fast_rows=_fast_rows(cfg, engine), max_model_len=engine.max_model_len)
     from frontierlm.config import ModelConfig
     from frontierlm.engine.tokenizer import load_tokenizer
     from frontierlm.spec.draft_model import DraftModelProposer, check_same_tokenizer
@@ -71,18 +74,41 @@ def build_proposer(cfg: SpeculativeConfig, engine):
         raise ValueError(f"speculative_config.model: {e}") from None
     check_same_tokenizer(mc.model_dir, mc.vocab_size, engine.tokenizer, cfg.model, draft_mc.vocab_size,
                          load_tokenizer(cfg.model))
-    return DraftModelProposer(draft_mc, runner.device, engine.kv.num_blocks, engine.config.block_size,
-                              runner.sampler, eos, seed=engine.config.seed)
+    c = engine.config
+    return DraftModelProposer(draft_mc, runner.device, engine.kv.num_blocks, c.block_size, runner.sampler, eos,
+                              seed=c.seed, fast_rows=_fast_rows(cfg, engine),
+                              max_model_len=min(engine.max_model_len, draft_mc.max_model_len))
+
+
+def _fast_rows(cfg: SpeculativeConfig, engine) -> int:
+    """Rows a proposer's compiled step takes (K + 1 per request), or 0 where the engine stays eager."""
+    c = engine.config
+    if engine.runner.fast_decode is None or engine.runner.parallel is not None:
+        return 0
+    return c.max_num_seqs * (cfg.num_speculative_tokens + 1)
 
 
 class SpecDecoder:
     def __init__(self, cfg: SpeculativeConfig, engine):
-        if engine.config.logits_processors:  # stateful per batch row: verification rows would confuse them
-            raise ValueError("speculative_config cannot be combined with logits_processors yet")
         self.config = cfg
         self.proposer = build_proposer(cfg, engine)
+        self.processors = None  # custom logits processors for the verification rows (their state is per row)
+        if engine.config.logits_processors:
+            from frontierlm.layers.logits_processor import LogitsProcessors
+
+            specs, device = engine.config.logits_processors, engine.runner.device
+            self.processors = LogitsProcessors(specs, engine.config, device)
+            self.proposer.processors = LogitsProcessors(specs, engine.config, device)
         self.adaptive = AdaptiveK(cfg.num_speculative_tokens, cfg.adaptive)
         self.clock = cost_clock(engine.runner.device)
+        self.fast = None  # verification steps through the static-shape decode path (fast_verify.py)
+        runner = engine.runner
+        if runner.fast_decode is not None and runner.parallel is None:
+            from frontierlm.spec.fast_verify import FastVerify
+
+            fd = runner.fast_decode
+            self.fast = FastVerify(runner.model, runner.device, _fast_rows(cfg, engine), fd.max_model_len,
+                                   fd.block_size, scratch_block=engine.kv.num_blocks)
         if cfg.adaptive:
             self._profile(engine)
         self.stats = SpecStats(accepted_per_pos=[0] * cfg.num_speculative_tokens)
@@ -104,7 +130,7 @@ class SpecDecoder:
         if self.config.method == "draft_model":
             samples = profile_decode(prop.model, runner.device, cfg.block_size, seqs)
         elif self.config.method == "mtp":
-            samples = profile_mtp(runner.model, runner.device, self.config.mtp_window, seqs)
+            samples = profile_mtp(prop, seqs)
         else:
             samples = []
         for n, t in samples:
@@ -125,8 +151,6 @@ class SpecDecoder:
             if p.mirostat_mode:
                 self.stats.num_mirostat_skipped += 1
                 continue
-            if p.logprobs is not None:
-                continue
             cap = min(self.config.num_speculative_tokens, r.max_tokens - r.num_output_tokens - 1,
                       self.max_model_len - r.num_tokens - 1)
             decoding.append(r)
@@ -144,7 +168,7 @@ class SpecDecoder:
         self.adaptive.step_cost.observe(num_tokens, seconds)
 
     # ---- inside the runner's step --------------------------------------------------------------------
-    def verify(self, sampler, logits: torch.Tensor, scheduled: list, eos_token_ids) -> list[tuple[list[int], int]]:
+    def verify(self, sampler, logits: torch.Tensor, scheduled: list, eos_token_ids) -> list[Verified]:
         """logits: the K + 1 rows of each scheduled request with proposals, in order."""
         requests = [s.request for s in scheduled]
         proposals = []
@@ -152,9 +176,9 @@ class SpecDecoder:
             q = self._q.pop(s.request.request_id, None)
             k = len(s.spec_token_ids)
             proposals.append(Proposal(s.spec_token_ids, q[:k] if q is not None else None))
-        results = verify(sampler, logits, requests, proposals, eos_token_ids)
+        results = verify(sampler, logits, requests, proposals, eos_token_ids, self.processors)
         st = self.stats
-        for r, prop, (acc, _) in zip(requests, proposals, results):
+        for r, prop, (acc, _, _) in zip(requests, proposals, results):
             st.num_drafts += 1
             st.num_draft_tokens += len(prop.tokens)
             st.num_accepted_tokens += len(acc)

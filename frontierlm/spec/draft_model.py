@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from frontierlm.config import ModelConfig
 from frontierlm.engine.kv_cache import KVCacheManager
-from frontierlm.layers.attention import AttentionMetadata
 from frontierlm.models.loader import load_model
 from frontierlm.spec.adaptive import LinearCost, cost_clock
+from frontierlm.spec.paged import last_rows, paged_metadata
 from frontierlm.spec.proposer import Proposer
 from frontierlm.spec.verify import Proposal, RowState, draw
 
@@ -51,14 +52,21 @@ class DraftModelProposer(Proposer):
     name = "draft_model"
 
     def __init__(self, draft_config: ModelConfig, device: torch.device, num_blocks: int, block_size: int,
-                 sampler, eos_token_ids, seed: int = 0):
+                 sampler, eos_token_ids, seed: int = 0, fast_rows: int = 0, max_model_len: int = 0):
+        """fast_rows: the most rows one compiled draft step takes (engine/fast_decode.py); 0: always eager."""
         self.mc = draft_config
         self.device = device
         self.model = load_model(draft_config, device, "auto", seed=seed)
         self.block_size = block_size
-        shapes = self.model.kv_cache_shapes(num_blocks, block_size)
+        scratch = 1 if fast_rows else 0  # the compiled step's padding rows write a block nobody is given
+        shapes = self.model.kv_cache_shapes(num_blocks + scratch, block_size)
         self.kv_caches = [torch.zeros(s, dtype=draft_config.dtype, device=device) for s in shapes]
         self.model.bind_kv_cache(self.kv_caches)
+        self.fast = None
+        if fast_rows:  # every draft row is a one-token decode over the draft's cache: the target's fast path
+            from frontierlm.engine.fast_decode import FastDecode
+
+            self.fast = FastDecode(self.model, device, fast_rows, max_model_len, block_size, scratch_block=num_blocks)
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=False)
         self.seqs: dict[str, _DraftSeq] = {}
         self.sampler, self.eos = sampler, eos_token_ids
@@ -99,32 +107,25 @@ class DraftModelProposer(Proposer):
         """One paged forward over `chunks` (tokens after each sequence's computed ones); logits of the last
         token of each chunk."""
         t0 = self.clock()
-        bs = self.block_size
-        ids, pos, slots, qlens, slens, tables = [], [], [], [], [], []
-        for seq, toks in chunks:
-            start = seq.num_computed_tokens
-            table = self.kv.block_ids(seq.request_id)
-            p = range(start, start + len(toks))
-            ids += toks
-            pos += p
-            slots += [table[i // bs] * bs + i % bs for i in p]
-            qlens.append(len(toks))
-            slens.append(start + len(toks))
-            tables.append(table)
-        width = max(len(t) for t in tables)
-        dev = self.device
-        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-        qsl = torch.zeros(len(chunks) + 1, dtype=torch.int32)
-        qsl[1:] = torch.tensor(qlens).cumsum(0)
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev), query_start_loc=qsl.to(dev),
-            seq_lens=torch.tensor(slens, dtype=torch.int32).to(dev), block_tables=block_tables.to(dev),
-            query_lens_cpu=qlens, seq_lens_cpu=slens, max_query_len=max(qlens), max_seq_len=max(slens),
-            block_size=bs)
-        hidden = self.model(torch.tensor(ids, dtype=torch.long).to(dev), torch.tensor(pos, dtype=torch.long).to(dev),
-                            meta)
-        last = (qsl[1:] - 1).to(dev, dtype=torch.long)
-        logits = self.model.compute_logits(hidden.index_select(0, last))
+        tables = [self.kv.block_ids(seq.request_id) for seq, _ in chunks]
+        logits = None
+        if self.fast is not None:
+            from frontierlm.spec.fast_verify import decode_rows
+
+            rows = decode_rows((seq.num_computed_tokens, toks, table) for (seq, toks), table in zip(chunks, tables))
+            logits = self.fast.run(rows)
+        if logits is not None:
+            last = torch.tensor(np.cumsum([len(toks) for _, toks in chunks]) - 1, device=self.device)
+            logits = logits.index_select(0, last)
+        else:
+            meta = paged_metadata([(table, seq.num_computed_tokens, len(toks)) for (seq, toks), table in
+                                   zip(chunks, tables)], self.block_size, self.device)
+            ids = torch.tensor([t for _, toks in chunks for t in toks], dtype=torch.long).to(self.device)
+            pos = torch.tensor([p for seq, toks in chunks for p in range(seq.num_computed_tokens,
+                                                                         seq.num_computed_tokens + len(toks))],
+                               dtype=torch.long).to(self.device)
+            hidden = self.model(ids, pos, meta)
+            logits = self.model.compute_logits(hidden.index_select(0, last_rows(meta)))
         for seq, toks in chunks:
             seq.num_computed_tokens += len(toks)
         self.cost.observe(len(chunks), self.clock() - t0)
@@ -157,10 +158,10 @@ class DraftModelProposer(Proposer):
                 for a in rows:
                     active[a][2].fed.append(drafted[a][-1])
             states = [RowState(active[a][1], drafted[a]) for a in rows]
-            tokens, q = draw(self.sampler, logits, states, self.eos)
+            tokens, q = draw(self.sampler, logits, states, self.eos, self.processors)
             for n, a in enumerate(rows):
                 drafted[a].append(tokens[n])
-                qs[a].append(q[n])
+                qs[a].append(None if q is None else q[n])
         for a, (i, r, seq, k) in enumerate(active):
             greedy = r.sampling_params.greedy
             out[i] = Proposal(drafted[a], None if greedy else torch.stack(qs[a]))

@@ -1,6 +1,6 @@
 """Start-up measurement for the adaptive draft length's cost model: a few forwards of decode batches of
-different sizes, timed. They write into block 0 of the model's cache, which nothing uses yet (no request has
-run, the prefix cache is empty), and their outputs are thrown away."""
+different sizes, timed. They write into block 0 of the model's (or the MTP proposer's) cache, which nothing
+uses yet (no request has run, the prefix cache is empty), and their outputs are thrown away."""
 from __future__ import annotations
 
 import torch
@@ -32,18 +32,23 @@ def profile_decode(model, device, block_size: int, sizes, reps: int = 2) -> list
 
 
 @torch.inference_mode()
-def profile_mtp(model, device, window: int, sizes, reps: int = 2) -> list[tuple[int, float]]:
-    out, clock = [], cost_clock(device)
+def profile_mtp(proposer, sizes, reps: int = 2) -> list[tuple[int, float]]:
+    """[(requests, seconds)] of one chained MTP step (one row each, a block of context in the proposer's
+    own cache, block 0, which no request holds yet) + its logits."""
+    from frontierlm.spec.paged import paged_metadata
+
+    out, clock = [], cost_clock(proposer.device)
+    model, bs, dev = proposer.model, proposer.block_size, proposer.device
     h = model.config.hidden_size
-    dtype = model.lm_head.weight.dtype
     for n in sizes:
-        ids = torch.zeros(n, window, dtype=torch.long, device=device)
-        pos = torch.arange(window, device=device).expand(n, -1)
-        prev = torch.zeros(n, window, h, dtype=dtype, device=device)
+        meta = paged_metadata([([0], bs - 1, 1)] * n, bs, dev)
+        ids = torch.zeros(n, dtype=torch.long, device=dev)
+        pos = torch.full((n,), bs - 1, dtype=torch.long, device=dev)
+        prev = torch.zeros(n, h, dtype=model.lm_head.weight.dtype, device=dev)
         for r in range(reps + 1):
             t0 = clock()
-            head, _ = model.mtp_forward(ids, pos, prev, 0, return_next_hidden=True)
-            model.mtp_logits(head[:, -1]).float().sum().item()
+            head, _ = model.mtp_forward(ids, pos, prev, 0, return_next_hidden=True, attn_meta=meta)
+            model.mtp_logits(head).float().sum().item()
             if r:
                 out.append((n, clock() - t0))
     return out

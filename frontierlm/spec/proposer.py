@@ -2,7 +2,7 @@
 
 A proposer runs after a step's tokens are appended and suggests up to k next tokens for each request that is
 decoding; the next step scores them (verify.py). Proposers that keep per-request state (the draft model's KV
-cache, MTP's window of hidden states) drop it in `release` for requests that stopped running (finished,
+cache, MTP's cache and waiting hidden states) drop it in `release` for requests that stopped running (finished,
 aborted or preempted), and `observe` sees the target's hidden states after each forward."""
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from frontierlm.spec.verify import Proposal
 class Proposer(abc.ABC):
     name = "base"
     uses_hidden = False  # observe() wants the target's hidden states
+    processors = None  # the custom logits processors that drafting rows go through (set by SpecDecoder)
 
     @abc.abstractmethod
     def propose(self, requests: list, ks: list[int]) -> list[Proposal]:

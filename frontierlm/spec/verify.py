@@ -8,11 +8,16 @@ it if it is used. Greedy rows accept a proposal iff it is the argmax. Sampled ro
 draw from the normalised max(p_j - q_j, 0) and stop; when every proposal is accepted, draw one more token from
 p_{K+1}. q is the draft's processed distribution, or one-hot for deterministic proposers (n-gram). The output
 tokens are distributed exactly as the target's.
+
+Custom logits processors (layers/logits_processor.py) run on every row with that same view: each row is
+presented to them as its own request whose output_token_ids are the request's output plus the proposals
+before the row. Log-probs of the tokens a request keeps follow the sampler's convention: the log-softmax of
+the row's processed logits (the target distribution after every stage), the token, then the top N.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -55,14 +60,22 @@ def _race(weights: torch.Tensor, generators: list, fallback: torch.Generator) ->
     return weights.div(e.clamp_min_(1e-30)).argmax(dim=-1)
 
 
-def draw(sampler: Sampler, logits: torch.Tensor, states: Sequence, eos_token_ids) -> tuple[list[int], torch.Tensor]:
+class Verified(NamedTuple):
+    accepted: list[int]  # the proposals kept
+    token: int  # the target's token after them
+    logprobs: list | None  # (ids, logprobs, rank) per kept token (accepted, then `token`); None if not asked
+
+
+def draw(sampler: Sampler, logits: torch.Tensor, states: Sequence, eos_token_ids,
+         processors=None) -> tuple[list[int], torch.Tensor]:
     """One proposal per row from a draft's logits: argmax for greedy requests, a sample from the processed
-    draft distribution q otherwise. Returns the tokens (host) and q [rows, V]."""
-    x = sampler.processed_logits(logits, states, eos_token_ids)
-    q = torch.softmax(x, dim=-1)
+    draft distribution q otherwise. Returns the tokens (host) and q [rows, V] (None when every row is greedy:
+    greedy verification never reads it)."""
+    x = sampler.processed_logits(logits, states, eos_token_ids, processors)
     greedy = [s.sampling_params.greedy for s in states]
     if all(greedy):
-        return x.argmax(dim=-1).tolist(), q
+        return x.argmax(dim=-1).tolist(), None
+    q = torch.softmax(x, dim=-1)
     fallback = sampler._generator(x.device)
     tokens = _race(q, [s.generator for s in states], fallback)
     if any(greedy):
@@ -72,26 +85,61 @@ def draw(sampler: Sampler, logits: torch.Tensor, states: Sequence, eos_token_ids
 
 
 def verify(sampler: Sampler, logits: torch.Tensor, requests: Sequence, proposals: Sequence[Proposal],
-           eos_token_ids) -> list[tuple[list[int], int]]:
+           eos_token_ids, processors=None) -> list[Verified]:
     """logits: [sum(K_i + 1), V] target rows, request by request (row j scores proposal j + 1; the last row
-    follows the last proposal). Returns (accepted proposals, next token) per request."""
+    follows the last proposal). processors: the LogitsProcessors instance that sees verification rows."""
     states, starts = [], []
     for req, prop in zip(requests, proposals):
         starts.append(len(states))
         states += row_states(req, prop.tokens)
-    x = sampler.processed_logits(logits, states, eos_token_ids)
-    device = x.device
+    x = sampler.processed_logits(logits, states, eos_token_ids, processors)
     argmax = x.argmax(dim=-1)
     greedy = [r.sampling_params.greedy for r in requests]
     if all(greedy):
         am = argmax.tolist()
-        out = []
+        kept = []
         for req, prop, st in zip(requests, proposals, starts):
             a = 0
             while a < len(prop.tokens) and am[st + a] == prop.tokens[a]:
                 a += 1
-            out.append((prop.tokens[:a], am[st + a]))
+            kept.append((prop.tokens[:a], am[st + a]))
+    else:
+        kept = _rejection_sample(sampler, x, argmax, requests, proposals, starts, greedy)
+    lps = _logprobs(x, requests, starts, kept)
+    return [Verified(acc, tok, lp) for (acc, tok), lp in zip(kept, lps)]
+
+
+def _logprobs(x: torch.Tensor, requests: Sequence, starts: list[int], kept: list) -> list:
+    """Entries for the kept tokens of the requests that ask for logprobs, as the sampler makes them."""
+    asks = [i for i, r in enumerate(requests) if r.sampling_params.logprobs is not None]
+    out: list = [None] * len(requests)
+    if not asks:
         return out
+    rows, tokens = [], []
+    for i in asks:
+        acc, tok = kept[i]
+        rows += range(starts[i], starts[i] + len(acc) + 1)
+        tokens += acc + [tok]
+    device = x.device
+    logp = torch.log_softmax(x[torch.tensor(rows, device=device)], dim=-1)
+    tok_t = torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(1)
+    tok_lp = logp.gather(1, tok_t)
+    ranks = ((logp > tok_lp).sum(dim=-1) + 1).tolist()
+    n_max = max(requests[i].sampling_params.logprobs for i in asks)
+    top_lp, top_ids = logp.topk(min(n_max, logp.shape[1]), dim=-1)
+    ids = torch.cat([tok_t, top_ids], dim=1).tolist()
+    lps = torch.cat([tok_lp, top_lp], dim=1).tolist()
+    row = 0
+    for i in asks:
+        n, count = requests[i].sampling_params.logprobs, len(kept[i][0]) + 1
+        out[i] = [(ids[r][:n + 1], lps[r][:n + 1], ranks[r]) for r in range(row, row + count)]
+        row += count
+    return out
+
+
+def _rejection_sample(sampler: Sampler, x: torch.Tensor, argmax: torch.Tensor, requests: Sequence,
+                      proposals: Sequence[Proposal], starts: list[int], greedy: list[bool]) -> list:
+    device = x.device
 
     probs = torch.softmax(x, dim=-1)
     fallback = sampler._generator(device)
