@@ -136,7 +136,7 @@ def main(argv=None) -> dict:
                             speedup=t["gather"] / t["in_place"], load1=os.getloadavg()[0]))
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in ops[-1].items()}),
                   file=sys.stderr, flush=True)
-    print(f"| prefix | chunk | seqs | table | in place ms | gather ms | speedup | load |\n|---|---|---|---|---|---|---|---|")
+    print("| prefix | chunk | seqs | table | in place ms | gather ms | speedup | load |\n" + "|---" * 8 + "|")
     for o in ops:
         print(f"| {o['prefix']} | {o['chunk']} | {o['batch']} | {'scattered' if o['scattered'] else 'contiguous'} | "
               f"{o['in_place_ms']:.2f} | {o['gather_ms']:.2f} | {o['speedup']:.2f}x | {o['load1']:.1f} |")

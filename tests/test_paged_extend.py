@@ -30,7 +30,8 @@ def _meta(qlens, slens, tables, bs, num_pad=0):
         max_query_len=max(qlens), max_seq_len=max(slens), block_size=bs)
 
 
-def test_prefix_view_groups_rows_contiguous_in_memory():
+def test_prefix_view_groups_rows_contiguous_in_memory(monkeypatch):
+    monkeypatch.setattr(PrefixView, "MIN_VIEW_ROWS", 0)
     bs = 4
     # descending physical blocks (a table from the tail-first free list) form one range
     view = PrefixView([9, 8, 7], 12, 5, bs, None, torch.device("cpu"))
@@ -49,6 +50,17 @@ def test_prefix_view_groups_rows_contiguous_in_memory():
     for mask, keys in zip(view.masks, [(5, 6, 7), (8, 9)]):  # queries 13, 14 see no key of the first range
         visible = [[float(m) == 0 for m in row] for row in mask]
         assert visible == [[p > q - 6 for p in keys] for q in range(10, 15)]
+    assert view.empty[0].tolist() == [False, False, False, True, True] and view.empty[1] is None
+
+
+def test_prefix_view_gathers_short_runs(monkeypatch):
+    monkeypatch.setattr(PrefixView, "MIN_VIEW_ROWS", 8)
+    view = PrefixView([3, 4, 10, 1, 20], 19, 2, 4, None, torch.device("cpu"))
+    assert view.ranges == [(12, 8)]  # blocks 3, 4; the rest (1, 10, and 3 rows of 20) is one gathered part
+    assert view.parts[1].tolist() == [4, 5, 6, 7, 40, 41, 42, 43, 80, 81, 82]
+    flat = torch.arange(100.0)[:, None]
+    assert view.read(flat, 1).squeeze(1).tolist() == view.parts[1].tolist()
+    assert view.read(flat, 0).data_ptr() == flat[12].data_ptr()  # in place: a view of the cache
 
 
 CASES = {  # (query heads, kv heads, window)
@@ -57,9 +69,11 @@ CASES = {  # (query heads, kv heads, window)
 }
 
 
+@pytest.mark.parametrize("min_view_rows", [0, 8, 10**6], ids=["views", "mixed", "gathered"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dense_extend_matches_gathering_path(case, dtype):
+def test_dense_extend_matches_gathering_path(monkeypatch, case, dtype, min_view_rows):
+    monkeypatch.setattr(PrefixView, "MIN_VIEW_ROWS", min_view_rows)
     hq, hkv, window = CASES[case]
     torch.manual_seed(0)
     bs, d, num_blocks = 4, 16, 40
@@ -89,13 +103,15 @@ def _mla_layer(tiny_model_dir, arch):
     return model, model.model.layers[0].self_attn, model.model.rotary_emb
 
 
+@pytest.mark.parametrize("min_view_rows", [0, 10**6], ids=["views", "gathered"])
 @pytest.mark.parametrize("absorb", [True, False], ids=["absorbed", "decompressed"])
 @pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])
 @torch.inference_mode()
-def test_mla_extend_matches_decompressed_attention(tiny_model_dir, monkeypatch, arch, absorb):
+def test_mla_extend_matches_decompressed_attention(tiny_model_dir, monkeypatch, arch, absorb, min_view_rows):
     """One MLA layer fed a 27-token sequence in chunks of 9, 1, 7 and 10 tokens over a scattered block table:
     every row equals plain causal attention over the whole sequence, and the gathering path's output."""
     monkeypatch.setattr(mla_module, "absorb_prefix", lambda layer, n: absorb)
+    monkeypatch.setattr(PrefixView, "MIN_VIEW_ROWS", min_view_rows)
     model, attn, rotary = _mla_layer(tiny_model_dir, arch)
     bs, n = 4, 27
     table = [5, 2, 3, 9, 8, 0, 1]
@@ -136,8 +152,10 @@ def _engine_prompts(seed=5):
     return [shared + [rng.randrange(10, 500) for _ in range(n)] for n in (3, 30, 11, 52, 19)]
 
 
+@pytest.mark.parametrize("min_view_rows", [0, PrefixView.MIN_VIEW_ROWS], ids=["views", "default"])
 @pytest.mark.parametrize("name", list(ENGINE_ARCHS))
-def test_engine_chunked_prefill_and_prefix_hits_match_gathering(tiny_model_dir, name):
+def test_engine_chunked_prefill_and_prefix_hits_match_gathering(tiny_model_dir, monkeypatch, name, min_view_rows):
+    monkeypatch.setattr(PrefixView, "MIN_VIEW_ROWS", min_view_rows)
     arch = name.split("-")[0]
     path = tiny_model_dir(arch, **ENGINE_ARCHS[name])
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3)

@@ -131,16 +131,16 @@ class TorchMLABackend:
             q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
             q_abs = torch.cat([q_lat, q_pe], dim=-1).reshape(1, 1, n * num_heads, -1)
             o_lat = lse_lat = None
-            for start, length in view.ranges:
-                ctx = flat[start:start + length].to(q.dtype)[None, None]  # [1, 1, L, r + dr], a view
+            for i in range(len(view.parts)):
+                ctx = view.read(flat, i).to(q.dtype)[None, None]  # [1, 1, L, r + dr], a view
                 o, s = sdpa_lse(q_abs, ctx, ctx, layer.scale)
                 o, s = o.view(n, num_heads, -1)[..., :r], s.view(n, num_heads)
                 o_lat, lse_lat = (o, s) if o_lat is None else merge(o_lat, lse_lat, o, s)
             p_out = torch.bmm(o_lat.transpose(0, 1), w_uv).transpose(0, 1)  # [n, H, dv]
-            return merge(out, lse, p_out, lse_lat)[0]
+            return merge(out, lse, p_out, lse_lat, need_lse=False)[0]
         qh = q.transpose(0, 1)[None]  # [1, H, n, dn + dr]
-        for start, length in view.ranges:  # decompress the prefix range by range, reading the cache in place
-            ctx = flat[start:start + length].to(q.dtype)
+        for i in range(len(view.parts)):  # decompress the prefix part by part, reading the cache in place
+            ctx = view.read(flat, i).to(q.dtype)
             kc, vc = layer.decompress(ctx[:, :r], ctx[:, r:])
             vc = F.pad(vc, (0, q.shape[-1] - dv))
             o, s = sdpa_lse(qh, kc.transpose(0, 1)[None], vc.transpose(0, 1)[None], layer.scale)
