@@ -152,6 +152,7 @@ class AsyncEngine:
             self._outputs.put(None)
             self._output_thread.join(timeout)
             self._output_thread = None
+            self.engine.detokenize_in_step = True  # the engine may be stepped directly again (LLMEngine.step)
         summary = self.engine.spec_decode_summary() if self.is_ready else None
         if summary:
             logger.info(summary)
