@@ -4,6 +4,10 @@ The engine is not thread-safe, so only its own thread ever touches it: callers s
 read-only snapshot) through a queue that the thread drains between steps, and outputs come back to each
 request's asyncio.Queue through loop.call_soon_threadsafe. HTTP handling therefore never waits for a step,
 and a step never waits for HTTP.
+
+Text is made off the engine thread too: the engine's steps return token deltas, and an output thread turns
+them into RequestOutputs (engine/output_processor.py: incremental detokenization, stop strings, which it
+reports back as a command that finishes the request) and delivers them with the request's metrics.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
+from frontierlm.engine.output_processor import OutputProcessor, output_copy
 from frontierlm.engine.request import RequestStatus
 from frontierlm.logger import init_logger
 from frontierlm.outputs import RequestOutput
@@ -36,8 +41,8 @@ class EngineDeadError(RuntimeError):
 
 
 class StatsSink:
-    """What the engine thread reports; metrics.ServerMetrics implements it. All methods are called from the
-    engine thread (prometheus-client is thread-safe)."""
+    """What the engine reports; metrics.ServerMetrics implements it. Methods are called from the engine thread
+    and the output thread (prometheus-client is thread-safe)."""
 
     def on_step(self, stats: dict) -> None: ...
     def on_scheduled(self, queue_time: float) -> None: ...
@@ -108,6 +113,9 @@ class AsyncEngine:
         self.num_running = 0  # children, snapshot after the last step/command (read from other threads)
         self.num_waiting = 0
         self.dead: BaseException | None = None
+        self._processor: OutputProcessor | None = None  # set once the engine is built (see _start_output)
+        self._outputs: queue.SimpleQueue = queue.SimpleQueue()  # engine thread -> output thread, in order
+        self._output_thread: threading.Thread | None = None
 
     @classmethod
     def from_engine(cls, engine, stats: StatsSink | None = None) -> "AsyncEngine":
@@ -140,6 +148,11 @@ class AsyncEngine:
         self._commands.put(None)  # wake the thread
         self._thread.join(timeout)
         self._thread = None
+        if self._output_thread is not None:
+            self._outputs.put(None)
+            self._output_thread.join(timeout)
+            self._output_thread = None
+            self.engine.detokenize_in_step = True  # the engine may be stepped directly again (LLMEngine.step)
         summary = self.engine.spec_decode_summary() if self.is_ready else None
         if summary:
             logger.info(summary)
@@ -214,6 +227,8 @@ class AsyncEngine:
         track.num_prompt_tokens = track.children[0].num_prompt_tokens
         self._tracks[track.request_id] = track
         self._unscheduled[track.request_id] = track
+        if self._processor is not None:
+            self._outputs.put((self._processor.add, output_copy(eng.groups[track.request_id])))
         self._refresh_counts()  # before the caller hears back, so the queue depth it reads includes this one
         return track
 
@@ -223,6 +238,8 @@ class AsyncEngine:
             return
         self._unscheduled.pop(request_id, None)
         self.engine.abort_request(request_id)
+        if self._processor is not None:
+            self._outputs.put((self._processor.abort, request_id))
         self._refresh_counts()
         if reason is not None:
             self._stats.on_failure(reason)
@@ -268,6 +285,7 @@ class AsyncEngine:
             self.load_error = e
             self._ready.set()
             return
+        self._start_output()
         self._ready.set()
         try:
             while not self._stopping:
@@ -292,18 +310,71 @@ class AsyncEngine:
         if not self._stopping and self.engine.has_unfinished_requests():
             t0 = time.monotonic()
             outputs = self.engine.step()
-            self._dispatch(outputs, t0, time.monotonic())
+            self._mark_scheduled(t0)
+            if self._processor is not None:
+                self._outputs.put((self._process, (outputs, time.monotonic())))
+            else:
+                self._deliver(outputs, time.monotonic())
         elif hasattr(self.engine, "poll_idle"):
             self.engine.poll_idle()
         self._refresh_counts()
         self._stats.on_step(self.engine.get_stats())
 
-    def _dispatch(self, outputs: list[RequestOutput], step_start: float, now: float) -> None:
+    # ---- output thread -------------------------------------------------------------------------------------
+    def _start_output(self) -> None:
+        """Detokenize on an output thread, unless the engine cannot hand that off (a stand-in engine, or a KV
+        connector, whose transfer parameters are made with each finished output on the engine thread)."""
+        eng = self.engine
+        if getattr(eng, "detokenize_in_step", None) is None or getattr(eng, "kv_connector", None) is not None:
+            return
+        eng.detokenize_in_step = False
+        self._processor = OutputProcessor(eng._decode_one, self._finish_late)
+        self._output_thread = threading.Thread(target=self._output_loop, name="frontierlm-output", daemon=True)
+        self._output_thread.start()
+
+    def _finish_late(self, request_id: str, stop: str) -> None:
+        """(output thread) A stop string ended a sample: the engine finishes it before its next step."""
+        self._commands.put((lambda: self.engine.finish_late(request_id, stop), None))
+
+    def _output_loop(self) -> None:
+        while True:
+            item = self._outputs.get()
+            if item is None:
+                return
+            fn, arg = item
+            try:
+                fn(arg)
+            except Exception:  # a failure here must not stop later outputs; the engine thread is unaffected
+                logger.exception("output processing failed")
+
+    def _process(self, arg) -> None:
+        deltas, now = arg
+        outputs = []
+        for delta in deltas:
+            try:
+                out = self._processor.process(delta)
+            except Exception as e:  # fail this request alone
+                logger.exception("output processing failed for %s", delta.request_id)
+                rid = delta.request_id
+                self._processor.abort(rid)
+                track = self._tracks.pop(rid, None)
+                if track is not None:
+                    track.push(e)
+                self._commands.put((lambda: self.engine.abort_request(rid), None))
+                continue
+            if out is not None:
+                outputs.append(out)
+        self._deliver(outputs, now)
+
+    def _mark_scheduled(self, step_start: float) -> None:
         for rid, track in list(self._unscheduled.items()):
             if track.children[0].status != RequestStatus.WAITING:
                 track.scheduled_time = step_start
                 self._stats.on_scheduled(step_start - track.arrival)
                 del self._unscheduled[rid]
+
+    def _deliver(self, outputs: list[RequestOutput], now: float) -> None:
+        """Push outputs to their streams, with the token metrics (output thread, or engine thread without one)."""
         for out in outputs:
             track = self._tracks.get(out.request_id)
             if track is None:
@@ -321,7 +392,7 @@ class AsyncEngine:
                 self._stats.on_new_tokens(new)
             track.push(out)
             if out.finished:
-                del self._tracks[out.request_id]
+                self._tracks.pop(out.request_id, None)
                 if track.first_token_time is not None and track.num_gen_tokens > 1:
                     self._stats.on_time_per_output_token((now - track.first_token_time) / (track.num_gen_tokens - 1))
                 self._stats.on_finished([c.finish_reason or "abort" for c in out.outputs], now - track.arrival)

@@ -13,9 +13,10 @@ from frontierlm.engine.engine_stats import EngineStats
 from frontierlm.engine.kv_budget import num_kv_blocks
 from frontierlm.engine.kv_cache import KVCacheManager
 from frontierlm.engine.model_runner import ModelRunner
+from frontierlm.engine.output_processor import detokenize, group_delta
 from frontierlm.engine.request import Request, RequestStatus
 from frontierlm.engine.resume import replay_grammar, replay_text, resume_token_ids
-from frontierlm.engine.request_group import NoText, RequestGroup, logprob_dict, make_output
+from frontierlm.engine.request_group import NoText, RequestGroup, make_output
 from frontierlm.engine.scheduler import Scheduler
 from frontierlm.engine.tokenizer import bad_words_token_ids, load_tokenizer
 from frontierlm.logger import init_logger
@@ -71,6 +72,8 @@ class LLMEngine(EngineStats):
         self._compiling: list[RequestGroup] = []  # groups whose grammar is still compiling
         self._child_to_group: dict[str, RequestGroup] = {}
         self._counter = 0
+        # False (AsyncEngine): step() returns GroupDeltas and text is made off this thread (output_processor.py)
+        self.detokenize_in_step = True
         bpt = mc.kv_cache_bytes_per_token()
         mla = (f" (MLA latent; MHA of equal heads would need {mc.mha_kv_cache_bytes_per_token()})"
                if mc.is_mla else "")
@@ -261,7 +264,7 @@ class LLMEngine(EngineStats):
                 for req in group.children:
                     req.stop_reason = str(e)
                     self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_ABORTED)
-                outputs.append(make_output(group, self._decode_one))
+                outputs.append(self._output(group))
                 self._forget(group)
         self._compiling = still
         return outputs
@@ -311,7 +314,7 @@ class LLMEngine(EngineStats):
 
     def _finish_step(self, sched, result, failed: list[RequestOutput]) -> list[RequestOutput]:
         updated = self.scheduler.update_from_output(sched, result)
-        touched: dict[str, RequestGroup] = {}
+        touched: dict[str, tuple[RequestGroup, list[int]]] = {}
         for req in updated:
             group = self._child_to_group.get(req.request_id)
             if group is None:
@@ -319,11 +322,14 @@ class LLMEngine(EngineStats):
             idx = group.children.index(req)
             if req.grammar is not None and not req.is_finished and req.sampling_params.structured_outputs.jump_forward:
                 self._jump_forward(req)
-            self._detokenize(group, idx, req)
-            touched[group.request_id] = group
+            if self.detokenize_in_step:
+                detokenize(group, idx, req, self._finish, self._decode_one)
+            touched.setdefault(group.request_id, (group, []))[1].append(idx)
         outputs = failed
-        for group in touched.values():
-            if group.finished or group.children[0].sampling_params.output_kind != RequestOutputKind.FINAL_ONLY:
+        for group, idxs in touched.values():
+            if not self.detokenize_in_step:
+                outputs.append(group_delta(group, idxs))
+            elif group.finished or group.children[0].sampling_params.output_kind != RequestOutputKind.FINAL_ONLY:
                 outputs.append(make_output(group, self._decode_one))
             if group.finished:
                 self._forget(group)
@@ -340,38 +346,24 @@ class LLMEngine(EngineStats):
         if self.kv_connector is not None:
             self.kv_connector.poll()
 
-    def _detokenize(self, group: RequestGroup, idx: int, req: Request) -> None:
-        detok = group.detoks[idx]
-        new = req.output_token_ids[group.num_detokenized[idx]:]
-        if len(new) == 1:
-            stop = detok.update(new)
-        else:  # several tokens this step (speculation, jump-forward): stop at the one that ends a stop string
-            stop, fed = None, 0
-            while stop is None and fed < len(new):
-                stop = detok.update(new[fed:fed + 1])
-                fed += 1
-            if stop is not None and fed < len(new):  # the tokens after it were never generated
-                del req.output_token_ids[fed - len(new):]
-                del req.all_token_ids[fed - len(new):]
-                if req.logprobs:
-                    del req.logprobs[req.num_output_tokens:]
-                    req.cumulative_logprob = sum(e[1][0] for e in req.logprobs)  # the same additions, in order
-                if req.is_finished:  # by a rule that a later token met: the stop string came first
-                    req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop
-        group.num_detokenized[idx] = req.num_output_tokens
-        if stop is not None and not req.is_finished:
-            req.stop_reason = stop
-            self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        self.scheduler.finish_request(req.request_id, status)
+
+    def _output(self, group: RequestGroup):
+        return make_output(group, self._decode_one) if self.detokenize_in_step else group_delta(group)
+
+    def finish_late(self, request_id: str, stop: str) -> None:
+        """The output side (off this thread) found stop string `stop` in sample `request_id` after this engine
+        went on with it: finish it now (the tokens sampled since never reach an output)."""
+        group = self._child_to_group.get(request_id)
+        if group is None:
+            return
+        req = next(c for c in group.children if c.request_id == request_id)
         if not req.is_finished:
-            group.texts[idx] += detok.get_new_text()
-        else:
-            group.texts[idx] += detok.finish()
-            if detok.stop_str is not None and req.stop_reason is None:  # flushed text completed a stop string
-                req.stop_reason = detok.stop_str
-                req.status = RequestStatus.FINISHED_STOPPED
-        if req.sampling_params.logprobs is not None:  # one entry per new token (several with speculation)
-            detok, done = req.sampling_params.detokenize, group.logprobs[idx]
-            done += [logprob_dict(e, detok, self._decode_one) for e in req.logprobs[len(done):]]
+            req.stop_reason = stop
+            self.scheduler.finish_request(request_id, RequestStatus.FINISHED_STOPPED)
+        if group.finished:
+            self._forget(group)
 
     def _jump_forward(self, req: Request) -> None:
         """Append the text the grammar forces next as tokens, without sampling them: the scheduler then computes

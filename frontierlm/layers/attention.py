@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from frontierlm.layers.paged_decode import PagedDecodePlan, paged_decode_attention
+from frontierlm.layers.paged_extend import PrefixView, additive, extend_attention
 from frontierlm.quant.kv_cache import fp8_attention, is_fp8, store_rows
 
 
@@ -81,8 +82,12 @@ class _TorchPlan:
 
     GROUP_BYTES = 1 << 20  # gathered K bytes per decode group on CPU (fits in L2 with its V)
 
-    def __init__(self, meta: AttentionMetadata):
+    def __init__(self, meta: AttentionMetadata, extend_in_place: bool | None = None):
         self.meta = meta
+        # Extends over a cached prefix read the cache in place (layers/paged_extend.py) on CPU; elsewhere, or
+        # with extend_in_place=False, the prefix's blocks are gathered into a contiguous copy per layer.
+        on_cpu = meta.slot_mapping.device.type == "cpu"
+        self.extend_in_place = on_cpu if extend_in_place is None else extend_in_place and on_cpu
         bs = meta.block_size
         slots = meta.slot_mapping.long()
         valid = slots >= 0
@@ -102,13 +107,17 @@ class _TorchPlan:
         self.num_decodes = len(self.decodes)
         self._starts, self._tables, self._groups = starts, tables, {}
         # Prefills / extends (query_len > 1): one SDPA each, causal with the cached prefix in front.
-        self.extends = []
+        self.extends, self._host_blocks = [], []
         for i, n in enumerate(meta.query_lens_cpu):
             if n > 1:
                 slen = meta.seq_lens_cpu[i]
                 blocks = tables[i, :-(-slen // bs)] if slen > n else None  # None: no prefix, use k/v directly
                 self.extends.append((starts[i], n, slen, blocks))
+                # block_tables lives on the host here (CPU), so reading it costs no device sync
+                in_place = self.extend_in_place and blocks is not None
+                self._host_blocks.append(blocks[:-(-(slen - n) // bs)].tolist() if in_place else None)
         self._masks: dict = {}
+        self._views: dict = {}
 
     def decode_groups(self, token_bytes: int) -> list[tuple]:
         """Decode sequences sorted by length, cut into groups of at most ~GROUP_BYTES of gathered K per group
@@ -158,10 +167,31 @@ class _TorchPlan:
             self._masks[key] = _additive(sliding_window_mask(k_pos[slen - n:], k_pos, window))
         return self._masks[key]
 
+    def prefix_view(self, j: int, window: int | None) -> PrefixView | None:
+        """Extend j's cached prefix to read in place, or None: no prefix, or the gathering path."""
+        blocks = self._host_blocks[j]
+        if blocks is None:
+            return None
+        if (j, window) not in self._views:
+            _, n, slen, _ = self.extends[j]
+            self._views[(j, window)] = PrefixView(blocks, slen - n, n, self.meta.block_size, window,
+                                                  self.meta.slot_mapping.device)
+        return self._views[(j, window)]
 
-def _additive(mask: torch.Tensor) -> torch.Tensor:
-    """Bool mask -> float 0 / -inf, built once per forward: SDPA would otherwise convert it in every layer."""
-    return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
+    def chunk_mask(self, j: int, window: int | None) -> torch.Tensor | None:
+        """Additive [n, n] mask of extend j's chunk attending to itself: None (plain causal) unless a window
+        is shorter than the chunk."""
+        n = self.extends[j][1]
+        if window is None or n <= window:
+            return None
+        key = ("chunk", j, window)
+        if key not in self._masks:
+            pos = torch.arange(n, device=self.meta.slot_mapping.device)
+            self._masks[key] = _additive(sliding_window_mask(pos, pos, window))
+        return self._masks[key]
+
+
+_additive = additive  # bool mask -> float 0 / -inf, built once per forward (layers/paged_extend.py)
 
 
 def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -173,8 +203,11 @@ def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
+    def __init__(self, extend_in_place: bool | None = None):
+        self.extend_in_place = extend_in_place  # None: in place on CPU (see _TorchPlan)
+
     def plan(self, attn_meta: AttentionMetadata) -> _TorchPlan:
-        return _TorchPlan(attn_meta)
+        return _TorchPlan(attn_meta, self.extend_in_place)
 
     def forward(self, q, k, v, kv_cache, plan: _TorchPlan, scale, sliding_window):
         num_kv_heads, head_dim = k.shape[-2], k.shape[-1]
@@ -203,6 +236,12 @@ class TorchAttentionBackend(AttentionBackend):
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale)
             out[rows] = od.reshape(nd, num_heads, head_dim)
         for j, (start, n, slen, blocks) in enumerate(plan.extends):
+            view = plan.prefix_view(j, sliding_window)
+            if view is not None:  # the cached prefix read in place (layers/paged_extend.py)
+                rows = slice(start, start + n)
+                out[rows] = extend_attention(q[rows], k[rows], v[rows], flat_k, flat_v, view,
+                                             plan.chunk_mask(j, sliding_window), scale)
+                continue
             qs = q[start:start + n].transpose(0, 1)
             if blocks is None:
                 ks, vs = k[start:start + n].transpose(0, 1), v[start:start + n].transpose(0, 1)

@@ -5,7 +5,10 @@ rotated RoPE key k_pe (qk_rope_head_dim): one row of r + dr numbers instead of 2
 
 Keys and values come back from the latent through kv_b_proj = [W_UK; W_UV] per head:
   k_nope_h = W_UK_h c,  v_h = W_UV_h c.
-* Prefill / extend (query_len > 1) decompresses the context's latents and runs ordinary attention.
+* Prefill / extend (query_len > 1): the chunk attends to itself decompressed; on CPU a cached prefix is read
+  in place (layers/paged_extend.py) and attended either absorbed (as decode does, no decompression: cheaper
+  while the chunk is short next to kv_lora_rank) or decompressed range by range, the two parts merged by
+  their log-sum-exps. Elsewhere the context's latents are gathered and decompressed whole.
 * Decode (query_len == 1) never decompresses: W_UK is absorbed into the query (q_lat_h = W_UK_h^T q_nope_h) and
   W_UV into the output, so attention is MQA over the cached rows with one "head" of r + dr dims whose first r
   dims are also the value: score = q_lat . c + q_pe . k_pe, o_h = W_UV_h (sum_t p_t c_t).
@@ -24,6 +27,7 @@ from frontierlm.layers.attention import AttentionMetadata, _gather_blocks, _Torc
 from frontierlm.layers.linear import Linear
 from frontierlm.layers.norm import RMSNorm
 from frontierlm.layers.paged_decode import PagedDecodePlan, paged_decode_mla
+from frontierlm.layers.paged_extend import chunk_attention, merge, sdpa_lse
 from frontierlm.layers.rotary import RotaryEmbedding, rope_parameters
 from frontierlm.quant.kv_cache import is_fp8, round_trip_fp8, store_rows
 
@@ -54,8 +58,11 @@ class TorchMLABackend:
 
     name = "torch-mla"
 
+    def __init__(self, extend_in_place: bool | None = None):
+        self.extend_in_place = extend_in_place  # None: in place on CPU (see _TorchPlan)
+
     def plan(self, attn_meta: AttentionMetadata) -> _TorchPlan:
-        return _TorchPlan(attn_meta)
+        return _TorchPlan(attn_meta, self.extend_in_place)
 
     def forward(self, layer: "MLAAttention", q_nope, q_pe, latent, k_pe, cache: torch.Tensor, plan: _TorchPlan):
         """q_nope [T, H, dn], q_pe [T, H, dr], latent [T, r], k_pe [T, dr]; cache [blocks, block_size, r + dr].
@@ -84,6 +91,12 @@ class TorchMLABackend:
                 o_lat = o_lat.squeeze(1)  # [n, H, r]
                 out[idx] = torch.bmm(o_lat.transpose(0, 1), w_uv).transpose(0, 1)  # [n, H, dv]
         for j, (start, n, slen, blocks) in enumerate(plan.extends):
+            view = plan.prefix_view(j, layer.sliding_window)
+            if view is not None:  # the cached prefix read in place
+                rows = slice(start, start + n)
+                out[rows] = self._extend_in_place(layer, q_nope[rows], q_pe[rows], latent[rows], k_pe[rows],
+                                                  flat, view)
+                continue
             if blocks is None:  # no cached prefix: this chunk's own latents
                 ctx_latent, ctx_pe = latent[start:start + n], k_pe[start:start + n]
             else:
@@ -99,6 +112,48 @@ class TorchMLABackend:
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=layer.scale)
             out[start:start + n] = o.transpose(0, 1)
         return out
+
+    @staticmethod
+    def _extend_in_place(layer: "MLAAttention", q_nope, q_pe, latent, k_pe, flat: torch.Tensor, view):
+        """One sequence's chunk (q_nope [n, H, dn], q_pe [n, H, dr], its latent [n, r] and k_pe [n, dr]) over
+        its cached prefix, whose rows [latent | k_pe] are read from `flat` [rows, r + dr] through `view`."""
+        n, num_heads = q_nope.shape[:2]
+        r, dv = layer.kv_lora_rank, layer.v_head_dim
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        k, v = layer.decompress(latent, k_pe)
+        # the fused kernel wants values as wide as the queries (see causal_attention): pad with zeros
+        out, lse = chunk_attention(q, k, F.pad(v, (0, q.shape[-1] - dv)), layer.scale, None)
+        out = out[..., :dv]
+        if absorb_prefix(layer, n):
+            # MQA in latent space: every head's [W_UK^T q_nope | q_pe] against the cached row [c | k_pe], which
+            # is also the value (its first r numbers; the rest of the output is dropped)
+            w_uk, w_uv = layer.absorbed_weights()
+            q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
+            q_abs = torch.cat([q_lat, q_pe], dim=-1).reshape(1, 1, n * num_heads, -1)
+            o_lat = lse_lat = None
+            for i in range(len(view.parts)):
+                ctx = view.read(flat, i).to(q.dtype)[None, None]  # [1, 1, L, r + dr], a view
+                o, s = sdpa_lse(q_abs, ctx, ctx, layer.scale)
+                o, s = o.view(n, num_heads, -1)[..., :r], s.view(n, num_heads)
+                o_lat, lse_lat = (o, s) if o_lat is None else merge(o_lat, lse_lat, o, s)
+            p_out = torch.bmm(o_lat.transpose(0, 1), w_uv).transpose(0, 1)  # [n, H, dv]
+            return merge(out, lse, p_out, lse_lat, need_lse=False)[0]
+        qh = q.transpose(0, 1)[None]  # [1, H, n, dn + dr]
+        for i in range(len(view.parts)):  # decompress the prefix part by part, reading the cache in place
+            ctx = view.read(flat, i).to(q.dtype)
+            kc, vc = layer.decompress(ctx[:, :r], ctx[:, r:])
+            vc = F.pad(vc, (0, q.shape[-1] - dv))
+            o, s = sdpa_lse(qh, kc.transpose(0, 1)[None], vc.transpose(0, 1)[None], layer.scale)
+            out, lse = merge(out, lse, o[0].transpose(0, 1)[..., :dv], s[0].transpose(0, 1))
+        return out
+
+
+def absorb_prefix(layer: "MLAAttention", num_queries: int) -> bool:
+    """Attend the cached prefix absorbed (no decompression) when that costs fewer multiply-adds per prefix
+    token: absorbed reads rows of r + dr numbers as keys and values for every query; decompressed first spends
+    r (dn + dv) per token and head, then dn + dr per query for the keys and as much for the padded values."""
+    r, dn, dr, dv = layer.kv_lora_rank, layer.qk_nope_head_dim, layer.qk_rope_head_dim, layer.v_head_dim
+    return num_queries * 2 * (r + dr) < r * (dn + dv) + num_queries * 2 * (dn + dr)
 
 
 class MLAAttention(nn.Module):
