@@ -3,6 +3,7 @@
     python benchmarks/quant.py ppl MODEL_DIR [--windows 8 --seq-len 256]
     python benchmarks/quant.py speed MODEL_DIR [--rounds 3] [--gguf-dir /tmp/quant-gguf]
     python benchmarks/quant.py kernels [--batch 1 --reps 200]
+    python benchmarks/quant.py int4-rows [--rows 1 16 64 256]
 
 ppl: perplexity on held-out python-docs text (the trainer's own validation split: split_documents(...,
 0.05), the documents the demo model never trained on), teacher-forced through the engine (prompt_logprobs,
@@ -238,6 +239,40 @@ def cmd_kernels(args) -> None:
                       "load1": os.getloadavg()[0]}), flush=True)
 
 
+def cmd_int4_rows(args) -> None:
+    """The int4 (groups of 32) matmuls of one 33.6M-model forward (qkv, o, gate_up, down x 8) per row count:
+    torch's packed kernel vs unpacking the weight once per call to bfloat16 (or float32) and F.linear. Same
+    interleaved minimum-of-N timing as `kernels`; it picks linear_methods.INT4_DENSE_ROWS."""
+    import torch.nn.functional as F
+
+    from frontierlm.quant.formats import quantize_int
+    from frontierlm.quant.linear_methods import Int4Kernel
+
+    torch.set_num_threads(1)
+    shapes = [(1024, 512), (512, 512), (3072, 512), (512, 1536)]
+    kernels = {}
+    for n, k in shapes:
+        q, s = quantize_int(torch.randn(n, k) * 0.02, 4, 32)
+        kernels[n, k] = Int4Kernel(q, s, None, 32)
+    for rows in args.rows:
+        totals = {"packed": 0.0, "dense-bf16": 0.0, "dense-f32": 0.0}
+        for (n, k), kern in kernels.items():
+            x = torch.randn(rows, k)
+            fns = {"packed": lambda: kern(x, dense=False), "dense-bf16": lambda: kern(x, dense=True),
+                   "dense-f32": lambda: F.linear(x, kern.dense_weight(torch.float32)[:n])}
+            best = {name: float("inf") for name in fns}
+            for _ in range(max(3, args.reps // max(1, rows // 16))):
+                for name, f in fns.items():
+                    t0 = time.perf_counter()
+                    f()
+                    best[name] = min(best[name], time.perf_counter() - t0)
+            for name in fns:
+                totals[name] += 8 * best[name]
+        print(json.dumps({"rows": rows, "int4_matmul_us_per_forward": {n: round(v * 1e6) for n, v in totals.items()},
+                          "dense_bf16_speedup": round(totals["packed"] / totals["dense-bf16"], 2),
+                          "load1": os.getloadavg()[0]}), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -253,8 +288,11 @@ def main():
     c = sub.add_parser("kernels")
     c.add_argument("--batch", type=int, default=1)
     c.add_argument("--reps", type=int, default=200)
+    d = sub.add_parser("int4-rows")
+    d.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8, 16, 32, 48, 64, 96, 128, 256, 512])
+    d.add_argument("--reps", type=int, default=60)
     args = p.parse_args()
-    {"ppl": cmd_ppl, "speed": cmd_speed, "kernels": cmd_kernels}[args.cmd](args)
+    {"ppl": cmd_ppl, "speed": cmd_speed, "kernels": cmd_kernels, "int4-rows": cmd_int4_rows}[args.cmd](args)
 
 
 if __name__ == "__main__":
