@@ -28,7 +28,10 @@ from frontierlm.quant import formats
 from frontierlm.quant.config import WeightScheme
 
 SMALL_BATCH = 32          # rows up to which the packed int8 kernel beats a bf16 matmul of the dequantized matrix
-INT4_DENSE_ROWS = 64      # rows from which unpacking the int4 matrix to bfloat16 and F.linear beat the int4 kernel
+# rows from which unpacking the int4 matrix to bfloat16 once per call and F.linear beat the int4 kernel (which
+# re-reads the weight for every 4 rows): measured 1.0x at 96 rows, 1.5x at 128, 2-2.9x at 192-512
+# (`benchmarks/quant.py int4-rows`, docs/benchmarks.md)
+INT4_DENSE_ROWS = 128
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)
 FP8_CHUNK = 128           # columns of the FP8 weight dequantized at a time on CPU
 
@@ -281,8 +284,7 @@ class Int4Kernel(nn.Module):
         prefill forward: the kernel re-reads the weight for every 4 rows, so many rows go faster dense)."""
         rows, kp = self.packed.shape[0], self.kp
         u = formats.unpack_int4pack_cpu(self.packed, rows, kp, self.layout).view(rows, -1, self.kernel_g)
-        scale, zero = self.scales_zeros.to(dtype).permute(2, 1, 0)[..., None]  # each [N, K / g, 1]
-        return (u.to(dtype) - 8).mul_(scale).add_(zero).view(rows, kp)
+        return affine_int4(u, self.scales_zeros, dtype).view(rows, kp)
 
     def dequantized(self) -> torch.Tensor:
         if self.ref is None:  # through the kernel itself, on the identity: exactly what it computes
@@ -307,6 +309,15 @@ class Int4Kernel(nn.Module):
         else:
             y = torch._weight_int4pack_mm(xb.contiguous(), self.packed, self.kernel_g, self.scales_zeros)
         return y[:, :self.n].to(dtype)
+
+
+def affine_int4(u: torch.Tensor, scales_zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """u [..., N, K / g, g] values in [0, 16) and the kernel's [..., K / g, N, 2] (scale, zero) -> the weights
+    (u - 8) * scale + zero in `dtype`, as u * scale + (zero - 8 * scale): two passes over the matrix instead of
+    three (bfloat16 elementwise passes cost as much as the unpacking; addcmul measured 2.6x slower here)."""
+    sz = scales_zeros.float().movedim(-1, 0).transpose(-1, -2)[..., None]  # [2, ..., N, K / g, 1]
+    scale, shift = sz[0], sz[1] - 8 * sz[0]
+    return u.to(dtype) * scale.to(dtype) + shift.to(dtype)
 
 
 class Fp8Kernel(nn.Module):

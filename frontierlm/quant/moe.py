@@ -24,7 +24,7 @@ from torch import nn
 from frontierlm.layers.moe import FusedExperts
 from frontierlm.quant import formats
 from frontierlm.quant.config import WeightScheme
-from frontierlm.quant.linear_methods import Fp8Kernel, Int4Kernel, Int8Kernel, make_kernel
+from frontierlm.quant.linear_methods import Fp8Kernel, Int4Kernel, Int8Kernel, affine_int4, make_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -305,5 +305,4 @@ def _gathered_weight(kern: nn.Module, stacks: dict, ids: torch.Tensor, dtype: to
     packed, sz = stacks["packed"].index_select(0, ids), stacks["scales_zeros"].index_select(0, ids)
     rows = packed.shape[1]
     u = formats.unpack_int4pack_cpu(packed, rows, kern.kp, kern.layout).view(ids.shape[0], rows, -1, kern.kernel_g)
-    scale, zero = sz.to(dtype).permute(3, 0, 2, 1)[..., None]  # each [P, N, K / g, 1]
-    return (u.to(dtype) - 8).mul_(scale).add_(zero).view(ids.shape[0], rows, kern.kp)
+    return affine_int4(u, sz, dtype).view(ids.shape[0], rows, kern.kp)
