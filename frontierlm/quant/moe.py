@@ -228,8 +228,8 @@ class QuantExpertsMethod:
     def apply(self, experts: FusedExperts, xs: torch.Tensor, counts: torch.Tensor,
               expert_ids: torch.Tensor) -> torch.Tensor:
         """xs [P, H]: the (token, expert) rows sorted by expert; counts [E]; expert_ids [P] (sorted)."""
-        if torch.compiler.is_compiling():
-            return self.apply_gathered(experts, xs, expert_ids)
+        if torch.compiler.is_compiling() or (xs.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return self.apply_gathered(experts, xs, expert_ids)  # no host sync: compiled / CUDA-graph steps
         outs = []
         for e, x_e in enumerate(xs.split(counts.tolist())):
             if x_e.shape[0]:
