@@ -23,10 +23,13 @@ IDS = torch.tensor([[5, 17, 33, 8, 91, 120, 44, 7, 250, 63, 12, 99, 300, 411, 2,
 # dequantizes the same file; only our kernels' bfloat16 activations (int8 / int4) differ. FP8 experts compute
 # weight-only as transformers does; its dense FP8 layers emulate the file's dynamic FP8 activations, so the
 # fp8 comparison runs our dense layers W8A8 too (as tests/test_quant_models.py does).
-# vs_hf_block: one DeepSeek MoE block's output on the same input, relative to its max.
-BOUNDS = {"int8": {"vs_float": 0.02, "vs_hf": 0.008, "vs_hf_block": 0.02},
-          "int4": {"vs_float": 0.25, "vs_hf": 0.008, "vs_hf_block": 0.02},
-          "fp8": {"vs_float": 0.08, "vs_hf": 0.002, "vs_hf_block": 0.005}}
+# vs_hf_block: one DeepSeek MoE block's output on the same input, relative to its max. Measured (qwen3_moe,
+# mixtral / deepseek_v2, v3 blocks): vs_hf int8 0.0055-0.0063, int4 0.0052-0.0053, fp8 < 1e-5; blocks int8
+# 0.0059-0.0101, int4 0.0053-0.0081; vs_float int8 <= 0.011, int4 0.05-0.16 (DeepSeek-V3's routing flips
+# near ties), fp8 <= 0.061.
+BOUNDS = {"int8": {"vs_float": 0.02, "vs_hf": 0.012, "vs_hf_block": 0.02},
+          "int4": {"vs_float": 0.3, "vs_hf": 0.012, "vs_hf_block": 0.02},
+          "fp8": {"vs_float": 0.12, "vs_hf": 0.002, "vs_hf_block": 0.002}}
 ARCHS = ("qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3")
 
 
