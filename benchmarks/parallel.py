@@ -78,12 +78,15 @@ def run_layout(model_dir: str, flags: dict, threads: int, reqs, decode_new: int,
         warm = [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)]
         llm.generate([reqs[0][0]], warm, use_tqdm=False)
         params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in reqs]
+        pipe = engine.pipeline  # PP: ticks of the offline run, and those that brought no new batch
+        before = (pipe.ticks, pipe.empty_ticks) if pipe is not None else None
         timer.reset()
         t = time.perf_counter()
         outs = llm.generate([p for p, _ in reqs], params, use_tqdm=False)
         wall = time.perf_counter() - t
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         comm, final_wait = timer.seconds, timer.final_wait
+        ticks = (pipe.ticks - before[0], pipe.empty_ticks - before[1]) if pipe is not None else None
         # batch-1 decode: time after the first token
         engine.add_request("decode", reqs[1][0], SamplingParams(temperature=0, max_tokens=decode_new, ignore_eos=True))
         first = None
@@ -96,6 +99,7 @@ def run_layout(model_dir: str, flags: dict, threads: int, reqs, decode_new: int,
         decode_wall = time.perf_counter() - first
         return {"output_tok_s": tokens / wall, "comm_share": comm / wall, "pp_wait_share": final_wait / wall,
                 "decode_tok_s": (decode_new - 1) / decode_wall, "decode_comm_share": timer.seconds / decode_wall,
+                "pp_ticks_and_empty_ticks": ticks,
                 "first_tokens": [o.outputs[0].token_ids[:8] for o in outs[:4]]}
     finally:
         llm.llm_engine.shutdown()

@@ -45,10 +45,22 @@ def _run_all_features(llm, ref, prompts):
     assert any(o.num_cached_tokens > 0 for o in outs)
 
 
-def _budget(d, blocks=24, block_size=4) -> float:
+def _rank_share(mc, flags) -> float:
+    """The largest fraction of the whole model's KV bytes per token that one rank caches: the layers of the
+    first (largest) stage, times its KV heads (split over TP, one replicated head when there are fewer heads
+    than ranks; MLA's latent is whole on every rank)."""
+    tp, pp = flags.get("tensor_parallel_size", 1), flags.get("pipeline_parallel_size", 1)
+    layers = -(-mc.num_layers // pp) / mc.num_layers
+    heads = 1.0 if mc.is_mla else max(mc.num_kv_heads // tp, 1) / mc.num_kv_heads
+    return layers * heads
+
+
+def _budget(d, flags, blocks=24, block_size=4) -> float:
+    """Each rank's KV budget for `blocks` blocks of its own share of the cache."""
     from frontierlm.config import ModelConfig
 
-    return blocks * block_size * ModelConfig.from_pretrained(d, load_format="dummy").kv_cache_bytes_per_token() / 2**30
+    mc = ModelConfig.from_pretrained(d, load_format="dummy")
+    return blocks * block_size * mc.kv_cache_bytes_per_token() * _rank_share(mc, flags) / 2**30
 
 
 @pytest.mark.parametrize("arch,overrides,flags", LAYOUTS,
@@ -58,9 +70,12 @@ def test_parallel_layout_matches_transformers(arch, overrides, flags, tiny_model
     d = tiny_model_dir(arch, **overrides)
     prompts = prompts_for(shared_prefix=20, seed=1)
     ref = hf_reference(hf_cache, d, prompts)
-    llm = LLM(d, block_size=4, max_num_batched_tokens=8, kv_cache_memory_gb=_budget(d), **flags)
+    llm = LLM(d, block_size=4, max_num_batched_tokens=8, kv_cache_memory_gb=_budget(d, flags), **flags)
     try:
+        assert llm.llm_engine.kv.num_blocks == 24  # sized from each rank's own share of the cache
         _run_all_features(llm, ref, prompts)
+        if flags.get("pipeline_parallel_size"):  # the scheduler kept a batch in each stage
+            assert llm.llm_engine.pipeline.max_in_flight == 2
         if flags.get("enable_expert_parallel"):
             load = llm.llm_engine.expert_load_per_rank()
             assert len(load[0]) == 2 and all(sum(row) > 0 for row in load)
@@ -69,13 +84,19 @@ def test_parallel_layout_matches_transformers(arch, overrides, flags, tiny_model
 
 
 def test_tp2_x_pp2_four_ranks(tiny_model_dir, hf_cache):
-    """4 ranks on loopback; the 2 KV heads are split, one per TP rank."""
+    """4 ranks on loopback; the 2 KV heads are split, one per TP rank, and each stage has 1 of the 2 layers:
+    a rank caches a quarter of the model's KV, so the budget that gives one process 10 blocks gives 40."""
     d = tiny_model_dir("llama")
     prompts = prompts_for(n=4, seed=2)
     ref = hf_reference(hf_cache, d, prompts)
-    llm = LLM(d, block_size=4, max_num_batched_tokens=16, tensor_parallel_size=2, pipeline_parallel_size=2)
+    budget = _budget(d, {}, blocks=10)
+    assert LLM(d, block_size=4, kv_cache_memory_gb=budget).llm_engine.kv.num_blocks == 10
+    llm = LLM(d, block_size=4, max_num_batched_tokens=16, tensor_parallel_size=2, pipeline_parallel_size=2,
+              kv_cache_memory_gb=budget)
     try:
         assert "parallel: TP=2 x PP=2, 4 ranks on 1 node(s), gloo" in llm.llm_engine.startup_report
+        assert llm.llm_engine.kv.num_blocks == 40
+        assert "[40, 40, 40, 40] blocks fit" in llm.llm_engine.startup_report
         import os
 
         assert "WORLD_SIZE" not in os.environ  # the trainer reads it as "running under torchrun"
@@ -90,8 +111,11 @@ def test_tp2_x_pp2_four_ranks(tiny_model_dir, hf_cache):
     (dict(pipeline_parallel_size=3), "pipeline_parallel_size=3 is more than the model's 2 layers"),
     (dict(tensor_parallel_size=2, enable_expert_parallel=True), "has no experts"),
     (dict(tensor_parallel_size=2, nnodes=2), "several nodes need --master-port"),
-    (dict(tensor_parallel_size=2, speculative_config={"method": "ngram", "num_speculative_tokens": 2}),
-     "speculative decoding with tensor/pipeline parallelism is not supported yet"),
+    (dict(pipeline_parallel_size=2, speculative_config={"method": "ngram", "num_speculative_tokens": 2}),
+     "speculative decoding (ngram) with pipeline parallelism is not supported yet"),
+    (dict(tensor_parallel_size=2, speculative_config={"method": "draft_model", "model": "x",
+                                                      "num_speculative_tokens": 2}),
+     "speculative decoding (draft_model) with tensor parallelism is not supported yet"),
 ])
 def test_start_up_errors_name_the_numbers(flags, message, tiny_model_dir):
     if flags.get("tensor_parallel_size") == 4:  # 4 ranks over 2 KV heads replicate: fine, so use 3 KV heads

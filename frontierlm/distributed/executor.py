@@ -23,10 +23,20 @@ import torch
 import torch.distributed as dist
 
 from frontierlm.distributed import protocol
-from frontierlm.distributed.pipeline import pipelined_forward
+from frontierlm.distributed.pipeline import StageQueue
 from frontierlm.distributed.state import ParallelContext, building, collective_timeout_s, init_process_groups
 
 logger = logging.getLogger(__name__)
+
+
+def rank_kv_blocks(config, model_config, model, device: torch.device, max_model_len: int) -> torch.Tensor:
+    """[blocks, bytes per block] of this rank: its own budget (device memory, kv_cache_memory_gb) over its own
+    share of the cache (its KV heads, its stage's layers); engine/kv_budget.py's rule."""
+    from frontierlm.engine.kv_budget import bytes_per_block, kv_budget_bytes
+
+    size = bytes_per_block(model, config.block_size, model_config.kv_cache_dtype or model_config.dtype)
+    budget = kv_budget_bytes(config, model_config, device, size, max_model_len)
+    return torch.tensor([max(int(budget // size), 0), size], dtype=torch.int64, device=device)
 
 
 class WorkerFailure(RuntimeError):
@@ -77,7 +87,9 @@ class DistributedExecutor:
         for old in list(_active):  # one process group per process: a newer engine replaces the older one
             logger.warning("shutting down the previous parallel engine of this process")
             old.shutdown()
-        self.config = config
+        self.config, self.model_config = config, model_config
+        self.local_model = None  # this rank's shard, once loaded
+        self.kv_per_rank: list[tuple[int, int]] = []  # (blocks its budget holds, bytes per block) per rank
         self.timeout = collective_timeout_s()
         port = config.master_port or free_port(config.master_addr)
         self.ctx = ParallelContext(rank=0, tp_size=config.tensor_parallel_size, pp_size=config.pipeline_parallel_size,
@@ -117,7 +129,28 @@ class DistributedExecutor:
             self._kill()
             raise self.failure from None
         threading.Thread(target=self._beat, name="frontierlm-heartbeat", daemon=True).start()
+        self.local_model = model
         return DriverModel(model, self)
+
+    def agree_num_kv_blocks(self, max_model_len: int) -> int:
+        """Every rank sizes the cache from its own budget and share; all keep the fewest blocks (one block id
+        names the same tokens on every rank)."""
+        mine = rank_kv_blocks(self.config, self.model_config, self.local_model, self.ctx.device, max_model_len)
+
+        def run():
+            parts = [torch.empty_like(mine) for _ in range(self.ctx.world_size)]
+            dist.all_gather(parts, mine, group=self.ctx.control_group)
+            return parts
+
+        parts = self.command(protocol.KV_BLOCKS, max_model_len, then=run)
+        self.kv_per_rank = [(int(p[0]), int(p[1])) for p in parts]
+        rank = min(range(len(parts)), key=lambda r: self.kv_per_rank[r][0])
+        blocks, size = self.kv_per_rank[rank]
+        if blocks < 1:
+            self.shutdown()
+            raise ValueError(f"the KV-cache budget of rank {rank} holds no block of {size} bytes; raise "
+                             "kv_cache_memory_gb or gpu_memory_utilization")
+        return blocks
 
     # ---- commands ----------------------------------------------------------------------------------
     def command(self, cmd: int, *fields: int, then=None):
@@ -138,9 +171,14 @@ class DistributedExecutor:
 
     def describe(self) -> str:
         c = self.config
+        kv = ""
+        if self.kv_per_rank:  # bytes per token and the blocks each rank's own budget holds
+            kv = (f"; KV per rank: {[s // c.block_size for _, s in self.kv_per_rank]} bytes/token, "
+                  f"{[b for b, _ in self.kv_per_rank]} blocks fit, the fewest kept")
         return (f"TP={c.tensor_parallel_size} x PP={c.pipeline_parallel_size}"
                 f"{' (experts: EP)' if c.enable_expert_parallel else ''}, {c.world_size} ranks on {c.nnodes} "
-                f"node(s), {dist.get_backend()}; each rank caches its own KV heads / stage layers")
+                f"node(s), {dist.get_backend()}; each rank caches its own KV heads / stage layers{kv}"
+                f"{f'; up to {c.pipeline_parallel_size} batches in flight' if c.pipeline_parallel_size > 1 else ''}")
 
     def check_health(self) -> None:
         if self._closed and self.failure is None:
@@ -218,11 +256,16 @@ class DriverModel:
 
     def __init__(self, model, executor: DistributedExecutor):
         self.model, self.executor, self.ctx = model, executor, executor.ctx
+        self.stages = StageQueue(model, self.ctx)
 
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_meta) -> torch.Tensor:
+    def tick(self, input_ids=None, positions=None, attn_meta=None) -> torch.Tensor | None:
+        """One pipeline tick on every rank, bringing this batch (or none): the final hidden states of the
+        batch that entered pp - 1 ticks ago, or None (pipeline.StageQueue)."""
+        if input_ids is None:
+            return self.executor.command(protocol.STEP, then=lambda: self.stages.tick(None))
         if attn_meta is None or not hasattr(attn_meta, "query_lens_cpu"):
             raise ValueError("a parallel model runs only the engine's paged step (attn_meta from the runner)")
         fields = protocol.step_fields(input_ids, attn_meta)
@@ -230,9 +273,18 @@ class DriverModel:
         def run():
             payload = protocol.pack_step(input_ids, positions, attn_meta)
             dist.broadcast(payload, 0, group=self.ctx.control_group)
-            return pipelined_forward(self.model, self.ctx, input_ids, positions, attn_meta)
+            return self.stages.tick((input_ids, positions, attn_meta))
 
         return self.executor.command(protocol.STEP, *fields, then=run)
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_meta) -> torch.Tensor:
+        """The synchronous step: this batch through every stage, then its final hidden states."""
+        if any(f is not None for f in self.stages.finals):
+            raise RuntimeError("a synchronous step while pipelined batches are in flight")
+        out = self.tick(input_ids, positions, attn_meta)
+        for _ in range(self.ctx.pp_size - 1):
+            out = self.tick()
+        return out
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.ctx.tp_size == 1:

@@ -73,6 +73,18 @@ class RowParallelLinear(Linear):
         self.reduce_results = reduce_results
         super().__init__(_divide(input_size, ctx.tp_size, what), output_size, bias)
         _mark_sliced(self)
+        if ctx.tp_size > 1:  # frontierlm/quant quantizing this shard asks for the whole rows' absmax
+            self.reduce_absmax = self._reduce_absmax
+
+    def _reduce_absmax(self, absmax: torch.Tensor, group_size: int | None) -> torch.Tensor:
+        """Per-channel scales span every rank's columns: the max over the TP group makes each rank's scales
+        those of the unsplit matrix. Groups must not straddle two ranks (then they are the unsplit groups)."""
+        if group_size is None:
+            dist.all_reduce(absmax, op=dist.ReduceOp.MAX, group=self.tp_group)
+        elif self.input_size % group_size:
+            raise ValueError(f"tensor_parallel_size={self.tp_size} leaves {self.input_size} input columns per rank "
+                             f"in a row-parallel layer, not a multiple of the quantization group size {group_size}")
+        return absmax
 
     def weight_loader(self, param: nn.Parameter, loaded_weight, shard_id=None) -> None:
         if param.dim() == 1:  # the bias is whole on every rank
@@ -83,7 +95,7 @@ class RowParallelLinear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return super().forward(x)
-        y = F.linear(x, self.weight)
+        y = self.quant_method.apply(self, x, None) if self.quant_method is not None else F.linear(x, self.weight)
         if self.reduce_results:
             all_reduce(y, self.tp_size, self.tp_group)
         return y if self.bias is None else y + self.bias

@@ -6,18 +6,22 @@ activations through, so the model's forward loop is unchanged. The first layer o
 (a forward hook, non-blocking). The embedding and the vocab-parallel LM head live on stage 0 (so tied weights
 stay one tensor); the last stage sends its final hidden states back to stage 0 for the logits.
 
-A step's sequences are cut into pp_size micro-batches (`split_step`): stage 0 runs micro-batch 1 while
-stage 1 runs micro-batch 0, so the stages idle only at the ends of the step (the bubble,
-`benchmarks/parallel.py` measures it). Sequences attend independently, so the split changes no result.
+Batches move through the stages one tick at a time (`StageQueue`): every rank sees every tick (the driver's
+step header), and at tick t stage k runs the batch that entered at tick t - k, so while stage 1 runs batch A
+stage 0 already runs batch B. Stage 0 gets a batch's final hidden states back at tick t + pp - 1; the driver
+keeps up to pp batches in flight (virtual_engines.py) and sends empty ticks to drain the pipeline. Each stage
+runs its batches in the order they entered, so a KV block written by an earlier batch (a prefix-cache hit, a
+freed block handed on) is written at every stage before a later batch reads it there.
 """
 from __future__ import annotations
+
+from collections import deque
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from frontierlm.distributed.state import ParallelContext, build_context
-from frontierlm.layers.attention import AttentionMetadata
 
 
 class MissingLayer(nn.Module):
@@ -44,11 +48,13 @@ class MissingEmbedding(nn.Module):
 
 
 class StageLinks:
-    """The sends and receives of one rank's stage; pending sends are waited at the end of each step."""
+    """The sends and receives of one rank's stage. A send is waited a tick later, when its receiver (which
+    runs that batch one tick after this stage) has posted the matching receive."""
 
     def __init__(self, ctx: ParallelContext):
         self.ctx = ctx
-        self.pending: list = []
+        self.tick = 0
+        self.pending: list = []  # (tick, work, tensor kept alive until sent)
 
     def receive(self, module, args):
         x, residual = args[0], args[1]
@@ -59,26 +65,32 @@ class StageLinks:
         dist.recv(residual, src, group=self.ctx.control_group, tag=1)
         return (x, residual, *args[2:])
 
+    def _isend(self, t: torch.Tensor, dst: int, tag: int, group) -> None:
+        t = t.contiguous()
+        self.pending.append((self.tick, dist.isend(t, dst, group=group, tag=tag), t))
+
     def send(self, module, args, output):
         x, residual = output
         dst = self.ctx.stage_rank(self.ctx.pp_rank + 1)
-        group = self.ctx.control_group
-        self.pending += [dist.isend(x.contiguous(), dst, group=group, tag=0),
-                         dist.isend(residual.contiguous(), dst, group=group, tag=1)]
+        self._isend(x, dst, 0, self.ctx.control_group)
+        self._isend(residual, dst, 1, self.ctx.control_group)
 
     def send_final(self, hidden: torch.Tensor) -> None:
-        self.pending.append(dist.isend(hidden.contiguous(), self.ctx.stage_rank(0), group=self.ctx.control_group,
-                                       tag=2))
+        self._isend(hidden, self.ctx.stage_rank(0), 2, self.ctx.return_group)
 
-    def receive_final(self, like: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(like)
-        dist.recv(out, self.ctx.stage_rank(self.ctx.pp_size - 1), group=self.ctx.control_group, tag=2)
+    def receive_final(self, shape, dtype) -> torch.Tensor:
+        out = torch.empty(shape, dtype=dtype, device=self.ctx.device)
+        dist.recv(out, self.ctx.stage_rank(self.ctx.pp_size - 1), group=self.ctx.return_group, tag=2)
         return out
 
-    def wait(self) -> None:
-        for work in self.pending:
-            work.wait()
-        self.pending.clear()
+    def wait_before(self, tick: int) -> None:
+        keep = []
+        for entry in self.pending:
+            if entry[0] < tick:
+                entry[1].wait()
+            else:
+                keep.append(entry)
+        self.pending = keep
 
 
 def stage_layers(num_layers: int, build) -> nn.ModuleList:
@@ -105,47 +117,34 @@ def first_stage_only(build):
     return build() if ctx.is_first_stage else None
 
 
-def split_step(meta: AttentionMetadata, num_tokens: int, parts: int) -> list[tuple[int, int, AttentionMetadata]]:
-    """(first token, end token, metadata) of up to `parts` micro-batches of whole sequences, balanced by tokens."""
-    qlens = meta.query_lens_cpu
-    total, seqs = sum(qlens), len(qlens)
-    parts = max(1, min(parts, seqs))
-    cuts, acc, j = [0], 0, 1
-    for i, n in enumerate(qlens):
-        acc += n
-        if j < parts and acc >= total * j / parts and i + 1 < seqs and seqs - (i + 1) >= parts - j:
-            cuts.append(i + 1)
-            j += 1
-    cuts.append(seqs)
-    out, starts = [], [0]
-    for n in qlens:
-        starts.append(starts[-1] + n)
-    for a, b in zip(cuts, cuts[1:]):
-        t0, t1 = starts[a], starts[b] if b < seqs else num_tokens  # padding rows ride with the last part
-        out.append((t0, t1, AttentionMetadata(
-            slot_mapping=meta.slot_mapping[t0:t1], query_start_loc=meta.query_start_loc[a:b + 1] - starts[a],
-            seq_lens=meta.seq_lens[a:b], block_tables=meta.block_tables[a:b], query_lens_cpu=qlens[a:b],
-            seq_lens_cpu=meta.seq_lens_cpu[a:b], max_query_len=max(qlens[a:b]),
-            max_seq_len=max(meta.seq_lens_cpu[a:b]), block_size=meta.block_size)))
-    return out
+class StageQueue:
+    """One rank's side of the ticks. `tick(batch)` (batch: (input_ids, positions, attn_meta), or None for a
+    tick that brings no new batch) runs this stage's batch of the tick and returns, on stage 0, the final
+    hidden states of the batch that entered pp - 1 ticks ago (None when that tick brought none); later stages
+    return None. With one stage a tick is just the forward."""
 
+    def __init__(self, model: nn.Module, ctx: ParallelContext):
+        self.model, self.ctx, self.links = model, ctx, ctx.links
+        self.waiting: deque = deque()  # batches this stage runs in a later tick (stage k holds k)
+        self.finals: deque = deque()   # stage 0: (shape, dtype) of each tick's batch, until it comes back
+        self.ticks = 0
 
-def pipelined_forward(model: nn.Module, ctx: ParallelContext, input_ids: torch.Tensor, positions: torch.Tensor,
-                      meta: AttentionMetadata) -> torch.Tensor | None:
-    """This rank's part of one step: every micro-batch through its stage. Stage 0 returns the final hidden
-    states of the whole step (received from the last stage); other stages return None."""
-    if ctx.pp_size == 1:
-        return model(input_ids, positions, meta)
-    links: StageLinks = ctx.links
-    parts = split_step(meta, input_ids.shape[0], ctx.pp_size)
-    local = []
-    for t0, t1, m in parts:
-        hidden = model(input_ids[t0:t1], positions[t0:t1], m)
-        if ctx.is_last_stage:
-            links.send_final(hidden)
-        local.append(hidden)
-    out = None
-    if ctx.is_first_stage:
-        out = torch.cat([links.receive_final(h) for h in local], dim=0)
-    links.wait()
-    return out
+    def tick(self, batch) -> torch.Tensor | None:
+        ctx = self.ctx
+        if ctx.pp_size == 1:
+            return self.model(*batch) if batch is not None else None
+        self.links.tick = self.ticks
+        self.waiting.append(batch)
+        mine = self.waiting.popleft() if len(self.waiting) > ctx.pp_rank else None
+        hidden = self.model(*mine) if mine is not None else None
+        if ctx.is_last_stage and hidden is not None:
+            self.links.send_final(hidden)
+        out = None
+        if ctx.is_first_stage:
+            self.finals.append(None if hidden is None else (hidden.shape, hidden.dtype))
+            if len(self.finals) == ctx.pp_size:
+                done = self.finals.popleft()
+                out = self.links.receive_final(*done) if done is not None else None
+        self.links.wait_before(self.ticks)
+        self.ticks += 1
+        return out

@@ -13,8 +13,8 @@ import torch.distributed as dist
 from frontierlm.layers.attention import AttentionMetadata
 
 HEADER_LEN = 8
-STEP, LOGITS, ALLOC, PING, STOP = 1, 2, 3, 4, 5
-COMMANDS = {STEP: "step", LOGITS: "logits", ALLOC: "alloc", PING: "ping", STOP: "stop"}
+STEP, LOGITS, ALLOC, PING, STOP, KV_BLOCKS = 1, 2, 3, 4, 5, 6  # STEP: one pipeline tick (no fields: no new batch)
+COMMANDS = {STEP: "step", LOGITS: "logits", ALLOC: "alloc", PING: "ping", STOP: "stop", KV_BLOCKS: "kv blocks"}
 
 
 def send_header(cmd: int, *fields: int, device: torch.device, group) -> None:

@@ -48,6 +48,8 @@ class ParallelContext:
     num_layers: int = 0           # the model's layers, split into pp_size contiguous stages
     links: object = None          # pipeline.StageLinks of this rank's stage (pp_size > 1)
     control_group: object = None  # every rank, with the collective timeout: step messages and stage transfers
+    return_group: object = None   # every rank (pp_size > 1): the last stage's hidden states back to stage 0, on
+    #                               their own NCCL communicator so they never queue behind the forward sends
 
     @property
     def world_size(self) -> int:
@@ -122,6 +124,8 @@ def init_process_groups(ctx: ParallelContext, master_addr: str, master_port: int
                             timeout=datetime.timedelta(seconds=max(STARTUP_TIMEOUT_S, timeout.total_seconds())),
                             **kwargs)
     ctx.control_group = dist.new_group(list(range(ctx.world_size)), timeout=timeout)
+    if ctx.pp_size > 1:
+        ctx.return_group = dist.new_group(list(range(ctx.world_size)), timeout=timeout)
     for stage in range(ctx.pp_size):
         ranks = list(range(stage * ctx.tp_size, (stage + 1) * ctx.tp_size))
         group = dist.new_group(ranks, timeout=timeout)

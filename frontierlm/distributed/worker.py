@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from frontierlm.distributed import protocol
-from frontierlm.distributed.pipeline import pipelined_forward
+from frontierlm.distributed.pipeline import StageQueue
 from frontierlm.distributed.state import ParallelContext, building, init_process_groups
 
 logger = logging.getLogger("frontierlm.worker")
@@ -31,6 +31,9 @@ def resolve_model_config(config):
         from frontierlm.engine.dtype_policy import choose_dtype
 
         mc.dtype, _ = choose_dtype(mc.dtype, torch.device(config.device))
+    from frontierlm.quant.engine import configure_model
+
+    configure_model(mc, config)  # quantization and KV-cache dtype, as the driver's engine records them
     return mc
 
 
@@ -50,6 +53,7 @@ class Worker:
         init_process_groups(self.ctx, config.master_addr, port)
         with building(self.ctx):
             self.model = load_model(self.mc, self.ctx.device, config.load_format, seed=config.seed)
+        self.stages = StageQueue(self.model, self.ctx)
         dist.barrier()  # every rank has its shard (start-up timeout); the driver's steps follow
 
     @torch.inference_mode()
@@ -57,13 +61,15 @@ class Worker:
         device = self.ctx.device
         while True:
             cmd, *f = protocol.receive_header(device, self.ctx.control_group)
-            if cmd == protocol.STEP:
+            if cmd == protocol.STEP:  # a tick; fields all 0 when it brings no new batch
                 num_tokens, num_seqs, width = f[0], f[1], f[2]
-                payload = torch.empty(protocol.payload_size(num_tokens, num_seqs, width), dtype=torch.int64,
-                                      device=device)
-                dist.broadcast(payload, 0, group=self.ctx.control_group)
-                ids, pos, meta = protocol.unpack_step(payload, *f[:6])
-                pipelined_forward(self.model, self.ctx, ids, pos, meta)
+                batch = None
+                if num_tokens:
+                    payload = torch.empty(protocol.payload_size(num_tokens, num_seqs, width), dtype=torch.int64,
+                                          device=device)
+                    dist.broadcast(payload, 0, group=self.ctx.control_group)
+                    batch = protocol.unpack_step(payload, *f[:6])
+                self.stages.tick(batch)
             elif cmd == protocol.LOGITS:
                 if self.ctx.is_first_stage:
                     hidden = torch.empty(f[0], f[1], dtype=self.mc.dtype, device=device)
@@ -71,7 +77,14 @@ class Worker:
                     self.model.compute_logits(hidden)
             elif cmd == protocol.ALLOC:
                 shapes = self.model.kv_cache_shapes(f[0], f[1])
-                self.model.bind_kv_cache([torch.zeros(s, dtype=self.mc.dtype, device=device) for s in shapes])
+                dtype = self.mc.kv_cache_dtype or self.mc.dtype
+                self.model.bind_kv_cache([torch.zeros(s, dtype=dtype, device=device) for s in shapes])
+            elif cmd == protocol.KV_BLOCKS:
+                from frontierlm.distributed.executor import rank_kv_blocks
+
+                mine = rank_kv_blocks(self.config, self.mc, self.model, device, f[0])
+                dist.all_gather([torch.empty_like(mine) for _ in range(self.ctx.world_size)], mine,
+                                group=self.ctx.control_group)
             elif cmd == protocol.STOP:
                 return
             elif cmd != protocol.PING:

@@ -10,6 +10,7 @@ from frontierlm.compat import check_kwargs
 from frontierlm.config import EngineConfig, ModelConfig, check_attention_backend
 from frontierlm.engine.detokenizer import IncrementalDetokenizer
 from frontierlm.engine.engine_stats import EngineStats
+from frontierlm.engine.kv_budget import num_kv_blocks
 from frontierlm.engine.kv_cache import KVCacheManager
 from frontierlm.engine.model_runner import ModelRunner
 from frontierlm.engine.request import Request, RequestStatus
@@ -22,9 +23,6 @@ from frontierlm.outputs import RequestOutput
 from frontierlm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = init_logger(__name__)
-
-CPU_DEFAULT_KV_BYTES = 2 * 2**30
-
 
 class LLMEngine(EngineStats):
     def __init__(self, config: EngineConfig):
@@ -52,6 +50,11 @@ class LLMEngine(EngineStats):
         self.runner.allocate_kv_cache(num_blocks)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
+        self.pipeline = None  # pipeline parallel: up to PP batches in flight (distributed/virtual_engines.py)
+        if config.pipeline_parallel_size > 1:
+            from frontierlm.distributed.virtual_engines import VirtualEngines
+
+            self.pipeline = VirtualEngines(self)
         self.kv_connector = None  # disaggregated prefill / decode: KV blocks to and from other instances
         if config.kv_transfer_config is not None:
             from frontierlm.kv_transfer.connector import make_connector
@@ -105,23 +108,10 @@ class LLMEngine(EngineStats):
         return cls(EngineConfig(model=model, **kwargs))
 
     def _num_kv_blocks(self) -> int:
-        cfg, mc = self.config, self.model_config
-        bytes_per_block = mc.kv_cache_bytes_per_token() * cfg.block_size
-        if cfg.kv_cache_memory_gb is not None:
-            budget = cfg.kv_cache_memory_gb * 2**30
-        elif self.runner.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.runner.device)
-            # leave room for activations of the largest step (hidden states + logits, generously)
-            reserve = cfg.max_num_batched_tokens * (mc.hidden_size * 64 + mc.vocab_size * 8)
-            budget = total * cfg.gpu_memory_utilization - (total - free) - reserve
-        else:
-            wanted = cfg.max_num_seqs * self.max_model_len * bytes_per_block / cfg.block_size
-            budget = min(CPU_DEFAULT_KV_BYTES, wanted)
-        num_blocks = int(budget // bytes_per_block)
-        if num_blocks < 1:
-            raise ValueError(f"the KV-cache budget ({budget / 2**30:.3f} GiB) holds no block of "
-                             f"{bytes_per_block} bytes; raise kv_cache_memory_gb or gpu_memory_utilization")
-        return num_blocks
+        if self.runner.parallel is not None:  # each rank's own budget and share of the cache; the fewest blocks
+            return self.runner.parallel.agree_num_kv_blocks(self.max_model_len)
+        bytes_per_block = self.model_config.kv_cache_bytes_per_token() * self.config.block_size
+        return num_kv_blocks(self.config, self.model_config, self.runner.device, bytes_per_block, self.max_model_len)
 
     # ---- requests ----------------------------------------------------------------------------------
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
@@ -304,6 +294,9 @@ class LLMEngine(EngineStats):
     # ---- the step ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         failed = self._resolve_grammars() if self._compiling else []
+        if self.pipeline is not None:  # pipeline parallel: batches in flight (distributed/virtual_engines.py)
+            done = self.pipeline.step()
+            return self._finish_step(*done, failed) if done is not None else failed
         sched = self.scheduler.schedule()
         if sched.is_empty:
             if not failed and self.has_unfinished_requests():
@@ -313,6 +306,9 @@ class LLMEngine(EngineStats):
         result = self.runner.execute(sched)
         if self.spec is not None:  # the cost model behind the adaptive draft length
             self.spec.observe_step(sched.num_tokens, self.spec.clock() - t0)
+        return self._finish_step(sched, result, failed)
+
+    def _finish_step(self, sched, result, failed: list[RequestOutput]) -> list[RequestOutput]:
         updated = self.scheduler.update_from_output(sched, result)
         touched: dict[str, RequestGroup] = {}
         for req in updated:

@@ -143,13 +143,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        rows = [s.request for s in sched.scheduled if s.samples and not s.spec_token_ids]
-        matchers = [r.grammar for r in rows]
-        bitmask_job = None
-        if any(m is not None for m in matchers):  # fill grammar masks on a thread, overlapped with the forward
-            from frontierlm.structured.backend import fill_grammar_bitmask
-
-            bitmask_job = self._host_pool().submit(fill_grammar_bitmask, matchers, self.model_config.vocab_size)
+        rows, matchers, bitmask_job = self._sampling_rows(sched)
         if self.spec is not None and (self.spec.proposer.uses_hidden or any(s.spec_token_ids for s in sched.scheduled)):
             return self._execute_spec(sched, rows, matchers, bitmask_job)
         # pure decode steps: the static-shape compiled / graphed forward; None = take the eager path
@@ -161,9 +155,25 @@ class ModelRunner:
                 return RunnerOutput(sampled={}, prompt_logprobs=prompt_lps)
         return self._sample(logits, rows, matchers, bitmask_job, prompt_lps)
 
+    def _sampling_rows(self, sched: SchedulerOutput):
+        """The requests that sample this step, their grammar matchers, and the job filling their masks."""
+        rows = [s.request for s in sched.scheduled if s.samples and not s.spec_token_ids]
+        matchers = [r.grammar for r in rows]
+        bitmask_job = None
+        if any(m is not None for m in matchers):  # fill grammar masks on a thread, overlapped with the forward
+            from frontierlm.structured.backend import fill_grammar_bitmask
+
+            bitmask_job = self._host_pool().submit(fill_grammar_bitmask, matchers, self.model_config.vocab_size)
+        return rows, matchers, bitmask_job
+
     def _forward(self, sched: SchedulerOutput):
         num_tokens, meta, logits_index, spec_index = self._prepare(sched)
         hidden = self.model(self._dev["input_ids"][:num_tokens], self._dev["positions"][:num_tokens], meta)
+        prompt_lps, logits = self._logits(sched, hidden, logits_index, num_tokens)
+        return hidden, logits, prompt_lps, spec_index
+
+    def _logits(self, sched: SchedulerOutput, hidden: torch.Tensor, logits_index: list[int], num_tokens: int):
+        """Prompt log-probs and the logits of the rows that sample, from the step's final hidden states."""
         prompt_lps = {}
         if any(s.request.sampling_params.prompt_logprobs is not None for s in sched.scheduled):
             prompt_lps = compute_prompt_logprobs(self.model, hidden, sched.scheduled)
@@ -174,7 +184,7 @@ class ModelRunner:
             else:
                 index = torch.tensor(logits_index, dtype=torch.long).to(self.device, non_blocking=True)
                 logits = self.model.compute_logits(hidden.index_select(0, index))
-        return hidden, logits, prompt_lps, spec_index
+        return prompt_lps, logits
 
     def _eager_logits(self, sched: SchedulerOutput) -> tuple[torch.Tensor | None, dict]:
         _, logits, prompt_lps, _ = self._forward(sched)

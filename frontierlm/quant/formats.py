@@ -72,10 +72,13 @@ def dequantize(values: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     return (w * expand_cols(scale, cols, group)).to(dtype)
 
 
-def quantize_int(w: torch.Tensor, bits: int, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int(w: torch.Tensor, bits: int, group_size: int | None,
+                 reduce_absmax=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric absmax quantization of [N, K]: values in [-2^(b-1), 2^(b-1) - 1] as int8, row scales [N, KB]
     (KB = 1 per channel, else ceil(K / group_size)). The scale is compressed-tensors' symmetric rule,
-    absmax / ((qmax - qmin) / 2); tests check it against compressed_tensors.calculate_qparams."""
+    absmax / ((qmax - qmin) / 2); tests check it against compressed_tensors.calculate_qparams.
+    reduce_absmax(absmax [N, KB], group_size): a tensor-parallel shard of the columns makes its absmax that of
+    the whole row (frontierlm/distributed/layers.py), so every rank quantizes as one process would."""
     n, k = w.shape
     qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     w = w.float()
@@ -83,6 +86,8 @@ def quantize_int(w: torch.Tensor, bits: int, group_size: int | None) -> tuple[to
     pad = cdiv(k, g) * g - k
     wg = torch.nn.functional.pad(w, (0, pad)).view(n, -1, g)
     absmax = wg.abs().amax(-1)
+    if reduce_absmax is not None:
+        absmax = reduce_absmax(absmax, group_size)
     scale = absmax / ((qmax - qmin) / 2)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     q = torch.round(wg / scale[..., None]).clamp(qmin, qmax).to(torch.int8).view(n, -1)[:, :k]
@@ -90,7 +95,7 @@ def quantize_int(w: torch.Tensor, bits: int, group_size: int | None) -> tuple[to
 
 
 def quantize_fp8(w: torch.Tensor, strategy: str, block: tuple[int, int] = (128, 128),
-                 dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+                 dtype: torch.dtype = torch.float8_e4m3fn, reduce_absmax=None) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] -> (fp8 values [N, K], checkpoint-shaped scale): strategy "tensor" (scale [1]), "channel"
     ([N, 1]) or "block" ([ceil(N / bn), ceil(K / bk)], DeepSeek-V3's weight_scale_inv). value * scale ~ w."""
     n, k = w.shape
@@ -100,7 +105,10 @@ def quantize_fp8(w: torch.Tensor, strategy: str, block: tuple[int, int] = (128, 
         scale = (w.abs().amax() / fmax).clamp(min=1e-12).reshape(1)
         return (w / scale).clamp(-fmax, fmax).to(dtype), scale
     if strategy == "channel":
-        scale = (w.abs().amax(1, keepdim=True) / fmax).clamp(min=1e-12)
+        absmax = w.abs().amax(1, keepdim=True)
+        if reduce_absmax is not None:  # as in quantize_int
+            absmax = reduce_absmax(absmax, None)
+        scale = (absmax / fmax).clamp(min=1e-12)
         return (w / scale).clamp(-fmax, fmax).to(dtype), scale
     if strategy != "block":
         raise ValueError(f"unknown FP8 strategy {strategy!r}")

@@ -161,11 +161,14 @@ class QuantLinearMethod:
         if self.checkpoint_format is None:  # float checkpoint: quantize it now
             w = layer.weight.data
             del layer.weight
+            reduce = getattr(layer, "reduce_absmax", None)  # a row-parallel shard: scales of the whole rows
             if s.kind == "float":
-                values, scale = formats.quantize_fp8(w, s.strategy, s.block or (128, 128))
+                if reduce is not None and s.strategy != "channel":
+                    raise ValueError(f"FP8 {s.strategy} scales with tensor parallelism are not supported")
+                values, scale = formats.quantize_fp8(w, s.strategy, s.block or (128, 128), reduce_absmax=reduce)
                 scale = formats.row_scales(scale, w.shape[0], w.shape[1], s.block if s.strategy == "block" else None)
             else:
-                values, scale = formats.quantize_int(w, s.bits, s.group_size)
+                values, scale = formats.quantize_int(w, s.bits, s.group_size, reduce_absmax=reduce)
             zero, input_scale = None, None
         else:
             values = (layer.weight if s.kind == "float" or self.checkpoint_format != "pack-quantized"

@@ -73,6 +73,9 @@ class QuantLoad:
         self.runtime: dict[str, nn.Module] = {}  # checkpoint module name -> our layer that runs quantized
         self.kv_scales: dict[str, float] = {}
         self.dequantized = 0
+        # a float checkpoint (quantized, if at all, after loading): view() offers its tensors unchanged, so the
+        # tensor-parallel loaders may read their shard from a lazy slice
+        self.tensors_as_stored = config is None or not config.from_checkpoint
 
     # ---- 1. before loading --------------------------------------------------------------------------
     def prepare(self, model: nn.Module, load_format: str) -> None:
