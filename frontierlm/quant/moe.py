@@ -11,7 +11,9 @@ Compute: each expert becomes one kernel per matrix (Int8Kernel / Int4Kernel / Fp
 kernels, FP8 dequantized a column block at a time), and the grouped (token, expert) rows of `FusedExperts`
 run expert by expert through them. The kernels' tensors are stacked over the experts afterwards, so the
 compiled decode step (which needs static shapes) gathers each pair's quantized matrix and dequantizes only
-those rows.
+those rows. That path multiplies in the activations' dtype (float32 in a float32 model) where the int8 / int4
+kernels take bfloat16 activations, so a compiled and an eager greedy run can part at a near tie (seen once on
+a tiny random Qwen3-MoE: the compiled run then gave the float model's tokens).
 """
 from __future__ import annotations
 
