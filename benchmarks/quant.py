@@ -3,6 +3,8 @@
     python benchmarks/quant.py ppl MODEL_DIR [--windows 8 --seq-len 256]
     python benchmarks/quant.py speed MODEL_DIR [--rounds 3] [--gguf-dir /tmp/quant-gguf]
     python benchmarks/quant.py kernels [--batch 1 --reps 200]
+    python benchmarks/quant.py int4-rows [--rows 1 16 64 256]
+    python benchmarks/quant.py moe [--tokens 1 8 64]
 
 ppl: perplexity on held-out python-docs text (the trainer's own validation split: split_documents(...,
 0.05), the documents the demo model never trained on), teacher-forced through the engine (prompt_logprobs,
@@ -238,6 +240,77 @@ def cmd_kernels(args) -> None:
                       "load1": os.getloadavg()[0]}), flush=True)
 
 
+def cmd_int4_rows(args) -> None:
+    """The int4 (groups of 32) matmuls of one 33.6M-model forward (qkv, o, gate_up, down x 8) per row count:
+    torch's packed kernel vs unpacking the weight once per call to bfloat16 (or float32) and F.linear. Same
+    interleaved minimum-of-N timing as `kernels`; it picks linear_methods.INT4_DENSE_ROWS."""
+    import torch.nn.functional as F
+
+    from frontierlm.quant.formats import quantize_int
+    from frontierlm.quant.linear_methods import Int4Kernel
+
+    torch.set_num_threads(1)
+    shapes = [(1024, 512), (512, 512), (3072, 512), (512, 1536)]
+    kernels = {}
+    for n, k in shapes:
+        q, s = quantize_int(torch.randn(n, k) * 0.02, 4, 32)
+        kernels[n, k] = Int4Kernel(q, s, None, 32)
+    for rows in args.rows:
+        totals = {"packed": 0.0, "dense-bf16": 0.0, "dense-f32": 0.0}
+        for (n, k), kern in kernels.items():
+            x = torch.randn(rows, k)
+            fns = {"packed": lambda: kern(x, dense=False), "dense-bf16": lambda: kern(x, dense=True),
+                   "dense-f32": lambda: F.linear(x, kern.dense_weight(torch.float32)[:n])}
+            best = {name: float("inf") for name in fns}
+            for _ in range(max(3, args.reps // max(1, rows // 16))):
+                for name, f in fns.items():
+                    t0 = time.perf_counter()
+                    f()
+                    best[name] = min(best[name], time.perf_counter() - t0)
+            for name in fns:
+                totals[name] += 8 * best[name]
+        print(json.dumps({"rows": rows, "int4_matmul_us_per_forward": {n: round(v * 1e6) for n, v in totals.items()},
+                          "dense_bf16_speedup": round(totals["packed"] / totals["dense-bf16"], 2),
+                          "load1": os.getloadavg()[0]}), flush=True)
+
+
+def cmd_moe(args) -> None:
+    """One MoE expert block (the demo model's shape by default: 8 experts, hidden 256, intermediate 128, top-2)
+    on T tokens: float32 FusedExperts (torch._grouped_mm on CPU) vs int8 / int4 g32 quantized experts
+    (frontierlm/quant/moe.py), interleaved call by call, minimum of N kept."""
+    from frontierlm.layers.moe import FusedExperts
+    from frontierlm.quant.config import online_scheme
+    from frontierlm.quant.moe import QuantExpertsMethod
+
+    torch.set_num_threads(1)
+    e, h, i, k = args.experts, args.hidden, args.intermediate, args.top_k
+    variants = {}
+    for name in ("float32", "int8", "int4"):
+        torch.manual_seed(0)
+        m = FusedExperts(e, h, i)
+        torch.nn.init.normal_(m.w13, std=0.02)
+        torch.nn.init.normal_(m.w2, std=0.02)
+        if name != "float32":
+            method = QuantExpertsMethod({f: online_scheme(name) for f in ("w13", "w2")}, None)
+            method.create_weights(m)
+            method.process_weights_after_loading(m)
+        variants[name] = m.eval()
+    for tokens in args.tokens:
+        x = torch.randn(tokens, h)
+        ids = torch.stack([torch.randperm(e)[:k] for _ in range(tokens)])
+        w = torch.full((tokens, k), 1.0 / k)
+        best = {name: float("inf") for name in variants}
+        with torch.inference_mode():
+            for _ in range(args.reps):
+                for name, m in variants.items():
+                    t0 = time.perf_counter()
+                    m(x, w, ids)
+                    best[name] = min(best[name], time.perf_counter() - t0)
+        print(json.dumps({"tokens": tokens, "experts_us": {n: round(v * 1e6, 1) for n, v in best.items()},
+                          "speedup_vs_float32": {n: round(best["float32"] / v, 2) for n, v in best.items()},
+                          "load1": os.getloadavg()[0]}), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -253,8 +326,19 @@ def main():
     c = sub.add_parser("kernels")
     c.add_argument("--batch", type=int, default=1)
     c.add_argument("--reps", type=int, default=200)
+    d = sub.add_parser("int4-rows")
+    d.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8, 16, 32, 48, 64, 96, 128, 256, 512])
+    d.add_argument("--reps", type=int, default=60)
+    m = sub.add_parser("moe")
+    m.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64])
+    m.add_argument("--experts", type=int, default=8)
+    m.add_argument("--hidden", type=int, default=256)
+    m.add_argument("--intermediate", type=int, default=128)
+    m.add_argument("--top-k", type=int, default=2)
+    m.add_argument("--reps", type=int, default=100)
     args = p.parse_args()
-    {"ppl": cmd_ppl, "speed": cmd_speed, "kernels": cmd_kernels}[args.cmd](args)
+    {"ppl": cmd_ppl, "speed": cmd_speed, "kernels": cmd_kernels, "int4-rows": cmd_int4_rows,
+     "moe": cmd_moe}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -197,3 +197,24 @@ def test_supported_configs_parse():
     qc = from_hf_config(ct)
     assert qc.scheme_for("model.layers.3.mlp.down_proj").activations == "static"
     assert qc.scheme_for("lm_head") is None and qc.scheme_for("model.layers.1.mlp.gate") is None
+
+
+@pytest.mark.parametrize("n,k,group,symmetric", [(200, 200, 32, True), (64, 256, 128, False), (48, 96, 32, True)])
+def test_int4_dense_prefill_path_matches_the_packed_kernel(n, k, group, symmetric):
+    """Prefill (many rows) unpacks torch's CPU int4 packing to a bfloat16 matrix for one F.linear; it must
+    compute what `_weight_int4pack_mm_for_cpu` computes. 200 rows: three full 64-row blocks and a partial one;
+    200 columns: padded to the group; 48 rows: partial blocks only."""
+    from frontierlm.quant.linear_methods import INT4_DENSE_ROWS, Int4Kernel
+
+    torch.manual_seed(6)
+    w = torch.randn(n, k)
+    q, scale = formats.quantize_int(w, 4, group)
+    zero = torch.randint(-2, 3, scale.shape, dtype=torch.int8) if not symmetric else None
+    kern = Int4Kernel(q, scale, zero, group)
+    assert kern.layout is not None  # the packing's layout on this CPU was recognised exactly
+    x = torch.randn(max(INT4_DENSE_ROWS, 70), k)
+    packed, dense = kern(x, dense=False), kern(x, dense=True)
+    assert (dense - packed).abs().max() <= 0.01 * packed.abs().max()  # bfloat16 weights vs the kernel's float
+    reference = x @ formats.dequantize(q, scale, zero, group=group).t()
+    assert (dense - reference).abs().max() <= 0.02 * reference.abs().max()
+    torch.testing.assert_close(kern(x), dense, rtol=0, atol=0)  # this many rows take the dense path

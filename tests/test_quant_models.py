@@ -1,7 +1,8 @@
 """Quantize -> load: `frontierlm quantize` checkpoints (and `quantization=` on load) give logits that match
 transformers' own loading of the same checkpoint (it dequantizes compressed-tensors and FP8 on CPU) and stay
 within a stated bound of the float model; greedy agreement with the float model is reported. A DeepSeek-V3
-checkpoint quantized as published (FP8 experts and kv_b_proj too) loads through the dequantizing fallback.
+checkpoint quantized as published loads with its experts in FP8 and kv_b_proj through the dequantizing fallback
+(MoE experts of compressed-tensors files: tests/test_quant_moe.py).
 Bad input: unsupported schemes and CLI mistakes are one clear error."""
 import json
 
@@ -130,7 +131,7 @@ def _publish_like_deepseek(src, dst):
 
 
 def test_deepseek_v3_fp8_release_format_loads(tiny_model_dir, tmp_path):
-    """MLA + MoE with FP8 everywhere: attention runs FP8, experts / kv_b_proj are dequantized on load.
+    """MLA + MoE with FP8 everywhere: attention and experts run FP8, kv_b_proj is dequantized on load.
     Oracle: transformers' FineGrainedFP8 loading, which dequantizes on a CPU."""
     pytest.importorskip("accelerate")
     src = tiny_model_dir("deepseek_v3")

@@ -122,6 +122,8 @@ class FusedExperts(nn.Module):
     False = the loop (the reference); True = grouped_mm whatever the device (torch has a CPU kernel too).
     """
 
+    quant_method = None  # frontierlm/quant/moe.py: set when the experts hold quantized weights
+
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str = "silu",
                  use_grouped_mm: bool | None = None):
         super().__init__()
@@ -174,6 +176,8 @@ class FusedExperts(nn.Module):
         xs = x.index_select(0, rows)
         if xs.shape[0] == 0:
             ys = xs
+        elif self.quant_method is not None:
+            ys = self.quant_method.apply(self, xs, counts, flat_ids.index_select(0, order))
         elif self._use_grouped_mm(x) and (x.dtype == torch.bfloat16 or not torch.compiler.is_compiling()):
             ys = self._grouped(xs, counts)
         elif torch.compiler.is_compiling():  # the loop reads counts on the host; grouped_mm traces only in bf16

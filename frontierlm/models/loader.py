@@ -80,7 +80,10 @@ def _target(name: str, model: nn.Module) -> tuple[str, object]:
         i = parts.index("experts")
         if i + 2 < len(parts) and parts[i + 1].isdigit() and parts[i + 2] in experts:
             fused, part = experts[parts[i + 2]]
-            return ".".join(parts[:i + 1] + [fused]), (int(parts[i + 1]), part)
+            # a quantized expert's other tensors (weight_packed, weight_scale, ...) -> w13_weight_scale, ...
+            leaf = parts[i + 3] if i + 3 < len(parts) else "weight"
+            return ".".join(parts[:i + 1] + [fused if leaf == "weight" else f"{fused}_{leaf}"]), \
+                (int(parts[i + 1]), part)
     mapping = getattr(model, "packed_modules_mapping", {})
     for i, part in enumerate(parts):
         if part in mapping:
@@ -95,8 +98,9 @@ def _checkpoint_name(param_name: str, shard, model: nn.Module) -> str:
     name = param_name
     if isinstance(shard, tuple) and len(parts) >= 2 and parts[-2] == "experts":
         for src, (fused, part) in getattr(model, "expert_weights_mapping", {}).items():
-            if fused == parts[-1] and part == shard[1]:
-                name = ".".join(parts[:-1] + [str(shard[0]), src, "weight"])
+            if (parts[-1] == fused or parts[-1].startswith(fused + "_")) and part == shard[1]:
+                leaf = parts[-1][len(fused) + 1:] or "weight"
+                name = ".".join(parts[:-1] + [str(shard[0]), src, leaf])
     else:
         for src, (packed, sid) in getattr(model, "packed_modules_mapping", {}).items():
             if sid == shard and packed in parts:

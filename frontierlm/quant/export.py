@@ -9,7 +9,8 @@ copy of a float HF checkpoint (also one that `frontierlm train` wrote).
   `quantization_config = {"quant_method": "fp8", "weight_block_size": [128, 128], ...}`.
 
 Exactly the linear layers FrontierLM runs quantized are written quantized (the model is built on the meta device
-to list them); embeddings, norms, the LM head, MoE routers and experts and MLA's kv_b_proj stay as they are.
+to list them), MoE experts included; embeddings, norms, the LM head, MoE routers and MLA's kv_b_proj stay as
+they are.
 The compressed-tensors tensors come from that library's own compressors, so the format is theirs.
 """
 from __future__ import annotations
@@ -33,11 +34,16 @@ def quantized_modules(model_dir: Path) -> set[str]:
     from frontierlm.config import ModelConfig
     from frontierlm.models.registry import get_model_class
     from frontierlm.quant.loading import checkpoint_modules, quantizable_linears
+    from frontierlm.quant.moe import FUSED, expert_checkpoint_modules, expert_layers
 
     mc = ModelConfig.from_pretrained(model_dir, "float32", load_format="dummy")
     with torch.device("meta"):
         model = get_model_class(mc.architecture)(mc)
-    return {p for name, layer in quantizable_linears(model) for p in checkpoint_modules(model, name, layer)}
+    names = {p for name, layer in quantizable_linears(model) for p in checkpoint_modules(model, name, layer)}
+    for name, experts in expert_layers(model):  # every expert's gate / up / down projection
+        for fused in FUSED:
+            names.update(expert_checkpoint_modules(model, name, experts, fused))
+    return names
 
 
 def _fitting_group(cols: int, group_size: int | None) -> int | None:

@@ -123,3 +123,41 @@ def quantize_fp8(w: torch.Tensor, strategy: str, block: tuple[int, int] = (128, 
 def pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
     extra = cdiv(t.shape[0], multiple) * multiple - t.shape[0]
     return torch.nn.functional.pad(t, (0, 0, 0, extra)) if extra else t
+
+
+# torch's CPU int4 packing (`_convert_weight_to_int4pack_for_cpu`, aten/src/ATen/native/cpu/int4mm_kernel.cpp)
+# stores each block of BLOCK_N rows as [K, BLOCK_N / 2] bytes: a full block of the AVX512 (64 rows) or AVX2
+# (32 rows) build puts rows [0, BLOCK_N / 2) in the low nibbles and the rest in the high ones; partial blocks
+# and the scalar build pair rows 2j (low) and 2j + 1 (high). Which build runs is the CPU's, so the layout is
+# found by unpacking a packed weight and comparing it with the values it was packed from.
+INT4PACK_LAYOUTS = ((64, True), (32, True), (32, False))  # (BLOCK_N, full blocks split in halves)
+
+
+def unpack_int4pack_cpu(packed: torch.Tensor, rows: int, cols: int, layout: tuple[int, bool]) -> torch.Tensor:
+    """[..., rows, cols / 2] CPU int4-packed bytes -> [..., rows, cols] uint8 values in [0, 16)."""
+    block_n, halves = layout
+    lead = packed.shape[:-2]
+    flat = packed.reshape(*lead, -1)
+    full = rows // block_n * block_n
+    parts = []
+    if full:
+        b = flat[..., :full * cols // 2].reshape(*lead, full // block_n, cols, block_n // 2)
+        lo, hi = b & 15, b >> 4
+        blocks = torch.cat([lo, hi], -1) if halves else torch.stack([lo, hi], -1).flatten(-2)
+        parts.append(blocks.transpose(-1, -2).reshape(*lead, full, cols))
+    if rows > full:
+        b = flat[..., full * cols // 2:].reshape(*lead, cols, (rows - full) // 2)
+        parts.append(torch.stack([b & 15, b >> 4], -1).flatten(-2).transpose(-1, -2))
+    return torch.cat(parts, -2) if len(parts) > 1 else parts[0].contiguous()
+
+
+def find_int4pack_layout(packed: torch.Tensor, values: torch.Tensor) -> tuple[int, bool] | None:
+    """The layout under which `packed` unpacks to exactly `values` ([rows, cols] ints in [0, 16)), or None."""
+    rows, cols = values.shape
+    for layout in INT4PACK_LAYOUTS:
+        try:
+            if torch.equal(unpack_int4pack_cpu(packed, rows, cols, layout).to(values.dtype), values):
+                return layout
+        except RuntimeError:  # a size that this layout cannot describe
+            continue
+    return None

@@ -28,6 +28,10 @@ from frontierlm.quant import formats
 from frontierlm.quant.config import WeightScheme
 
 SMALL_BATCH = 32          # rows up to which the packed int8 kernel beats a bf16 matmul of the dequantized matrix
+# rows from which unpacking the int4 matrix to bfloat16 once per call and F.linear beat the int4 kernel (which
+# re-reads the weight for every 4 rows): measured 1.0x at 96 rows, 1.5x at 128, 2-2.9x at 192-512
+# (`benchmarks/quant.py int4-rows`, docs/benchmarks.md)
+INT4_DENSE_ROWS = 128
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)
 FP8_CHUNK = 128           # columns of the FP8 weight dequantized at a time on CPU
 
@@ -246,8 +250,12 @@ class Int4Kernel(nn.Module):
         self.n, self.k = q.shape
         g = formats.group_cols(self.k, scale.shape[1], group)
         self.ref = (q, scale, zero, torch.float32, g)  # kept only when no kernel group size fits (see below)
-        # one scale per row fits any kernel group (columns are padded); groups need a kernel size dividing them
-        self.kernel_g = next((kg for kg in INT4_KERNEL_GROUPS if g % kg == 0 or scale.shape[1] == 1), None)
+        # one scale per row fits any kernel group (columns are padded: the least padding, then the fewest
+        # scales, so K = 32 is not stored as 256 columns); groups need a kernel size dividing them
+        if scale.shape[1] == 1:
+            self.kernel_g = min(INT4_KERNEL_GROUPS, key=lambda kg: (formats.cdiv(self.k, kg) * kg, -kg))
+        else:
+            self.kernel_g = next((kg for kg in INT4_KERNEL_GROUPS if g % kg == 0), None)
         if self.kernel_g is None:  # e.g. group 16: no packed kernel, compute from a bfloat16 copy
             self.w = formats.dequantize(q, scale, zero, torch.bfloat16, g)
             return
@@ -265,31 +273,54 @@ class Int4Kernel(nn.Module):
         # the kernel's [K / g, N, 2] (scale, zero) with w = (u - 8) * scale + zero
         self.scales_zeros = torch.stack([scale_k.t(), zf.t()], dim=-1).contiguous().to(torch.bfloat16)
         self.kp = kp
+        self.layout = None  # the CPU packing's layout, when known: lets prefill take the dense path
         if u.device.type == "cpu":
             self.packed = torch._convert_weight_to_int4pack_for_cpu(u, 1)
+            self.layout = formats.find_int4pack_layout(self.packed, u)
         else:
             packed_u8 = (u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8)
             self.packed = torch._convert_weight_to_int4pack(packed_u8, 8)
         self.ref = None
 
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The [N padded, K padded] matrix the packed kernel computes with, unpacked from its packing (once per
+        prefill forward: the kernel re-reads the weight for every 4 rows, so many rows go faster dense)."""
+        rows, kp = self.packed.shape[0], self.kp
+        u = formats.unpack_int4pack_cpu(self.packed, rows, kp, self.layout).view(rows, -1, self.kernel_g)
+        return affine_int4(u, self.scales_zeros, dtype).view(rows, kp)
+
     def dequantized(self) -> torch.Tensor:
         if self.ref is None:  # through the kernel itself, on the identity: exactly what it computes
             eye = torch.eye(self.k, device=self.packed.device)
-            return self.forward(eye).float().t().contiguous()
+            return self.forward(eye, dense=False).float().t().contiguous()
         return formats.dequantize(*self.ref)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dense: bool | None = None) -> torch.Tensor:
+        """dense: None = by row count (INT4_DENSE_ROWS, CPU); True / False force a path (tests, benchmarks)."""
         dtype = x.dtype
         if self.kernel_g is None:
             return F.linear(x.to(torch.bfloat16), self.w).to(dtype)
         xb = x.to(torch.bfloat16)
         if self.kp != self.k:
             xb = F.pad(xb, (0, self.kp - self.k))
-        if xb.device.type == "cpu":
+        if dense is None:
+            dense = x.shape[0] >= INT4_DENSE_ROWS
+        if xb.device.type == "cpu" and dense and self.layout is not None:
+            y = F.linear(xb, self.dense_weight(torch.bfloat16))
+        elif xb.device.type == "cpu":
             y = torch._weight_int4pack_mm_for_cpu(xb.contiguous(), self.packed, self.kernel_g, self.scales_zeros)
         else:
             y = torch._weight_int4pack_mm(xb.contiguous(), self.packed, self.kernel_g, self.scales_zeros)
         return y[:, :self.n].to(dtype)
+
+
+def affine_int4(u: torch.Tensor, scales_zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """u [..., N, K / g, g] values in [0, 16) and the kernel's [..., K / g, N, 2] (scale, zero) -> the weights
+    (u - 8) * scale + zero in `dtype`, as u * scale + (zero - 8 * scale): two passes over the matrix instead of
+    three (bfloat16 elementwise passes cost as much as the unpacking; addcmul measured 2.6x slower here)."""
+    sz = scales_zeros.float().movedim(-1, 0).transpose(-1, -2)[..., None]  # [2, ..., N, K / g, 1]
+    scale, shift = sz[0], sz[1] - 8 * sz[0]
+    return u.to(dtype) * scale.to(dtype) + shift.to(dtype)
 
 
 class Fp8Kernel(nn.Module):

@@ -3,9 +3,10 @@
 1. `prepare(model, model_config, load_format)`: decide each linear layer's scheme and, for a quantized
    checkpoint, give it the checkpoint's parameters (linear_methods.py).
 2. `QuantLoad.view(f)`: the names and tensors of one safetensors file as the model should see them: a layer
-   that runs quantized gets its tensors as they are; a quantized tensor whose module stays in float (MoE
-   experts, MLA's kv_b_proj, whose matrix the absorbed decode reads directly, routers) is dequantized first
-   and offered under `...weight`; `k_scale` / `v_scale` are kept for the FP8 KV cache.
+   that runs quantized (MoE experts included, quant/moe.py) gets its tensors as they are; a quantized tensor
+   whose module stays in float (MLA's kv_b_proj, whose matrix the absorbed decode reads directly, routers,
+   tensor / expert-parallel experts) is dequantized first and offered under `...weight`; `k_scale` /
+   `v_scale` are kept for the FP8 KV cache.
 3. `QuantLoad.finalize(model)`: convert every quantized layer to its compute layout; quantize a float
    checkpoint that asked for `quantization=...`.
 """
@@ -20,9 +21,11 @@ from torch import nn
 
 from frontierlm.layers.embedding import LMHead
 from frontierlm.layers.linear import Linear
+from frontierlm.layers.moe import FusedExperts
 from frontierlm.quant import formats
 from frontierlm.quant.config import QuantConfig, WeightScheme, resolve
 from frontierlm.quant.linear_methods import QuantLinearMethod
+from frontierlm.quant.moe import QuantExpertsMethod, expert_layers, expert_schemes
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +98,24 @@ class QuantLoad:
             if fmt is not None:
                 for p in parts:
                     self.runtime[p] = layer
+        self._prepare_experts(model, fmt)
+
+    def _prepare_experts(self, model: nn.Module, fmt: str | None) -> None:
+        """MoE experts run quantized too (quant/moe.py), except tensor / expert-parallel ones, whose quantized
+        checkpoint tensors are dequantized on load."""
+        for name, experts in expert_layers(model):
+            plan = expert_schemes(model, name, experts, self._scheme)
+            schemes = {fused: scheme for fused, (scheme, _) in plan.items()}
+            if all(s is None for s in schemes.values()):
+                continue
+            if type(experts) is not FusedExperts:
+                logger.info("%s: %s experts stay float (dequantized on load)", name, type(experts).__name__)
+                continue
+            QuantExpertsMethod(schemes, fmt).create_weights(experts)
+            if fmt is not None:
+                for scheme, parts in plan.values():
+                    if scheme is not None:
+                        self.runtime.update(dict.fromkeys(parts, experts))
 
     def _scheme(self, module: str) -> WeightScheme | None:
         scheme = self.config.scheme_for(module)
@@ -175,10 +196,14 @@ class QuantLoad:
             if method is not None:
                 method.process_weights_after_loading(layer)
                 count += 1
+        for _, experts in expert_layers(model):
+            if experts.quant_method is not None:
+                experts.quant_method.process_weights_after_loading(experts)
+                count += 1
         apply_kv_scales(model, self.kv_scales)
         if self.config is None:
             return
-        logger.info("quantized linear layers: %d (%s)%s", count, self.config.describe(),
+        logger.info("quantized linear layers and expert groups: %d (%s)%s", count, self.config.describe(),
                     f"; {self.dequantized} quantized checkpoint tensors of float-only modules dequantized"
                     if self.dequantized else "")
 
