@@ -24,7 +24,6 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,8 +33,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-PEERS = Path("/work/shared/peers/cpu_anchor")
-LLAMA_SRC = Path(os.environ.get("LLAMA_CPP_SRC", "/tmp/llamacpp-src/llama_cpp_python-0.3.36/vendor/llama.cpp"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def held_out_windows(tokenizer, n: int, seq_len: int) -> list[list[int]]:
@@ -120,13 +118,13 @@ class Frontier:
 
 class LlamaCpp:
     def __init__(self, gguf):
-        sys.path.insert(0, str(PEERS))
-        import bench_llamacpp as peer
+        import llamacpp_peer as peer
         from llama_cpp import Llama
 
-        self.peer, self.path = peer, gguf
+        peer.no_weight_repacking()  # the repacked q8_0 / q4_0 path segfaults on this VM's AMX Xeon
+        self.path = gguf
         self.llm = Llama(model_path=gguf, n_threads=1, n_threads_batch=1, n_ctx=1024, seed=0, verbose=False)
-        self.batched = peer.Batched(gguf, 1, 8, False, False)
+        self.batched = peer.Slots(gguf, 8, 1)
 
     def decode_b1(self, prompt, n):
         self.llm.reset()
@@ -142,22 +140,18 @@ class LlamaCpp:
         return (count - 1) / (time.perf_counter() - t_first)
 
     def offline(self, reqs):
-        items = [{"id": i, "prompt_ids": p, "out_len": o} for i, (p, o) in enumerate(reqs)]
-        t0 = time.perf_counter()
-        self.batched.run(items, "continuous")
-        return sum(o for _, o in reqs) / (time.perf_counter() - t0)
+        return self.batched.run(reqs)
 
 
 def make_ggufs(model: str, out_dir: Path) -> dict:
-    """f32 GGUF with the sdist's converter (unknown BPE pre-tokenizer hash -> gpt-2, the peers' wrapper), then
-    q8_0 / q4_0 with llama.cpp's own quantizer."""
+    """f32 GGUF with the sdist's converter (benchmarks/llamacpp_peer.py), then q8_0 / q4_0 with llama.cpp's own
+    quantizer."""
     import llama_cpp
+    import llamacpp_peer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     f32 = out_dir / "anchor-f32.gguf"
-    if not f32.exists():
-        env = dict(os.environ, ANCHOR_MODEL_DIR=model, ANCHOR_GGUF_DIR=str(out_dir), ANCHOR_LLAMA_CPP_DIR=str(LLAMA_SRC))
-        subprocess.run([sys.executable, str(PEERS / "convert_gguf.py"), "f32"], check=True, env=env)
+    llamacpp_peer.convert(model, str(out_dir), ["f32"])
     paths = {}
     for name, ftype in (("q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0)):
         path = out_dir / f"anchor-{name}.gguf"
