@@ -188,11 +188,8 @@ class FastDecode:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
             torch._dynamo.maybe_mark_dynamic(args[3], 1)
         # A call that may compile: the options are set globally for it (torch.compile's `options=` did not reach
-        # the freezing pass here, measured at half the speed). Modules not inlined: dynamo then treats the weights
-        # as fixed attributes guarded by module identity instead of graph inputs checked tensor by tensor on every
-        # call, which took 9% off the batch-1 call (4.2 vs 4.6 ms at 1 thread).
-        with torch._inductor.config.patch(CPU_INDUCTOR_OPTIONS), \
-                torch._dynamo.config.patch(inline_inbuilt_nn_modules=False):
+        # the freezing pass here, measured at half the speed).
+        with torch._inductor.config.patch(CPU_INDUCTOR_OPTIONS):
             return self._compiled(*args)
 
     def shape_for(self, sched) -> tuple[int, int] | None:
