@@ -16,8 +16,7 @@ from frontierlm.config import ModelConfig
 from frontierlm.engine.kv_cache import KVCacheManager
 from frontierlm.models.loader import load_model
 from frontierlm.spec.adaptive import LinearCost, cost_clock
-from frontierlm.spec.paged import last_rows, paged_metadata
-from frontierlm.spec.proposer import Proposer
+from frontierlm.spec.paged import PagedProposer, last_rows, paged_metadata
 from frontierlm.spec.verify import Proposal, RowState, draw
 
 
@@ -48,7 +47,7 @@ def check_same_tokenizer(target_dir: str, target_vocab: int, target_tok, draft_d
                          f"target {target_dir}; a draft must use the target's tokenizer")
 
 
-class DraftModelProposer(Proposer):
+class DraftModelProposer(PagedProposer):
     name = "draft_model"
 
     def __init__(self, draft_config: ModelConfig, device: torch.device, num_blocks: int, block_size: int,
@@ -72,17 +71,6 @@ class DraftModelProposer(Proposer):
         self.sampler, self.eos = sampler, eos_token_ids
         self.cost = LinearCost()  # seconds per draft forward vs sequences in it
         self.clock = cost_clock(device)
-
-    def expected_cost(self, num_requests: int, k: int) -> float:
-        return k * self.cost.predict(num_requests)
-
-    def release(self, live: dict) -> None:
-        for rid in [r for r in self.seqs if r not in live]:
-            self._drop(rid)
-
-    def _drop(self, rid: str) -> None:
-        seq = self.seqs.pop(rid)
-        self.kv.free(seq)
 
     def _sync(self, request) -> _DraftSeq:
         """The request's draft state, wound back to the longest prefix of what it fed that is still true."""

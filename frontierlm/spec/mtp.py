@@ -24,8 +24,7 @@ import torch
 
 from frontierlm.engine.kv_cache import KVCacheManager
 from frontierlm.spec.adaptive import LinearCost, cost_clock
-from frontierlm.spec.paged import last_rows, paged_metadata
-from frontierlm.spec.proposer import Proposer
+from frontierlm.spec.paged import PagedProposer, last_rows, paged_metadata
 from frontierlm.spec.verify import Proposal, RowState, draw
 
 MAX_PENDING = 1024  # target hidden states kept for a request that does not speculate for a while
@@ -48,7 +47,7 @@ class _MTPSeq:
         return self.start + self.num_computed_tokens + self.num_pending
 
 
-class MTPProposer(Proposer):
+class MTPProposer(PagedProposer):
     name = "mtp"
     uses_hidden = True
 
@@ -77,16 +76,6 @@ class MTPProposer(Proposer):
         self.cost = LinearCost()  # seconds per MTP forward vs requests in it
         self.clock = cost_clock(self.device)
         self.num_forward_positions = 0  # rows run through the module (catch-up and chained), for tests / stats
-
-    def expected_cost(self, num_requests: int, k: int) -> float:
-        return k * self.cost.predict(num_requests)
-
-    def release(self, live: dict) -> None:
-        for rid in [r for r in self.seqs if r not in live]:
-            self._drop(rid)
-
-    def _drop(self, rid: str) -> None:
-        self.kv.free(self.seqs.pop(rid))
 
     def observe(self, sched, hidden, rows: dict) -> None:
         requests = {s.request.request_id: s.request for s in sched.scheduled}

@@ -5,6 +5,22 @@ from __future__ import annotations
 import torch
 
 from frontierlm.layers.attention import AttentionMetadata
+from frontierlm.spec.proposer import Proposer
+
+
+class PagedProposer(Proposer):
+    """A proposer with a paged cache of its own (`self.kv`), one sequence per request in `self.seqs`, and a
+    measured cost per forward (`self.cost`): what the draft model and the MTP module share."""
+
+    def expected_cost(self, num_requests: int, k: int) -> float:
+        return k * self.cost.predict(num_requests)
+
+    def release(self, live: dict) -> None:
+        for rid in [r for r in self.seqs if r not in live]:
+            self._drop(rid)
+
+    def _drop(self, rid: str) -> None:
+        self.kv.free(self.seqs.pop(rid))
 
 
 def paged_metadata(chunks: list[tuple[list[int], int, int]], block_size: int, device) -> AttentionMetadata:
