@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from frontierlm.compat import UNSUPPORTED_ENGINE_ARGS, strict_dataclass_init
+from frontierlm.jsonfile import read_json_object
 
 _DTYPES = {"auto": None, "float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
@@ -305,18 +306,11 @@ class ModelConfig:
     @classmethod
     def from_pretrained(cls, model_dir, dtype: torch.dtype | str | None = None,
                         load_format: str = "auto") -> "ModelConfig":
-        import json
-
         from frontierlm.models.registry import supported_architectures
 
         path = check_model_dir(model_dir, "dummy")  # weights are checked below, after the architecture
         cfg_file = path / "config.json"
-        try:
-            raw = json.loads(cfg_file.read_text())
-        except ValueError as e:
-            raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{cfg_file} must hold a JSON object")
+        raw = read_json_object(cfg_file)
         archs = raw.get("architectures") or []
         supported = supported_architectures()
         arch = next((a for a in archs if a in supported), None)
@@ -333,13 +327,8 @@ class ModelConfig:
             raise ValueError(f"transformers could not parse {cfg_file}: {e}") from None
         hf_config.architectures = [arch]
 
-        gen = {}
         gen_file = path / "generation_config.json"
-        if gen_file.is_file():
-            try:
-                gen = json.loads(gen_file.read_text())
-            except ValueError as e:
-                raise ValueError(f"{gen_file} is not valid JSON: {e}") from None
+        gen = read_json_object(gen_file) if gen_file.is_file() else {}
         eos = list(dict.fromkeys(_as_id_list(raw.get("eos_token_id")) + _as_id_list(gen.get("eos_token_id"))))
         bos = raw.get("bos_token_id", gen.get("bos_token_id"))
         if bos is None:

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from pathlib import Path
 from typing import Sequence
 
 from tqdm.auto import tqdm
 
+from frontierlm.jsonfile import read_json_object
 from frontierlm.compat import UNSUPPORTED_ENGINE_ARGS, check_kwargs
 from frontierlm.config import EngineConfig
 from frontierlm.engine.chat_template import render_chat
@@ -27,12 +27,7 @@ def generation_config_defaults(directory: Path) -> dict:
     path = Path(directory) / "generation_config.json"
     if not path.is_file():
         return {}
-    try:
-        config = json.loads(path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object")
+    config = read_json_object(path)
     defaults = {ours: config[key] for key, ours in GENERATION_DEFAULTS.items() if config.get(key) is not None}
     if config.get("do_sample") is False:  # transformers' greedy flag
         defaults["temperature"] = 0.0

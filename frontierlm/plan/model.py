@@ -3,7 +3,6 @@ parameter counts by part, and the attention kind. KV bytes per token come from f
 the same numbers the engine sizes its cache with."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,6 +10,7 @@ from types import SimpleNamespace
 import torch
 
 from frontierlm.config import ModelConfig
+from frontierlm.jsonfile import read_json_object
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "configs"
 DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
@@ -35,12 +35,7 @@ def read_config(model: str) -> tuple[str, dict]:
     if not path.is_file():
         raise ValueError(f"{model!r} is neither a directory with a config.json nor a preset "
                          f"(presets: {', '.join(preset_names()) or 'none found'})")
-    try:
-        raw = json.loads(path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path} must hold a JSON object")
+    raw = read_json_object(path)
     return path.parent.name, raw
 
 
