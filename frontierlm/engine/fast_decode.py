@@ -82,13 +82,16 @@ class DecodeInputs:
         shapes = {"input_ids": (max_seqs,), "positions": (max_seqs,), "slot_mapping": (max_seqs,),
                   "block_tables": (max_seqs * max_blocks,), "seq_lens": (max_seqs,), "real_rows": (max_seqs,)}
         self.host = {k: torch.zeros(s, dtype=torch.long, pin_memory=pin) for k, s in shapes.items()}
-        self.dev = {k: torch.zeros(s, dtype=torch.long, device=device) for k, s in shapes.items()}
+        self._np = {k: v.numpy() for k, v in self.host.items()}
+        # on CPU the graph reads the host buffers themselves: no copy per step
+        self.dev = self.host if device.type == "cpu" else {
+            k: torch.zeros(s, dtype=torch.long, device=device) for k, s in shapes.items()}
         self.non_blocking = pin
 
     def fill(self, sched, batch: int, width: int) -> None:
         """Rows [0, n) from the scheduled requests, rows [n, batch) padding; then one copy per buffer."""
         n, bs = len(sched.scheduled), self.block_size
-        h = {k: v.numpy() for k, v in self.host.items()}
+        h = self._np
         reqs = [s.request for s in sched.scheduled]
         pos = np.fromiter((r.num_computed_tokens for r in reqs), dtype=np.int64, count=n)
         h["input_ids"][:n] = [r.all_token_ids[-1] for r in reqs]  # a decode step feeds the last token
@@ -108,6 +111,8 @@ class DecodeInputs:
         h["seq_lens"][n:batch] = 1
         h["real_rows"][n:batch] = 0
         h["slot_mapping"][n:batch] = self.scratch_block * bs
+        if self.dev is self.host:
+            return
         for k, host in self.host.items():
             rows = batch * width if k == "block_tables" else batch
             self.dev[k][:rows].copy_(host[:rows], non_blocking=self.non_blocking)
