@@ -186,8 +186,11 @@ class FastDecode:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
             self._compiled = torch.compile(self._forward, dynamic=None if CPU_DYNAMIC_SHAPES else False,
                                            fullgraph=True)
-        if not first:  # a shape already compiled: no marking needed
-            return self._compiled(*args)
+        if not first:  # a shape already compiled: no marking, and only the guards that tell its graphs apart
+            # (batch 1 vs symbolic, this model vs another in the process); the inputs are the same buffers every
+            # step, so the full guard set can only pass. 0.1-0.2 ms less per call at batch 1.
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                return self._compiled(*args)
         if CPU_DYNAMIC_SHAPES:  # one graph for every batch > 1 and every width: few compiles on a slow host
             for t in args:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
