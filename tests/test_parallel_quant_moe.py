@@ -4,7 +4,7 @@ rank quantizes its own slice of every expert (TP, cut along the intermediate siz
 
 Oracle: the single-process engine with the same `quantization=`. Under TP the down projection's rows are cut
 across the ranks and their per-row scales are agreed by a max all-reduce, so every rank's quantized slice is
-bit for bit the matching part of the single-process experts; greedy tokens then agree except where the
+bit for bit the matching part of the single-process experts (int8, int4 and FP8 per channel); greedy tokens then agree except where the
 bfloat16 rounding of the ranks' partial sums breaks a near tie (at most one prompt, as in
 test_parallel_quant.py). Memory: each rank stores exactly the packed bytes of its own shard."""
 import multiprocessing
@@ -37,7 +37,7 @@ def _weights(model) -> list[dict]:
     for experts in experts_of(model):
         method = experts.quant_method
         assert method is not None and not hasattr(experts, "w13") and not hasattr(experts, "w2")
-        out.append({"bytes": method.stored_bytes(), "packed": None,
+        out.append({"bytes": method.stored_bytes(),
                     **{f: torch.stack([k.dequantized() for k in method.kernels[f]]) for f in ("w13", "w2")}})
     return out
 
@@ -74,7 +74,7 @@ def _rank_shards(model_dir, quantization, expert_parallel, tmp_path) -> list[lis
 
 
 @pytest.mark.parametrize("expert_parallel", [False, True], ids=["tp2", "ep2"])
-@pytest.mark.parametrize("quantization", ["int8", "int4"])
+@pytest.mark.parametrize("quantization", ["int8", "int4", "fp8"])
 def test_each_rank_holds_its_own_quantized_shard(tiny_model_dir, tmp_path, quantization, expert_parallel):
     """Rank r's experts are the single-process quantized experts' slice r (TP: gate / up rows and down columns
     [r * I/2, (r + 1) * I/2); EP: experts [r * E/2, (r + 1) * E/2)), exactly, and are stored as packed bytes."""
