@@ -11,6 +11,7 @@ across ranks (data-parallel attention), which FrontierLM does not do.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from frontierlm.distributed.layers import materialize, read_shard
 from frontierlm.distributed.state import build_context
@@ -23,19 +24,41 @@ def make_experts(num_experts: int, hidden_size: int, intermediate_size: int, act
         return FusedExperts(num_experts, hidden_size, intermediate_size, act)
     if ctx.enable_expert_parallel:
         return ExpertParallelExperts(num_experts, hidden_size, intermediate_size, act, ctx.tp_rank, ctx.tp_size)
-    return TensorParallelExperts(num_experts, hidden_size, intermediate_size, act, ctx.tp_rank, ctx.tp_size)
+    return TensorParallelExperts(num_experts, hidden_size, intermediate_size, act, ctx.tp_rank, ctx.tp_size,
+                                 ctx.tp_group)
 
 
 class TensorParallelExperts(FusedExperts):
-    """Every expert's gate/up rows and down columns [r * I/T, (r + 1) * I/T) on rank r."""
+    """Every expert's gate/up rows and down columns [r * I/T, (r + 1) * I/T) on rank r.
 
-    def __init__(self, num_experts, hidden_size, intermediate_size, act, rank: int, size: int):
+    Quantized (frontierlm/quant/moe.py), each rank quantizes its own slice: w13's rows are whole rows, so its
+    scales are those of one process; w2's rows are cut, so its per-channel scales take the max over the TP
+    group (`reduce_absmax`) and its groups must not straddle two ranks (`check_quantization`)."""
+
+    def __init__(self, num_experts, hidden_size, intermediate_size, act, rank: int, size: int, group=None):
         if intermediate_size % size:
             raise ValueError(f"tensor_parallel_size={size} does not divide the experts' intermediate size "
                              f"({intermediate_size}); try enable_expert_parallel")
-        self.rank, self.full_intermediate = rank, intermediate_size
+        self.rank, self.size, self.group, self.full_intermediate = rank, size, group, intermediate_size
         super().__init__(num_experts, hidden_size, intermediate_size // size, act)
         self.w13.loads_slices = self.w2.loads_slices = True
+
+    def check_quantization(self, fused: str, scheme) -> None:
+        """Refuse a scheme whose scale blocks would span two ranks' slices."""
+        if scheme.strategy in ("block", "tensor"):
+            raise ValueError(f"FP8 {scheme.strategy} scales on tensor-parallel experts are not supported (they "
+                             f"span the {self.intermediate_size} intermediate rows / columns of each rank's slice); "
+                             f"use fp8 (per channel) or enable_expert_parallel")
+        if fused == "w2" and scheme.strategy == "group" and self.intermediate_size % scheme.group_size:
+            raise ValueError(f"tensor_parallel_size={self.size} leaves {self.intermediate_size} of the experts' "
+                             f"{self.full_intermediate} intermediate columns per rank in the down projection, "
+                             f"not a multiple of the quantization group size {scheme.group_size}; try "
+                             f"enable_expert_parallel")
+
+    def reduce_absmax(self, absmax: torch.Tensor) -> torch.Tensor:
+        """absmax [E, H, 1] of this rank's w2 columns -> that of the whole rows (every rank gets the same)."""
+        dist.all_reduce(absmax, op=dist.ReduceOp.MAX, group=self.group)
+        return absmax
 
     def _load_w13(self, param, loaded_weight, shard_id=None):
         i = self.intermediate_size

@@ -4,9 +4,8 @@
    checkpoint, give it the checkpoint's parameters (linear_methods.py).
 2. `QuantLoad.view(f)`: the names and tensors of one safetensors file as the model should see them: a layer
    that runs quantized (MoE experts included, quant/moe.py) gets its tensors as they are; a quantized tensor
-   whose module stays in float (MLA's kv_b_proj, whose matrix the absorbed decode reads directly, routers,
-   tensor / expert-parallel experts) is dequantized first and offered under `...weight`; `k_scale` /
-   `v_scale` are kept for the FP8 KV cache.
+   whose module stays in float (MLA's kv_b_proj, whose matrix the absorbed decode reads directly, routers) is
+   dequantized first and offered under `...weight`; `k_scale` / `v_scale` are kept for the FP8 KV cache.
 3. `QuantLoad.finalize(model)`: convert every quantized layer to its compute layout; quantize a float
    checkpoint that asked for `quantization=...`.
 """
@@ -101,14 +100,14 @@ class QuantLoad:
         self._prepare_experts(model, fmt)
 
     def _prepare_experts(self, model: nn.Module, fmt: str | None) -> None:
-        """MoE experts run quantized too (quant/moe.py), except tensor / expert-parallel ones, whose quantized
-        checkpoint tensors are dequantized on load."""
+        """MoE experts run quantized too (quant/moe.py); tensor / expert-parallel ones quantize their shard after
+        loading, and the tensors of a quantized checkpoint (refused with parallelism today) would be dequantized."""
         for name, experts in expert_layers(model):
             plan = expert_schemes(model, name, experts, self._scheme)
             schemes = {fused: scheme for fused, (scheme, _) in plan.items()}
             if all(s is None for s in schemes.values()):
                 continue
-            if type(experts) is not FusedExperts:
+            if type(experts) is not FusedExperts and fmt is not None:
                 logger.info("%s: %s experts stay float (dequantized on load)", name, type(experts).__name__)
                 continue
             QuantExpertsMethod(schemes, fmt).create_weights(experts)

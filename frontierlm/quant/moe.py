@@ -14,6 +14,12 @@ compiled decode step (which needs static shapes) gathers each pair's quantized m
 those rows. That path multiplies in the activations' dtype (float32 in a float32 model) where the int8 / int4
 kernels take bfloat16 activations, so a compiled and an eager greedy run can part at a near tie (seen once on
 a tiny random Qwen3-MoE: the compiled run then gave the float model's tokens).
+
+Tensor / expert parallelism (distributed/moe.py, float checkpoint with `quantization=...`): each rank
+quantizes the experts it holds, its slice of every expert (TP) or its whole experts (EP), and keeps only those
+kernels. Under TP the down projection's rows are cut across ranks, so its per-row scales come from the max
+over the TP group (`_agreed_absmax`): a rank's quantized slice is then exactly the matching columns of the
+single-process matrix.
 """
 from __future__ import annotations
 
@@ -81,12 +87,16 @@ class QuantExpertsMethod:
 
     # ---- loading ------------------------------------------------------------------------------------
     def create_weights(self, experts: FusedExperts) -> None:
-        if type(experts) is not FusedExperts:
-            raise ValueError(f"quantized experts are not supported with {type(experts).__name__} (tensor / "
-                             "expert parallel) yet")
-        experts.quant_method = self
-        if self.checkpoint_format is None:
+        if self.checkpoint_format is None:  # float weights, this rank's shard quantized after loading
+            for fused, s in self.schemes.items():
+                if s is not None and hasattr(experts, "check_quantization"):
+                    experts.check_quantization(fused, s)
+            experts.quant_method = self
             return
+        if type(experts) is not FusedExperts:
+            raise ValueError(f"quantized checkpoint experts are not supported with {type(experts).__name__} "
+                             "(tensor / expert parallel) yet")
+        experts.quant_method = self
         self.param_names = {}
         for fused, s in self.schemes.items():
             if s is None:
@@ -192,7 +202,9 @@ class QuantExpertsMethod:
             if self.checkpoint_format is None:  # float weights: quantize one expert at a time
                 w = getattr(experts, fused).data
                 delattr(experts, fused)
-                parts = [_quantize(w[e], s) for e in range(w.shape[0])]
+                agreed = _agreed_absmax(experts, fused, w, s)
+                parts = [_quantize(w[e], s, None if agreed is None else (lambda a, g, _e=e: agreed[_e]))
+                         for e in range(w.shape[0])]
                 del w
             else:
                 names = self.param_names[fused]
@@ -256,11 +268,20 @@ class QuantExpertsMethod:
         return y[:, :self.kernels[fused][0].n] if fused in self.kernels else y
 
 
-def _quantize(w: torch.Tensor, s: WeightScheme):
+def _agreed_absmax(experts: FusedExperts, fused: str, w: torch.Tensor, s: WeightScheme) -> torch.Tensor | None:
+    """Tensor-parallel w2 [E, H, I/T] with one scale per row: every row's absmax over all ranks' columns (one
+    all-reduce for all experts), so each rank's slice is quantized exactly as one process quantizes it."""
+    if fused != "w2" or not hasattr(experts, "reduce_absmax") or s.strategy != "channel":
+        return None  # w13's rows are whole on each rank; groups never straddle ranks (check_quantization)
+    absmax = torch.stack([w[e].float().abs().amax(-1, keepdim=True) for e in range(w.shape[0])])
+    return experts.reduce_absmax(absmax)
+
+
+def _quantize(w: torch.Tensor, s: WeightScheme, reduce_absmax=None):
     if s.kind == "float":
-        values, scale = formats.quantize_fp8(w, s.strategy, s.block or (128, 128))
+        values, scale = formats.quantize_fp8(w, s.strategy, s.block or (128, 128), reduce_absmax=reduce_absmax)
         return values, formats.row_scales(scale, w.shape[0], w.shape[1], s.block if s.strategy == "block" else None), None
-    values, scale = formats.quantize_int(w, s.bits, s.group_size)
+    values, scale = formats.quantize_int(w, s.bits, s.group_size, reduce_absmax=reduce_absmax)
     return values, scale, None
 
 
