@@ -111,6 +111,73 @@ def test_cache_aware_keeps_a_prefix_on_one_instance(workers):
         router.stop()
 
 
+def test_cache_aware_forgets_a_restarted_instance(workers):
+    from frontierlm.router.policies import chunk_hashes
+
+    router = Router(workers=[w.url for w in workers[:2]], policy="cache_aware")
+    try:
+        assert _complete(router.url, PREFIX + "before", 2).status_code == 200
+        home = next(w for w in workers[:2] if router.requests_to(w.url) == 1)
+        inst = next(i for i in router.app.state.instances if i.url == home.url)
+        policy, hashes = router.app.state.router.policy, chunk_hashes(PREFIX, 32)
+        assert policy.match(inst, hashes) == len(hashes)
+        old_id = inst.start_id
+        assert old_id
+        home.kill()
+        home.restart()
+        home.wait_ready()
+        deadline = time.time() + 30
+        while not (inst.healthy and inst.start_id != old_id) and time.time() < deadline:
+            time.sleep(0.05)
+        assert inst.healthy and inst.start_id != old_id and inst.restarts == 1
+        assert policy.match(inst, hashes) == 0  # the new process caches none of the prefix
+    finally:
+        router.stop()
+
+
+def test_restart_detection_and_the_policy_forgetting():
+    """A new start id on /health is a restart even with no failed poll between; an instance that reports no
+    start id counts as restarted when healthy again after failing; one that failed and came back with the same
+    id did not restart (a busy spell), and cache_aware keeps what it knows of it."""
+    import asyncio
+
+    from frontierlm.router.instances import HealthMonitor, Instance as Inst
+    from frontierlm.router.policies import CacheAware, chunk_hashes
+    from frontierlm.server.middleware import START_ID_HEADER
+
+    answers = []  # (status, start id or None), one per /health poll
+
+    def app(request: httpx.Request):
+        if request.url.path == "/metrics":
+            return httpx.Response(200, text="")
+        status, sid = answers.pop(0)
+        return httpx.Response(status, json={"status": "ok" if status == 200 else "error"},
+                              headers={START_ID_HEADER: sid} if sid else {})
+
+    async def polls(inst, script):
+        answers[:] = script
+        async with httpx.AsyncClient(transport=httpx.MockTransport(app)) as client:
+            monitor = HealthMonitor([inst], client)
+            for _ in script:
+                await monitor.poll(inst)
+
+    ca = CacheAware()
+    ca_hashes = chunk_hashes(PREFIX, ca.chunk_chars)
+    a, b = Inst("http://a", "worker"), Inst("http://b", "worker")
+    asyncio.run(polls(a, [(200, "one"), (503, "one"), (200, "one")]))
+    asyncio.run(polls(b, [(200, None)]))
+    for inst in (a, b):
+        ca.on_routed(inst, PREFIX)
+    assert a.restarts == 0 and ca.match(a, ca_hashes) == len(ca_hashes)
+    asyncio.run(polls(a, [(200, "two")]))  # restarted between two polls: only the id tells
+    assert a.restarts == 1 and a.healthy and ca.match(a, ca_hashes) == 0
+    assert ca.choose([a, b], PREFIX + "more") is b  # b still holds the prefix
+    asyncio.run(polls(b, [(503, None), (200, None)]))
+    assert b.restarts == 1 and ca.match(b, ca_hashes) == 0
+    ca.on_routed(a, PREFIX)  # learning starts again after the restart
+    assert ca.match(a, ca_hashes) == len(ca_hashes) and ca.choose([a, b], PREFIX + "more") is a
+
+
 def test_least_loaded_avoids_a_busy_instance(workers):
     router = Router(workers=[w.url for w in workers], policy="least_loaded")
     busy = [{} for _ in range(3)]  # long streams straight to the first instance (not through the router)

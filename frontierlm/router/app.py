@@ -64,7 +64,8 @@ def build_router_app(workers: list[str] = (), prefills: list[str] = (), decodes:
         if not isinstance(body, dict):
             metrics.failures.labels("bad_request").inc()
             raise APIError(400, "the request body must be a JSON object")
-        for name in ("resume_token_ids", "resume_text_chars", "kv_transfer_params"):  # between the router and its instances only
+        # between the router and its instances only
+        for name in ("resume_token_ids", "resume_text_chars", "resume_tool_stream", "kv_transfer_params"):
             if name in body:
                 metrics.failures.labels("bad_request").inc()
                 raise APIError(400, f"{name} is set by the router only", param=name)

@@ -1,6 +1,7 @@
 """The instances behind the router and their health: each is polled (`/health` for liveness and draining,
 `/metrics` for the queue and KV gauges the least-loaded policy reads). A dead or draining instance gets no new
-requests; one that stops answering has its in-flight streams closed, so nothing waits on it forever."""
+requests; one that stops answering has its in-flight streams closed, so nothing waits on it forever. A restart
+(a new start id on /health) is counted, so cache_aware forgets what it sent to the old process."""
 from __future__ import annotations
 
 import asyncio
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from frontierlm.logger import init_logger
+from frontierlm.server.middleware import START_ID_HEADER
 
 logger = init_logger(__name__)
 
@@ -31,6 +33,9 @@ class Instance:
     in_flight: int = 0  # requests the router has open on it now (fresher than the gauges)
     last_poll: float = 0.0
     streams: set = field(default_factory=set)  # open httpx responses, closed if the instance dies
+    start_id: str | None = None  # the process's id as its /health reports it (server/middleware.py)
+    restarts: int = 0  # restarts seen: what a policy learned about the instance before one is void
+    seen_up: bool = False  # it answered healthy once
 
     @property
     def available(self) -> bool:
@@ -47,6 +52,21 @@ class Instance:
             logger.warning("instance %s unavailable: %s", self.url, why)
         self.healthy = False
         self.failures += 1
+
+    def note_identity(self, start_id: str | None, ok: bool) -> None:
+        """A poll's answer: a new start id is a new process; an instance that reports none counts as
+        restarted when it is healthy again after failing (it may have been)."""
+        if start_id is not None:
+            if self.start_id is not None and start_id != self.start_id:
+                self._restarted("a new start id")
+            self.start_id = start_id
+        elif ok and not self.healthy and self.seen_up and self.start_id is None:
+            self._restarted("healthy again after failing")
+        self.seen_up = self.seen_up or ok
+
+    def _restarted(self, why: str) -> None:
+        self.restarts += 1
+        logger.info("instance %s restarted (%s)", self.url, why)
 
     def close_streams(self) -> None:
         for response in list(self.streams):
@@ -111,6 +131,7 @@ class HealthMonitor:
                 for key, value in parse_gauges(m.text).items():
                     setattr(inst, key, value)
             ok, draining = r.status_code == 200, status == "shutting_down"
+            inst.note_identity(r.headers.get(START_ID_HEADER), ok)
         except (httpx.HTTPError, ValueError) as e:
             ok, draining = False, False
             why = f"{type(e).__name__}: {e}"

@@ -4,7 +4,8 @@ the load is out of balance).
 
 cache_aware keeps, per instance, an approximate prefix tree of the prompts routed there: the chained hashes of
 their leading `chunk_chars`-character chunks in an LRU map (the router has no tokenizer, and a chain of hashes
-is a tree keyed by path). A prompt's match on an instance is the number of its leading chunks found there."""
+is a tree keyed by path). A prompt's match on an instance is the number of its leading chunks found there. An
+instance that restarted (Instance.restarts, counted by the health polls) starts from an empty tree."""
 from __future__ import annotations
 
 import itertools
@@ -54,10 +55,20 @@ class CacheAware(LeastLoaded):
         super().__init__()
         self.chunk_chars, self.cache_threshold = chunk_chars, cache_threshold
         self.balance_abs, self.balance_rel, self.max_entries = balance_abs, balance_rel, max_entries
-        self.trees: dict[str, OrderedDict] = {}
+        self.trees: dict[str, tuple[int, OrderedDict]] = {}  # url -> (its restarts when built, tree)
+
+    def tree(self, inst: Instance, create: bool = False) -> OrderedDict | None:
+        """The instance's tree; one built before its last restart is dropped (a new process caches nothing)."""
+        entry = self.trees.get(inst.url)
+        if entry is not None and entry[0] != inst.restarts:
+            del self.trees[inst.url]
+            entry = None
+        if entry is None and create:
+            entry = self.trees[inst.url] = (inst.restarts, OrderedDict())
+        return entry[1] if entry is not None else None
 
     def match(self, inst: Instance, hashes: list[int]) -> int:
-        tree = self.trees.get(inst.url)
+        tree = self.tree(inst)
         n = 0
         while tree is not None and n < len(hashes) and hashes[n] in tree:
             n += 1
@@ -73,10 +84,10 @@ class CacheAware(LeastLoaded):
             if self.match(best, hashes) / len(hashes) >= self.cache_threshold:
                 return best
         # no instance holds enough of it: the least loaded, then the one whose cache holds least
-        return min(candidates, key=lambda i: (i.load(), len(self.trees.get(i.url, ()))))
+        return min(candidates, key=lambda i: (i.load(), len(self.tree(i) or ())))
 
     def on_routed(self, inst: Instance, prompt: str) -> None:
-        tree = self.trees.setdefault(inst.url, OrderedDict())
+        tree = self.tree(inst, create=True)
         for h in chunk_hashes(prompt, self.chunk_chars):
             tree[h] = None
             tree.move_to_end(h)

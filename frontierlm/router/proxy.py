@@ -47,6 +47,7 @@ class StreamState:
     arrival: float
     token_ids: list[int] = field(default_factory=list)
     text_chars: int = 0  # characters of text sent: a resumed stream starts after them (resume_text_chars)
+    tool_calls: list = field(default_factory=list)  # [id, arguments characters sent] per tool call index
     tracks_tokens: bool = True  # every event so far carried its token ids
     first_token: float | None = None
     last_token: float | None = None
@@ -235,6 +236,7 @@ class Router:
             state.token_ids += ids
         text = _text_of(event)
         state.text_chars += len(text)
+        _note_tool_calls(event, state.tool_calls)
         if not is_token_event(event) or not (ids or text):
             return
         now = time.monotonic()
@@ -260,6 +262,25 @@ def _text_of(event: dict) -> str:
         delta = c.get("delta")
         out.append((c.get("text") if delta is None else delta.get("content")) or "")
     return "".join(out)
+
+
+def _note_tool_calls(event: dict, calls: list) -> None:
+    """Count the tool-call deltas an event sends: a call's first delta has its id, the rest add arguments."""
+    for c in event.get("choices") or []:
+        for item in (c.get("delta") or {}).get("tool_calls") or ():
+            index = item.get("index", len(calls))
+            if index == len(calls):
+                calls.append([item.get("id"), 0])
+            if 0 <= index < len(calls):
+                calls[index][1] += len((item.get("function") or {}).get("arguments") or "")
+
+
+def _says_nothing(event: dict) -> bool:
+    """A chat chunk that only carried the token ids the router asked for (a tool call's markup may be starting):
+    stripped of them, the client has no use for it."""
+    choices = event.get("choices") or []
+    return bool(choices) and event.get("usage") is None and all(
+        c.get("delta") == {} and c.get("finish_reason") is None and c.get("logprobs") is None for c in choices)
 
 
 class _Pumped:
@@ -303,7 +324,10 @@ class _Pumped:
                         continue  # a resumed stream opens with the role again
                     state.role_sent = True
                 self.router.observe(event, state)
-                yield encode(event if self.wants_ids else strip_token_ids(event))
+                if self.wants_ids:
+                    yield encode(event)
+                elif not _says_nothing(event):
+                    yield encode(strip_token_ids(event))
         except (httpx.TransportError, httpx.StreamError) as e:
             if is_gone(e):
                 opened.inst.mark_failed(f"{type(e).__name__} mid-stream")

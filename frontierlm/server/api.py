@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,7 +16,7 @@ from frontierlm.logger import init_logger
 from frontierlm.server import dashboard, responses, routes
 from frontierlm.server.errors import APIError
 from frontierlm.server.metrics import ServerMetrics
-from frontierlm.server.middleware import BodySizeLimitMiddleware, BodyTooLarge, RequestIdMiddleware
+from frontierlm.server.middleware import START_ID_HEADER, BodySizeLimitMiddleware, BodyTooLarge, RequestIdMiddleware
 from frontierlm.server.options import ServeOptions
 from frontierlm.server.protocol import ChatCompletionRequest, CompletionRequest, FieldError
 from frontierlm.server.security import SecurityOptions, add_api_key_check, add_cors, docs_kwargs
@@ -103,15 +104,17 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, max_queue: int 
     async def _dead(request: Request, exc: EngineDeadError):
         return await _api_error(request, APIError(500, str(exc), "internal_error", reason="engine_error"))
 
+    start_id = {START_ID_HEADER: uuid.uuid4().hex}  # middleware.py: a router tells a restart by it
+
     @app.get("/health")
     async def health():
         if async_engine.load_error is not None or async_engine.dead is not None:
-            return JSONResponse({"status": "error"}, status_code=503)
+            return JSONResponse({"status": "error"}, status_code=503, headers=start_id)
         if ctx.shutting_down:
-            return JSONResponse({"status": "shutting_down"}, status_code=503)
+            return JSONResponse({"status": "shutting_down"}, status_code=503, headers=start_id)
         if not async_engine.is_ready:
-            return JSONResponse({"status": "loading"}, status_code=503)
-        return {"status": "ok"}
+            return JSONResponse({"status": "loading"}, status_code=503, headers=start_id)
+        return JSONResponse({"status": "ok"}, headers=start_id)
 
     @app.get("/version")
     async def version():

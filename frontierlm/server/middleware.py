@@ -12,6 +12,10 @@ from frontierlm.server.errors import APIError
 
 logger = init_logger(__name__)
 
+# on every /health answer: an id drawn when the server starts, so a router sees a restart (a new id) even when
+# it never saw the instance fail (its prefix-cache knowledge of the old process is void)
+START_ID_HEADER = "X-FrontierLM-Start-Id"
+
 
 def request_id_of(scope) -> str | None:
     return (scope.get("state") or {}).get("request_id")

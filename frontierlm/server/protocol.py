@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from frontierlm.sampling_params import SamplingParams, StructuredOutputsParams, warn_deprecated
-from frontierlm.server.tools.protocol import Tool, ToolCall, ToolChoice
+from frontierlm.server.tools.protocol import ResumeToolStream, Tool, ToolCall, ToolChoice
 
 
 # Server-side bounds that keep one request from holding too much (vLLM's defaults: max_logprobs=20; OpenAI: n<=128)
@@ -309,6 +309,7 @@ class ChatCompletionRequest(_SamplingFields):
     tools: Optional[list[Tool]] = None
     tool_choice: Optional[ToolChoice] = None
     parallel_tool_calls: Optional[bool] = None
+    resume_tool_stream: Optional[ResumeToolStream] = None  # from the router only, with resume_token_ids
 
     def sampling_params(self, defaults: dict | None = None, max_logprobs: int = MAX_LOGPROBS) -> SamplingParams:
         kw = self._sampling_kwargs(defaults)

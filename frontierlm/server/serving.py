@@ -22,7 +22,7 @@ from frontierlm.server.logprobs import chat_logprobs, completion_logprobs
 from frontierlm.server.middleware import internal_error
 from frontierlm.server.options import ServeOptions
 from frontierlm.server.protocol import ChatCompletionRequest, CompletionRequest, now, random_id, usage
-from frontierlm.server.tools import ToolStreamer, plan_tools
+from frontierlm.server.tools import ToolStreamer, plan_tools, prepare_resume
 from frontierlm.server.tools.plan import call_id, tool_call_json
 
 logger = init_logger(__name__)
@@ -273,6 +273,7 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
         params.structured_outputs = plan.structured_outputs()
     else:
         plan = None  # tool_choice "none": the template still shows the tools, the output is plain text
+    APIError.wrap(lambda: prepare_resume(plan, req.resume_tool_stream, params))  # a stream the router moved here
     messages = [m.template_dict() for m in req.messages]
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     # rendered and tokenized on a worker thread; special-token text in messages stays text (chat_template.py)
@@ -317,12 +318,12 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
         if plan is None:
             delta = {"content": c.text[len(prev_text):]}
         else:
-            streamer = streamers.setdefault(c.index, ToolStreamer(plan))
+            streamer = streamers.setdefault(c.index, ToolStreamer(plan, req.resume_tool_stream))
             delta = streamer.feed(c.text, finish is not None)
             if finish is not None:
                 finish = plan.finish_reason([None] * streamer.num_calls, finish)
-            elif not delta and n_lp is None:
-                return None  # nothing certain yet (a marker may be starting)
+            elif not delta and n_lp is None and not req.return_token_ids:
+                return None  # nothing certain yet (a marker may be starting); the router still wants the ids
         return {"index": c.index, "delta": delta, "finish_reason": finish,
                 "logprobs": chat_logprobs((c.logprobs or [])[prev_tokens:], n_lp) if n_lp is not None else None}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # OpenAI's rule for function names (they also end up inside the grammar, so nothing else gets through)
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
@@ -71,3 +71,16 @@ class ToolCall(_Strict):
         except ValueError:
             args = self.function.arguments
         return {"id": self.id, "type": "function", "function": {"name": self.function.name, "arguments": args}}
+
+
+class ResumedCall(_Strict):
+    id: str
+    arguments_chars: int = Field(ge=0)
+
+
+class ResumeToolStream(_Strict):
+    """What the client of a streamed choice with tools already has, sent by the router when it resumes the
+    stream on another instance (router/migration.py): the characters of content, and per call (in index order)
+    its id and the characters of arguments. That instance's ToolStreamer starts from them."""
+    content_chars: int = Field(ge=0)
+    calls: list[ResumedCall] = []
