@@ -1,20 +1,25 @@
-"""Where inductor keeps what it compiled (graphs, C++ kernels, autotune choices) between runs, and whether a
-compile found its graphs there (warm) or had to build them (cold)."""
+"""Where inductor keeps what it compiles (C++ kernels, wrapper code, autotune choices) between runs, and whether a
+compile found everything there (warm) or had to build some of it (cold).
+
+Why count files rather than read inductor's cache counters: with freezing on (the CPU decode graphs) inductor
+never caches whole graphs ("mkldnn tensors unpickleable", AOTAutograd: "cannot cache a graph with freezing"),
+so its graph-cache counters say "bypass" every time; what a warm cache saves is the C++ compiles and the
+autotune benchmarks, stored as files keyed by their source. A compile that adds no file found them all."""
 from __future__ import annotations
 
 import os
 
-# inductor's counters of its FX-graph cache: a hit loads a compiled graph, a miss builds one (and stores it)
-_COUNTERS = ("fxgraph_cache_hit", "fxgraph_cache_miss", "fxgraph_cache_bypass")
-
 
 def use_persistent_inductor_cache() -> str:
     """Point inductor at a cache that outlives the process and the machine's /tmp cleanup, and return it:
-    TORCHINDUCTOR_CACHE_DIR when set (the operator's choice wins), else $XDG_CACHE_HOME/frontierlm/inductor
-    (~/.cache/frontierlm/inductor). Must run before the first compile of the process: inductor reads the
-    variable when it first resolves its cache directory."""
+    TORCHINDUCTOR_CACHE_DIR when the operator set it, else $XDG_CACHE_HOME/frontierlm/inductor
+    (~/.cache/frontierlm/inductor). Torch writes its own default (/tmp/torchinductor_USER) into the variable
+    the first time it resolves the directory, so that value counts as unset. Inductor reads the variable on
+    every lookup, so this takes effect for every later compile of the process."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     path = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if not path:
+    if not path or os.path.abspath(path) == os.path.abspath(default_cache_dir()):
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         path = os.path.join(base, "frontierlm", "inductor")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
@@ -22,26 +27,19 @@ def use_persistent_inductor_cache() -> str:
     return path
 
 
-def _read() -> dict[str, int]:
-    from torch._dynamo.utils import counters
-
-    return {k: counters["inductor"][k] for k in _COUNTERS}
+def _files(root: str) -> int:
+    return sum(len(names) for _, _, names in os.walk(root))
 
 
 class CacheProbe:
-    """Counts inductor's graph-cache hits and misses from its creation on (the counters are process-wide)."""
+    """Counts the files a compile adds to the inductor cache directory from its creation on."""
 
-    def __init__(self):
-        self._start = _read()
+    def __init__(self, root: str):
+        self.root = root
+        self._before = _files(root)
 
     def verdict(self) -> str:
-        now = _read()
-        hit, miss, bypass = (now[k] - self._start[k] for k in _COUNTERS)
-        total = hit + miss + bypass
-        if total == 0:
-            return "no new graph"
-        if hit == total:
+        added = _files(self.root) - self._before
+        if added <= 0:
             return "warm"
-        if hit == 0:
-            return "cold" if bypass == 0 else f"cold ({bypass} of {total} graphs not cacheable)"
-        return f"partly warm ({hit} of {total} graphs from the cache)"
+        return f"cold, {added} files added" if self._before == 0 else f"cold or partly warm, {added} files added"

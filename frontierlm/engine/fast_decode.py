@@ -205,7 +205,7 @@ class FastDecode:
 
         no_requests = SimpleNamespace(scheduled=[])
         shapes = self.startup_shapes()
-        probe = CacheProbe()
+        probe = CacheProbe(self.inductor_cache_dir)
         t0 = time.perf_counter()
         with torch.inference_mode():  # the engine's steps run in inference mode, and dynamo guards on it
             for shape in tqdm(shapes, desc="compiling decode graphs", unit="shape", file=sys.stderr,
