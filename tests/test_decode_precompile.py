@@ -100,5 +100,7 @@ def test_cache_probe_counts_added_files(tmp_path):
     assert probe.verdict() == "cold, 1 files added"
     (tmp_path / "sub").mkdir()
     probe = CacheProbe(str(tmp_path))
-    (tmp_path / "sub" / "a.py").write_text("x")
+    (tmp_path / "sub" / "wrapper.py").write_text("x")  # rewritten by every process: not a cache miss
+    assert probe.verdict() == "warm"
+    (tmp_path / "sub" / "b.so").write_text("x")
     assert probe.verdict() == "cold or partly warm, 1 files added"
