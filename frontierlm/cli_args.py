@@ -27,6 +27,9 @@ ENGINE_FLAGS = [
      "auto (xgrammar, guidance where xgrammar cannot enforce the constraint), xgrammar or guidance"),
     ("--enforce-eager", "enforce_eager", bool,
      "no compiled / CUDA-graphed decode step (default: eager on CPU, where compiling takes minutes)"),
+    ("--compile-decode-at-startup", "compile_decode_at_startup", bool,
+     "with the decode fast path on, compile its graphs at start-up instead of on first use "
+     "(default: on for serve, off otherwise)"),
     ("--quantization", "quantization", str,
      "fp8, int8 or int4: quantize a float checkpoint while loading (default: the checkpoint's own)"),
     ("--kv-cache-dtype", "kv_cache_dtype", str, "auto (the model's dtype), fp8 / fp8_e4m3 or fp8_e5m2"),
@@ -174,8 +177,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     return out
 
 
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(model=args.model, **engine_kwargs(args))
+def engine_config(args: argparse.Namespace, **defaults) -> EngineConfig:
+    """The engine flags as an EngineConfig; `defaults` are a subcommand's own defaults (flags given win)."""
+    return EngineConfig(model=args.model, **(defaults | engine_kwargs(args)))
 
 
 def sampling_params(args: argparse.Namespace, **defaults) -> SamplingParams:

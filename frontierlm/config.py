@@ -44,6 +44,10 @@ class EngineConfig:
     # True: no compiled / CUDA-graphed decode step (engine/fast_decode.py). None: eager on CPU, where inductor's
     # compile of the decode graphs took minutes on a 2-core machine (docs/benchmarks.md); fast path on CUDA.
     enforce_eager: bool | None = None
+    # With the fast path on: True compiles (CPU) / captures (CUDA) the decode graphs while the engine starts, with
+    # a progress bar and the seconds in the start-up report; False / None compiles each shape lazily on first use.
+    # `frontierlm serve` passes True unless told otherwise (a server should not stall its first users).
+    compile_decode_at_startup: bool | None = None
     # custom logits processors (classes or "module:Class" / "module.Class" names), vLLM v1's interface
     logits_processors: list = field(default_factory=list)
     speculative_config: dict | None = None  # frontierlm/spec/config.py: {"method", "num_speculative_tokens", ...}
@@ -89,8 +93,9 @@ class EngineConfig:
             self.kv_transfer_config = KVTransferConfig.from_any(self.kv_transfer_config)
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "nnodes"):
             positive(name)
-        for name in ("trust_remote_code", "enforce_eager", "enable_expert_parallel"):
-            if not isinstance(getattr(self, name), bool) and not (name == "enforce_eager" and self.enforce_eager is None):
+        for name in ("trust_remote_code", "enforce_eager", "enable_expert_parallel", "compile_decode_at_startup"):
+            optional = name in ("enforce_eager", "compile_decode_at_startup")
+            if not isinstance(getattr(self, name), bool) and not (optional and getattr(self, name) is None):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.logits_processors is None:
             self.logits_processors = []

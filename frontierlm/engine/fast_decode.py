@@ -7,7 +7,8 @@ scratch block that the cache manager never hands out.
 
 - CPU: the forward is compiled with torch.compile (inductor's C++ backend), once per ladder shape, the first
   time that shape comes up after a short warm-up of eager steps (tests and one-off prompts never pay for a
-  compile). Inductor's on-disk cache makes later processes compile the same graphs much faster.
+  compile), or all at start-up (`precompile`, EngineConfig.compile_decode_at_startup). Inductor's on-disk cache
+  (engine/compile_cache.py) makes later processes compile the same graphs much faster.
 - CUDA: the same forward is captured as a CUDA graph per ladder shape, all sharing one memory pool
   (engine/cuda_graphs.py), and replayed.
 
@@ -18,12 +19,15 @@ from __future__ import annotations
 import bisect
 import itertools
 import os
+import sys
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
+from frontierlm.engine.compile_cache import CacheProbe, use_persistent_inductor_cache
 from frontierlm.layers.paged_decode import PagedDecodePlan
 from frontierlm.logger import init_logger
 
@@ -162,6 +166,8 @@ class FastDecode:
         self.compile_seconds: dict[tuple[int, int], float] = {}
         self._seen: set[tuple[int, int]] = set()
         self.disabled = False
+        self.inductor_cache_dir = use_persistent_inductor_cache()
+        self.startup_compile: tuple[int, float, str] | None = None  # (shapes, seconds, cache verdict)
         if device.type == "cuda":
             from frontierlm.engine.cuda_graphs import CudaGraphPool
 
@@ -173,8 +179,48 @@ class FastDecode:
 
     def describe(self) -> str:
         how = "CUDA graphs" if self._graphs is not None else "torch.compile (inductor)"
-        return (f"decode fast path: {how}, batch ladder {self.batch_sizes}, block-table widths {self.widths}, "
-                f"each shape compiled on first use after {self.warmup_steps} eager decode steps")
+        head = f"decode fast path: {how}, batch ladder {self.batch_sizes}, block-table widths {self.widths}, "
+        if self.disabled:
+            return head + "turned off (the model could not be compiled; decode runs eager)"
+        if self.startup_compile is None:
+            return head + f"each shape compiled on first use after {self.warmup_steps} eager decode steps"
+        n, seconds, cache = self.startup_compile
+        return (head + f"compiled at start-up: {n} shapes in {seconds:.1f}s (inductor cache {cache}, "
+                       f"{self.inductor_cache_dir})")
+
+    def startup_shapes(self) -> list[tuple[int, int]]:
+        """What `precompile` runs. CPU: every batch rung at the narrowest width and every width at batch 1 and 2,
+        which covers both graphs (batch 1, symbolic batch > 1) and every rung of both ladders, so a later shape
+        finds its guards already passed. CUDA: every shape (one graph each), largest first so the smaller graphs
+        reuse the pool's memory."""
+        if self._graphs is not None:
+            return sorted(((b, w) for b in self.batch_sizes for w in self.widths), reverse=True)
+        batches = self.batch_sizes[:2]
+        shapes = [(b, w) for b in batches for w in self.widths[:1]]  # the two graphs' first compiles
+        shapes += [(b, self.widths[0]) for b in self.batch_sizes[2:]]
+        shapes += [(b, w) for b in batches for w in self.widths[1:]]
+        return shapes
+
+    def precompile(self, progress: bool = True) -> None:
+        """Compile (CPU) or capture (CUDA) the decode graphs now, before any request: one decode step per
+        `startup_shapes` shape through the same path real steps take, with every row a padding row (it reads and
+        writes only the scratch block), so no request, scheduler state or KV block is touched. The eager warm-up
+        is then skipped: the graphs are ready. A tqdm bar on stderr shows the shapes."""
+        from tqdm.auto import tqdm
+
+        no_requests = SimpleNamespace(scheduled=[])
+        shapes = self.startup_shapes()
+        probe = CacheProbe(self.inductor_cache_dir)
+        t0 = time.perf_counter()
+        with torch.inference_mode():  # the engine's steps run in inference mode, and dynamo guards on it
+            for shape in tqdm(shapes, desc="compiling decode graphs", unit="shape", file=sys.stderr,
+                              disable=not progress):
+                if self._step(shape, no_requests) is None:  # this model cannot be compiled: stays eager
+                    break
+        self.startup_compile = (len(shapes), time.perf_counter() - t0, probe.verdict())
+        self.warmup_steps = 0
+        logger.info("decode fast path: %d shapes compiled at start-up in %.1fs (inductor cache %s)",
+                    *self.startup_compile)
 
     def _forward(self, *args):
         return decode_forward(self.model, self.max_model_len, self.block_size, *args)
@@ -218,6 +264,15 @@ class FastDecode:
         self.decode_steps += 1
         if self.decode_steps <= self.warmup_steps:
             return None
+        logits = self._step(shape, sched)
+        if logits is None:
+            return None
+        self.fast_steps += 1
+        return logits[:len(sched.scheduled)]
+
+    def _step(self, shape: tuple[int, int], sched) -> torch.Tensor | None:
+        """Logits [batch, vocab] of `sched`'s requests padded to `shape`, compiling or capturing the shape on
+        first use; None when that first use fails (the fast path then turns itself off)."""
         batch, width = shape
         self.inputs.fill(sched, batch, width)
         args = self.inputs.views(batch, width)
@@ -236,5 +291,4 @@ class FastDecode:
             self.compile_seconds[shape] = time.perf_counter() - t0
             logger.info("decode fast path: compiled batch %d x %d blocks in %.1fs", batch, width,
                         self.compile_seconds[shape])
-        self.fast_steps += 1
-        return logits[:len(sched.scheduled)]
+        return logits

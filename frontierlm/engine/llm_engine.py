@@ -74,6 +74,10 @@ class LLMEngine(EngineStats):
         self._counter = 0
         # False (AsyncEngine): step() returns GroupDeltas and text is made off this thread (output_processor.py)
         self.detokenize_in_step = True
+        load_seconds = time.perf_counter() - t0  # the start-up compile is reported on its own
+        fast = self.runner.fast_decode
+        if fast is not None and config.compile_decode_at_startup and self.runner.parallel is None:
+            fast.precompile()  # dummy steps on the scratch block: no request or KV block involved
         bpt = mc.kv_cache_bytes_per_token()
         mla = (f" (MLA latent; MHA of equal heads would need {mc.mha_kv_cache_bytes_per_token()})"
                if mc.is_mla else "")
@@ -81,7 +85,7 @@ class LLMEngine(EngineStats):
             f"FrontierLM: {mc.architecture} ({mc.dtype}, {self.runner.device}) | KV cache: {num_blocks} blocks x "
             f"{config.block_size} tokens = {num_blocks * config.block_size} tokens, {bpt} bytes/token{mla}, "
             f"{num_blocks * config.block_size * bpt / 2**30:.2f} GiB | structured outputs: "
-            f"{config.structured_outputs_backend} | loaded in {time.perf_counter() - t0:.1f}s"
+            f"{config.structured_outputs_backend} | loaded in {load_seconds:.1f}s"
             f" | dtype {mc.dtype}: {dtype_reason}{quant_report} | "
             + (self.runner.fast_decode.describe() if self.runner.fast_decode else
                "decode: eager (enforce_eager; enforce_eager=False compiles the decode step)"))

@@ -75,7 +75,8 @@ def run_server(args) -> int:
     from frontierlm.server.security import options_from_args
 
     check_serve_args(args)
-    config = cli_args.engine_config(args)  # validates the flags before anything starts
+    # validates the flags before anything starts; a server compiles its decode graphs before the first request
+    config = cli_args.engine_config(args, compile_decode_at_startup=True)
     security = options_from_args(args)
     pin_malloc_mmap_threshold()
     options = serve_options(args)
