@@ -55,9 +55,9 @@ class Proc:
             self.p.kill()
 
 
-def serve(model: str, cpus: str, log: Path, kv: dict | None = None, extra=()) -> tuple[Proc, str]:
+def serve(model: str, cpus: str, log: Path, kv: dict | None = None, extra=(), threads: int = 1) -> tuple[Proc, str]:
     port = free_port()
-    args = ["serve", model, "--port", str(port), "--served-model-name", "m", "--num-threads", "1",
+    args = ["serve", model, "--port", str(port), "--served-model-name", "m", "--num-threads", str(threads),
             "--disable-log-requests", "--uvicorn-log-level", "warning", *extra]
     if kv:
         args += ["--kv-transfer-config", json.dumps(kv)]
@@ -146,6 +146,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model directory (default: the 33.6M-parameter benchmark shape)")
     p.add_argument("--cpus", default="1")
+    p.add_argument("--split-roles", action="store_true",
+                   help="with two CPUs: colocated gets both (one thread each), prefill the first, decode the second")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--num-short", type=int, default=40)
     p.add_argument("--short-len", type=int, default=32)
@@ -174,7 +176,10 @@ def main() -> int:
         model = str(logs / "model")
         if not (Path(model) / "config.json").exists():
             make_random_model(model)
-    out = {"cpus": a.cpus, "load_before": os.getloadavg(), "mixed": [], "dp": {}}
+    split = a.cpus.split(",")
+    if a.split_roles and len(split) != 2:
+        p.error("--split-roles needs --cpus A,B")
+    out = {"cpus": a.cpus, "split_roles": a.split_roles, "load_before": os.getloadavg(), "mixed": [], "dp": {}}
     extra = ["--max-num-batched-tokens", "2048", "--max-model-len", "2048"]
     if a.skip != "mixed":
         for rnd in range(a.rounds):
@@ -182,15 +187,17 @@ def main() -> int:
                 procs = []
                 try:
                     if mode == "colocated":
-                        pr, url = serve(model, a.cpus, logs / "colocated.log", extra=extra)
+                        pr, url = serve(model, a.cpus, logs / "colocated.log", extra=extra,
+                                        threads=len(split) if a.split_roles else 1)
                         procs.append(pr)
                         wait_healthy([url])
                     else:
                         kv = {"kv_parallel_size": 2, "kv_port": free_port()}
-                        pp, pu = serve(model, a.cpus, logs / "prefill.log", {**kv, "kv_role": "kv_producer",
-                                                                              "kv_rank": 0}, extra)
-                        dp, du = serve(model, a.cpus, logs / "decode.log", {**kv, "kv_role": "kv_consumer",
-                                                                             "kv_rank": 1}, extra)
+                        pcpu, dcpu = (split[0], split[-1]) if a.split_roles else (a.cpus, a.cpus)
+                        pp, pu = serve(model, pcpu, logs / "prefill.log", {**kv, "kv_role": "kv_producer",
+                                                                            "kv_rank": 0}, extra)
+                        dp, du = serve(model, dcpu, logs / "decode.log", {**kv, "kv_role": "kv_consumer",
+                                                                           "kv_rank": 1}, extra)
                         rp, url = router({"prefill": [pu], "decode": [du]}, "round_robin", a.cpus, logs / "r.log")
                         procs += [pp, dp, rp]
                         wait_healthy([pu, du, url])
