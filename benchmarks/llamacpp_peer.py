@@ -74,24 +74,30 @@ def no_weight_repacking() -> None:
     llama_cpp.llama_model_default_params = high_level.llama_cpp.llama_model_default_params = params
 
 
+def greedy_decode(llm, ids: list[int], out_len: int) -> tuple[int, float]:
+    """Run `out_len` greedy tokens after prompt `ids` on a `llama_cpp.Llama`: (tokens after the first, seconds
+    after the first). generate() never stops on its own, so the output length is exact."""
+    llm.reset()
+    n, t_first = 0, None
+    gen = llm.generate(ids, temp=0.0, repeat_penalty=1.0, reset=True)
+    for _ in gen:
+        n += 1
+        if t_first is None:
+            t_first = time.perf_counter()
+        if n == out_len:
+            break
+    gen.close()
+    return n - 1, time.perf_counter() - t_first
+
+
 def batch1(path: str, reqs, threads: int) -> float:
     from llama_cpp import Llama
     llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=1024, verbose=False)
+    greedy_decode(llm, [5 + i for i in range(32)], 8)   # warm-up
     decoded, seconds = 0, 0.0
-    for ids, out_len in [([5 + i for i in range(32)], 8)] + reqs:   # the first is a warm-up
-        llm.reset()
-        n, t_first = 0, None
-        gen = llm.generate(ids, temp=0.0, repeat_penalty=1.0, reset=True)
-        for _ in gen:   # greedy; generate() never stops on its own, so output lengths are exact
-            n += 1
-            if t_first is None:
-                t_first = time.perf_counter()
-            if n == out_len:
-                break
-        gen.close()
-        if len(ids) != 32:
-            seconds += time.perf_counter() - t_first
-            decoded += n - 1
+    for ids, out_len in reqs:
+        n, s = greedy_decode(llm, ids, out_len)
+        decoded, seconds = decoded + n, seconds + s
     llm.close()
     return decoded / seconds
 

@@ -122,22 +122,13 @@ class LlamaCpp:
         from llama_cpp import Llama
 
         peer.no_weight_repacking()  # the repacked q8_0 / q4_0 path segfaults on this VM's AMX Xeon
-        self.path = gguf
+        self.peer, self.path = peer, gguf
         self.llm = Llama(model_path=gguf, n_threads=1, n_threads_batch=1, n_ctx=1024, seed=0, verbose=False)
         self.batched = peer.Slots(gguf, 8, 1)
 
     def decode_b1(self, prompt, n):
-        self.llm.reset()
-        gen = self.llm.generate(prompt, temp=0.0, repeat_penalty=1.0, reset=True)
-        t_first, count = None, 0
-        for _ in gen:
-            count += 1
-            if t_first is None:
-                t_first = time.perf_counter()
-            if count == n:
-                break
-        gen.close()
-        return (count - 1) / (time.perf_counter() - t_first)
+        decoded, seconds = self.peer.greedy_decode(self.llm, prompt, n)
+        return decoded / seconds
 
     def offline(self, reqs):
         return self.batched.run(reqs)
