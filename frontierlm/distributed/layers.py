@@ -15,7 +15,7 @@ from torch import nn
 
 from frontierlm.distributed.state import build_context
 from frontierlm.layers.embedding import LMHead, VocabEmbedding
-from frontierlm.layers.linear import Linear, MergedLinear, QKVLinear, default_weight_loader
+from frontierlm.layers.linear import Linear, MergedLinear, QKVLinear, default_weight_loader, linear
 
 
 def read_shard(loaded, dim: int, start: int, size: int) -> torch.Tensor:
@@ -95,7 +95,7 @@ class RowParallelLinear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return super().forward(x)
-        y = self.quant_method.apply(self, x, None) if self.quant_method is not None else F.linear(x, self.weight)
+        y = self.quant_method.apply(self, x, None) if self.quant_method is not None else linear(x, self.weight)
         if self.reduce_results:
             all_reduce(y, self.tp_size, self.tp_group)
         return y if self.bias is None else y + self.bias

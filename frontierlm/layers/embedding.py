@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from frontierlm.layers.linear import default_weight_loader
+from frontierlm.layers.linear import default_weight_loader, linear
 
 
 class VocabEmbedding(nn.Module):
@@ -32,4 +32,4 @@ class LMHead(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.quant_method is not None:
             return self.quant_method.apply(self, hidden_states, None).float()
-        return F.linear(hidden_states, self.weight).float()
+        return linear(hidden_states, self.weight).float()

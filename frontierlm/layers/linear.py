@@ -19,6 +19,30 @@ def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor, shar
     param.data.copy_(loaded_weight)
 
 
+# Compiled one-row products as a reduction (see `linear`); False keeps the BLAS kernels everywhere.
+ONE_ROW_REDUCTION = True
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except for one row inside a compiled CPU graph, where it is written as multiply-and-sum.
+
+    Why: one row makes the product a matrix-vector product whose cost is reading the weights. The BLAS
+    libraries' one-row kernels stream them at about half the memory bandwidth on some CPUs (MKL's and
+    oneDNN's: 9-13 GB/s at 2 threads on an AMD EPYC Zen 4 where a plain reduction reads 25-30 GB/s;
+    docs/benchmarks.md, "One-row products"), while inductor turns the multiply-and-sum into a vectorised
+    reduction over each weight row, split across threads by output row, and fuses it with its neighbours.
+    float32 weights only: with bfloat16 the whole compiled step measured slower than oneDNN's bfloat16 kernel
+    (8.7-11.6 vs 6.6-6.8 ms at 1 thread). Eager code (and any shape that is not one static row) keeps
+    F.linear: there the sum would materialise the whole product."""
+    if (ONE_ROW_REDUCTION and weight.dtype == torch.float32 and x.device.type == "cpu"
+            and torch.compiler.is_compiling()):
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if type(rows) is int and rows == 1:  # a static one-row shape (a symbolic batch stays a GEMM)
+            y = (x.unsqueeze(-2) * weight).sum(-1)
+            return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
+
+
 class Linear(nn.Module):
     """y = x W^T (+ b). Parameters start uninitialized: they are always overwritten by the loader."""
 
@@ -41,7 +65,7 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant_method is not None:
             return self.quant_method.apply(self, x, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class PackedLinear(Linear):
