@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from sim_calibration_fit import (LOADS, TOKEN_MAX, bare_timer, bench_trace, closed_loop_runs,  # noqa: E402
-                                 cmd_replay, compare, fit_server_overhead, load, sim, sim_common)
+from sim_calibration_fit import (LOADS, TOKEN_MAX, VALIDATION_SEEDS, bare_timer, bench_trace,  # noqa: E402
+                                 closed_loop_runs, cmd_replay, compare, fit_server_overhead, load, sim, sim_common)
 
 
 def _env(threads: int) -> dict:
@@ -114,26 +114,26 @@ def calibrate_model(model: str, label: str, out: Path, args) -> dict:
     rows, cap, over = [], None, None
     try:
         _wait_health(url, server)
-        # warm-up so the first measured requests do not pay for lazy initialisation
+        # warm-up so the first measured requests do not pay for lazy initialisation (a seed no run uses)
         _cli(["bench", "serve", "--base-url", url, "--model", "m", "--num-requests", "4", "--input-len", "16",
-              "--output-len", "4"], env, client_cpu, stdout=subprocess.DEVNULL)
+              "--output-len", "4", "--seed", "99"], env, client_cpu, stdout=subprocess.DEVNULL)
         runs = closed_loop_runs(out / label, args, bench, stagger_rate=round(cap0, 3))
         prof_served, over = fit_server_overhead(prof, runs, args)
         common = sim_common(prof_served, args)
         cap = sim(common + ["--num-requests", str(args.num_requests)])["request_throughput"]  # all at t=0
-        for name, frac in LOADS:
+        for (name, frac), seed in zip(LOADS, VALIDATION_SEEDS):
             rate = round(cap * frac, 3)
             real_json = out / f"{label}_{name.replace(' ', '_')}_bench.json"
             before = load()
             _cli(["bench", "serve", "--base-url", url, "--model", "m", "--num-requests", str(args.num_requests),
                   "--request-rate", str(rate), "--input-len", str(args.input_len), "--output-len",
-                  str(args.output_len), "--seed", "0", "--token-id-max", str(TOKEN_MAX), "--json-out",
+                  str(args.output_len), "--seed", str(seed), "--token-id-max", str(TOKEN_MAX), "--json-out",
                   str(real_json)], env, client_cpu, stdout=subprocess.DEVNULL)
             real = json.loads(real_json.read_text())
             trace = out / f"{label}_{name.replace(' ', '_')}_trace.csv"
-            bench_trace(trace, args.num_requests, rate, args.input_len, args.output_len, 0)
+            bench_trace(trace, args.num_requests, rate, args.input_len, args.output_len, seed)
             simulated = sim(common + ["--workload", "trace", "--trace", str(trace)])
-            row = {"load": name, "rate": rate, "load_avg_before": before, "load_avg_after": load(),
+            row = {"load": name, "rate": rate, "seed": seed, "load_avg_before": before, "load_avg_after": load(),
                    **compare(real, simulated)}
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -310,7 +310,7 @@ def main() -> None:
     for sp in (c, r):
         sp.add_argument("--step-model", default=None, help="pin the step-time form (default: chosen by CV)")
         sp.add_argument("--zero-overheads", default=[], type=lambda s: [x for x in s.split(",") if x],
-                        help="overheads held at 0 instead of fitted (step_s,row_s,request_s,ingress_s)")
+                        help="overheads held at 0 instead of fitted (step_s,row_s,row2_s,request_s,ingress_s)")
     d = sub.add_parser("distserve")
     d.add_argument("--out", default="runs/distserve")
     d.add_argument("--gpus", default="8,16,32,64")

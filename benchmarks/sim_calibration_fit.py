@@ -13,6 +13,10 @@ from pathlib import Path
 from frontierlm.cli import main as cli_main
 
 LOADS = (("light", 0.3), ("near saturation", 0.9), ("overloaded", 1.5))
+# One seed per validation run: the server keeps prefix caching on, and runs that repeated one seed's prompts
+# (all three were seed 0 until 2026-12-02) found the earlier run's prompt blocks still cached, so the later
+# runs prefilled 16 of 128 tokens per prompt while the simulator prefilled all 128.
+VALIDATION_SEEDS = (10, 11, 12)
 FIGURES = (("output_tok_s", ("output_throughput",)), ("ttft_p50_ms", ("ttft_ms", "p50")),
            ("ttft_p99_ms", ("ttft_ms", "p99")), ("tpot_p50_ms", ("tpot_ms", "p50")),
            ("tpot_p99_ms", ("tpot_ms", "p99")))
@@ -32,17 +36,20 @@ def sim(argv: list[str]) -> dict:
     return json.loads(buf.getvalue())
 
 
-def bench_arrivals(n: int, rate: float, input_len: int, seed: int, token_max: int = TOKEN_MAX) -> list[float]:
-    """The arrivals `frontierlm bench serve` draws: one Random(seed) for prompts and gaps, in its order."""
+def bench_requests(n: int, rate: float, input_len: int, seed: int, token_max: int = TOKEN_MAX
+                   ) -> list[tuple[float, list[int]]]:
+    """(arrival, prompt) as `frontierlm bench serve` draws them: one Random(seed) for prompts and gaps, in order."""
     rng = random.Random(seed)
     t, out = 0.0, []
     for i in range(n):
-        for _ in range(input_len):
-            rng.randrange(10, token_max)
-        out.append(t)
+        out.append((t, [rng.randrange(10, token_max) for _ in range(input_len)]))
         if i + 1 < n and rate != float("inf"):
             t += rng.expovariate(rate)
     return out
+
+
+def bench_arrivals(n: int, rate: float, input_len: int, seed: int, token_max: int = TOKEN_MAX) -> list[float]:
+    return [t for t, _ in bench_requests(n, rate, input_len, seed, token_max)]
 
 
 def bench_trace(path: Path, n: int, rate: float, input_len: int, output_len: int, seed: int,
@@ -68,14 +75,17 @@ def compare(real: dict, simulated: dict) -> dict:
 
 def closed_loop_specs(args, stagger_rate: float | None) -> list[tuple]:
     """(name, requests, concurrency, rate, input, output, seed, figures fitted), seeds other than the validation
-    runs' (0): one request at a time (the bare per-token path); max_num_seqs at a time, the requests created at
-    `stagger_rate` (the bare engine's capacity, so the prompts join a few at a time, as the profile measured,
-    rather than all in one burst of steps the profile never timed); and many short requests (16 prompt tokens,
-    2 output) eight at a time, where the per-request costs are a large share of each request's time."""
+    runs' (0): one request at a time (the bare per-token path); 8 and max_num_seqs at a time (per-row costs, and
+    how they grow with the batch), the requests created at `stagger_rate` (the bare engine's capacity, so the
+    prompts join a few at a time, as the profile measured, rather than all in one burst of steps the profile
+    never timed); and many short requests (16 prompt tokens, 2 output) eight at a time, where the per-request
+    costs are a large share of each request's time."""
     c, L, O = args.max_num_seqs, args.input_len, args.output_len
     rate = stagger_rate or float("inf")
+    loop = ("ttft_p50", "tpot_p50", "output_throughput")
     return [("c1", 8, 1, float("inf"), L, O, 1, ("ttft_p50", "tpot_p50")),
-            (f"c{c}", 3 * c, c, rate, L, O, 2, ("ttft_p50", "tpot_p50", "output_throughput")),
+            ("c8", 24, 8, rate, L, O, 4, loop),
+            (f"c{c}", 3 * c, c, rate, L, O, 2, loop),
             ("short", 48, 8, float("inf"), 16, 2, 3, ("ttft_p50", "request_throughput"))]
 
 
@@ -139,6 +149,43 @@ def sim_common(profile: Path, args) -> list[str]:
     return argv + (["--step-model", args.step_model] if args.step_model else [])
 
 
+def replay_chained(src: Path, label: str, served: Path, args) -> list[dict]:
+    """The three validation runs on one simulated instance, in the order they ran and with the prompts the bench
+    sent, the prefix cache on as in the server: where runs repeated a seed, a later run finds an earlier one's
+    prompt blocks cached, as the server did. Each run starts after the previous one's measured duration, doubled
+    (the bench started the next when the last ended; doubling keeps a slower simulated run from overlapping)."""
+    from frontierlm.sim.fleet import FleetConfig, SimResult, simulate
+    from frontierlm.sim.instance import InstanceConfig
+    from frontierlm.sim.metrics import summarize
+    from frontierlm.sim.timing import ProfileTimer
+    from frontierlm.sim.workload import SimRequest
+
+    timer = ProfileTimer.load(str(served), step_model=args.step_model)
+    inst = InstanceConfig(num_blocks=timer.profile["num_blocks"], block_size=16, max_num_seqs=args.max_num_seqs,
+                          enable_prefix_caching=True)
+    workload, segments, offset = [], [], 0.0
+    for name, _ in LOADS:
+        real = json.loads((src / f"{label}_{name.replace(' ', '_')}_bench.json").read_text())
+        cfg = real["config"]
+        reqs = bench_requests(int(cfg["num_requests"]), float(cfg["request_rate"]), int(cfg["input_len"]),
+                              int(cfg["seed"]))
+        ids = [f"{name}/{i}" for i in range(len(reqs))]
+        workload += [SimRequest(rid, offset + t, len(p), int(cfg["output_len"]), 0, tuple(p))
+                     for rid, (t, p) in zip(ids, reqs)]
+        segments.append((name, real, set(ids)))
+        offset += 2 * real["duration_s"] + 1.0
+    res = simulate(workload, timer, FleetConfig(inst, ingress_latency=timer.ingress_latency_s))
+    rows = []
+    for name, real, ids in segments:
+        recs = [r for r in res.records if r.request_id in ids]
+        part = SimResult(recs, res.instances, res.roles, max(r.finish for r in recs), min(r.arrival for r in recs))
+        rows.append({"load": name, "rate": float(real["config"]["request_rate"]), "seed": real["config"]["seed"],
+                     **compare(real, summarize(part))})
+    hits = res.instances[0].kv.prefix_hits / max(res.instances[0].kv.prefix_queries, 1)
+    print(f"{label}: chained replay with the prefix cache, {hits:.0%} of prompt tokens were cache hits", flush=True)
+    return rows
+
+
 def cmd_replay(args) -> None:
     """Refit from a calibration directory's profiles and closed-loop runs and re-simulate its three traces:
     a new model tried on old measurements (which it may have been diagnosed on: not an independent test)."""
@@ -161,8 +208,13 @@ def cmd_replay(args) -> None:
             simulated = sim(sim_common(served, args) + ["--workload", "trace", "--trace",
                                                         str(src / f"{stem}_trace.csv")])
             rows.append({"load": name, "rate": float(real["config"]["request_rate"]), **compare(real, simulated)})
-            print(label, name, " ".join(f"{k} {v['measured']:.1f}/{v['simulated']:.1f} ({v['error']:+.0%})"
-                                        for k, v in rows[-1].items() if isinstance(v, dict)), flush=True)
-        results["models"].append({"model": label, "server_overhead": over, "rates": rows})
+        entry = {"model": label, "server_overhead": over, "rates": rows,
+                 "rates_chained": replay_chained(src, label, served, args)}
+        for key in ("rates", "rates_chained"):
+            for row in entry[key]:
+                print(label, key, row["load"], " ".join(f"{k} {v['measured']:.1f}/{v['simulated']:.1f} "
+                                                       f"({v['error']:+.0%})" for k, v in row.items()
+                                                       if isinstance(v, dict)), flush=True)
+        results["models"].append(entry)
     (out / "replay.json").write_text(json.dumps(results, indent=1))
     print(f"wrote {out / 'replay.json'}")

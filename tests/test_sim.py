@@ -199,12 +199,14 @@ def test_serving_overheads_and_ingress_latency():
     points = [{"prefill_tokens": 0, "prefill_pairs": 0, "decode_reqs": d, "decode_ctx": 10 * d,
                "step_s": 0.01 + 0.002 * d} for d in (1, 2, 4, 8)]
     bare = ProfileTimer({"points": points})
-    served = ProfileTimer({"points": points, "overhead": {"step_s": 0.25, "row_s": 0.5}})
+    served = ProfileTimer({"points": points, "overhead": {"step_s": 0.25, "row_s": 0.5, "row2_s": 0.125}})
     from frontierlm.sim.timing import BatchShape
 
     b = BatchShape(decode_reqs=2, decode_ctx=20, rows=2)
     assert bare.step_time(b) == pytest.approx(0.014)
-    assert served.step_time(b) == pytest.approx(0.014 + 0.25 + 2 * 0.5)
+    assert served.step_time(b) == pytest.approx(0.014 + 0.25 + 2 * 0.5 + 4 * 0.125)  # 2 rows: 2^2 x row2_s
+    with pytest.raises(ValueError, match="overheads must be >= 0"):
+        ProfileTimer({"points": points, "overhead": {"request_s": -1.0}})
 
 
 def _grid(cost, chunks=(1,)):
@@ -312,11 +314,12 @@ def test_fit_overheads_recovers_what_generated_the_closed_loop_runs():
 
     timer = ProfileTimer({"points": _grid(lambda p: 2e-3 + 2e-5 * p["prefill_tokens"] + 1e-4 * p["decode_reqs"]
                                           + 1e-8 * p["decode_ctx"])})
-    truth = {"step_s": 2e-4, "row_s": 5e-5, "request_s": 1.5e-3, "ingress_s": 1e-3}
+    truth = {"step_s": 2e-4, "row_s": 5e-5, "row2_s": 4e-6, "request_s": 1.5e-3, "ingress_s": 1e-3}
     inst = InstanceConfig(num_blocks=400, block_size=16, max_num_seqs=8)
     served = ProfileTimer({"points": timer.profile["points"], "overhead": truth})
     runs = []
     for name, n, conc, inp, out, figs in (("c1", 4, 1, 64, 16, ("ttft_p50", "tpot_p50")),
+                                          ("c3", 9, 3, 64, 16, ("ttft_p50", "tpot_p50", "output_throughput")),
                                           ("c8", 16, 8, 64, 16, ("ttft_p50", "tpot_p50", "output_throughput")),
                                           ("short", 24, 8, 16, 2, ("ttft_p50", "request_throughput"))):
         probe = ClosedLoopRun(name, n, conc, inp, out, {"ttft_p50": 1.0, "tpot_p50": 1.0}, ())
@@ -327,10 +330,31 @@ def test_fit_overheads_recovers_what_generated_the_closed_loop_runs():
     fit = fit_overheads(timer, runs, inst)
     assert max(abs(r["error"]) for r in fit.rows) < 0.01
     for k in PARAMS:
-        assert fit.params[k] == pytest.approx(truth[k], rel=0.15, abs=2e-5), k
+        assert fit.params[k] == pytest.approx(truth[k], rel=0.2, abs=2e-5 if k != "row2_s" else 2e-6), k
     held = fit_overheads(timer, runs, inst, fixed={"request_s": 0.0})
     assert held.params["request_s"] == 0.0
     with pytest.raises(ValueError, match="unknown overheads"):
         fit_overheads(timer, runs, inst, fixed={"gil_s": 0.0})
     with pytest.raises(ValueError, match="no measured value"):
         ClosedLoopRun("x", 1, 1, 8, 2, {}, ("ttft_p50",))
+
+
+def test_trace_prompt_ids_reach_the_prefix_cache(tmp_path):
+    from frontierlm.sim.workload import load_trace
+
+    prompt = list(range(100, 164))
+    path = tmp_path / "t.jsonl"
+    rows = [{"arrival_s": t, "prompt_len": 64, "output_len": 4, "prompt_ids": prompt} for t in (0.0, 30.0)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    wl = load_trace(str(path))
+    assert wl[0].prompt_ids == tuple(prompt)
+    inst = InstanceConfig(num_blocks=100, block_size=16, enable_prefix_caching=True)
+    res = simulate(wl, LinearTimer(), FleetConfig(inst))
+    a, b = res.records
+    # the second prompt finds the first's three full blocks (48 tokens; the last block is recomputed so the
+    # last prompt token runs): 16 tokens to prefill instead of 64
+    assert a.ttft == pytest.approx(1.0 + 0.1 * 64) and b.ttft == pytest.approx(1.0 + 0.1 * 16)
+    rows[1]["prompt_ids"] = prompt[:10]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(ValueError, match="10 prompt_ids for prompt_len 64"):
+        load_trace(str(path))

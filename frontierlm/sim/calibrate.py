@@ -1,9 +1,10 @@
 """Fit what a live server adds around the engine step, by simulating closed-loop `bench serve` runs.
 
 The profile times the engine's step alone. A server also spends time per step (its engine loop), per request in
-a step (each token goes through the output thread and out as an SSE chunk), per request (HTTP parsing,
-admission, the stream's set-up and tear-down: CPU under the same GIL as the engine thread, so it delays the
-engine) and in latency that costs the engine nothing (the client's send, the socket). Those four numbers
+a step (each token goes through the output thread and out as an SSE chunk) and per request in a step squared
+(contention that grows with the batch), per request (HTTP parsing, admission, the stream's set-up and
+tear-down: CPU under the same GIL as the engine thread, so it delays the engine) and in latency that costs the
+engine nothing (the client's send, the socket). Those five numbers
 (ProfileTimer's overhead block) are fitted here to closed-loop runs (a fixed number of requests in flight, other
 seeds than any validation run) by running the simulator itself on each run's workload and adjusting the numbers
 until its TTFT / TPOT / throughput match the measured ones (Levenberg-Marquardt on log ratios, numbers >= 0).
@@ -24,7 +25,9 @@ from frontierlm.sim.metrics import summarize
 from frontierlm.sim.timing import BatchShape, ProfileTimer
 from frontierlm.sim.workload import SimRequest
 
-PARAMS = ("step_s", "row_s", "request_s", "ingress_s")
+PARAMS = ("step_s", "row_s", "row2_s", "request_s", "ingress_s")
+# each overhead's unit in the search, as a share of the one-row engine step (row costs are small per row)
+UNITS = {"step_s": 1.0, "row_s": 1 / 8, "row2_s": 1 / 256, "request_s": 1.0, "ingress_s": 1.0}
 METRICS = {  # name -> how to read it from a `bench serve` / `frontierlm sim` report (seconds or per second)
     "ttft_p50": lambda r: r["ttft_ms"]["p50"] / 1e3,
     "tpot_p50": lambda r: r["tpot_ms"]["p50"] / 1e3,
@@ -81,7 +84,8 @@ def simulate_run(timer: ProfileTimer, run: ClosedLoopRun, instance: InstanceConf
 
 def _with(timer: ProfileTimer, p: dict) -> ProfileTimer:
     t = copy.copy(timer)
-    t.step_overhead_s, t.row_overhead_s, t.request_overhead_s = p["step_s"], p["row_s"], p["request_s"]
+    t.step_overhead_s, t.row_overhead_s, t.row2_overhead_s = p["step_s"], p["row_s"], p["row2_s"]
+    t.request_overhead_s = p["request_s"]
     t.ingress_latency_s = p["ingress_s"]
     return t
 
@@ -97,7 +101,8 @@ def fit_overheads(timer: ProfileTimer, runs: list[ClosedLoopRun], instance: Inst
     if unknown:
         raise ValueError(f"unknown overheads {unknown}; they are {', '.join(PARAMS)}")
     free = [k for k in PARAMS if k not in fixed]
-    scale = max(timer.engine_time(BatchShape(decode_reqs=1, decode_ctx=1, rows=1)), 1e-4)
+    one_row = max(timer.engine_time(BatchShape(decode_reqs=1, decode_ctx=1, rows=1)), 1e-4)
+    scale = np.array([one_row * UNITS[k] for k in free])
 
     def params(u: np.ndarray) -> dict[str, float]:
         return {**fixed, **dict(zip(free, (u * scale).tolist()))}

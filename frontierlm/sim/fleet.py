@@ -153,8 +153,12 @@ def simulate(workload: list[SimRequest], timer, cfg: FleetConfig, decode_timer=N
                                 f"(KV capacity {inst.capacity_tokens} tokens)")
                 client_done(now)
                 continue
-            ids = [TOKEN] * r.prompt_len if not inst.config.enable_prefix_caching else \
-                [random.Random(hash(r.request_id)).randrange(1000) for _ in range(r.prompt_len)]
+            if r.prompt_ids is not None:  # the workload's own tokens: prefix hits where the server had them
+                ids = list(r.prompt_ids)
+            elif inst.config.enable_prefix_caching:  # distinct prompts: no hits
+                ids = [random.Random(hash(r.request_id)).randrange(1000) for _ in range(r.prompt_len)]
+            else:
+                ids = [TOKEN] * r.prompt_len
             inst.add(r.request_id, ids, 1 if cfg.disagg else r.output_len, r.priority, now)
             kick(inst, now)
         elif kind == "step":

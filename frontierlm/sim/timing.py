@@ -53,11 +53,13 @@ class ProfileTimer:
     engine step, from the profile's "overhead" block (benchmarks/sim_calibration.py fits it) or the arguments:
       step_s     per step (the engine loop, the stats sink),
       row_s      per request in the step (its token through the output thread and the SSE stream),
+      row2_s     per request in the step times the requests in the step: contention that grows with the batch
+                 (an engine thread that waits for the GIL while another core streams the step's tokens),
       request_s  CPU per request that shares the engine's core (HTTP parsing, admission, stream set-up and
                  tear-down run under the same GIL): charged to the instance's next step (Instance.add),
       ingress_s  latency from a client's send to the engine's queue that costs the engine nothing."""
 
-    OVERHEADS = ("step_s", "row_s", "request_s", "ingress_s")
+    OVERHEADS = ("step_s", "row_s", "row2_s", "request_s", "ingress_s")
 
     def __init__(self, profile: dict, step_overhead_s: float | None = None, row_overhead_s: float | None = None,
                  request_overhead_s: float | None = None, step_model: str | None = None):
@@ -74,6 +76,7 @@ class ProfileTimer:
         if min(vals.values()) < 0:
             raise ValueError(f"serving overheads must be >= 0, got {vals}")
         self.step_overhead_s, self.row_overhead_s = vals["step_s"], vals["row_s"]
+        self.row2_overhead_s = vals["row2_s"]
         self.request_overhead_s, self.ingress_latency_s = vals["request_s"], vals["ingress_s"]
 
     @classmethod
@@ -95,12 +98,14 @@ class ProfileTimer:
         return self.model.predict(b.feature_values())
 
     def step_time(self, b: BatchShape) -> float:
-        return self.engine_time(b) + self.step_overhead_s + self.row_overhead_s * b.rows
+        rows = b.rows
+        return self.engine_time(b) + self.step_overhead_s + (self.row_overhead_s + self.row2_overhead_s * rows) * rows
 
     def describe(self) -> dict:
         return {"kind": "profile", "model": self.profile.get("model"), "device": self.profile.get("device"),
                 **self.model.describe(), "step_overhead_s": self.step_overhead_s,
-                "row_overhead_s": self.row_overhead_s, "request_overhead_s": self.request_overhead_s,
+                "row_overhead_s": self.row_overhead_s, "row2_overhead_s": self.row2_overhead_s,
+                "request_overhead_s": self.request_overhead_s,
                 "ingress_latency_s": self.ingress_latency_s}
 
 
