@@ -180,10 +180,16 @@ def test_sim_cli_report_sweep_and_errors(tmp_path, capsys):
 def test_profile_command_feeds_the_simulator(tiny_model_dir, tmp_path, capsys):
     prof = tmp_path / "prof.json"
     assert main(["profile", tiny_model_dir(), "--out", str(prof), "--contexts", "32", "--decode-requests", "0,2",
-                 "--prefill-tokens", "0,16", "--repeats", "1", "--max-model-len", "256"]) == 0
+                 "--prefill-tokens", "0,16,128", "--prefill-chunks", "1,2", "--repeats", "1",
+                 "--max-model-len", "256"]) == 0
     data = json.loads(prof.read_text())
-    assert len(data["points"]) == 3 and data["num_blocks"] > 0 and data["kv_bytes_per_token"] > 0
+    # decode-only, and for 0 and 2 decode rows: 16 tokens, 128 in one prompt, 128 in two of 64 (16 / 2 < 64)
+    assert len(data["points"]) == 7 and data["num_blocks"] > 0 and data["kv_bytes_per_token"] > 0
     assert all(p["step_s"] > 0 for p in data["points"])
+    split = [p for p in data["points"] if p["prefill_chunks"] == 2]
+    assert len(split) == 2 and all(p["prefill_tokens"] == 128 and p["prefill_pairs"] == 2 * 64 * 65 // 2
+                                   for p in split)
+    assert data["fit"]["step_model"] in data["fit"]["cv_rel_err_mean"]
     capsys.readouterr()
     assert main(["sim", "--profile", str(prof), "--num-requests", "5", "--input-len", "8", "--output-len", "4",
                  "--json"]) == 0
