@@ -1,12 +1,16 @@
 """Calibrate the simulator against this engine, and a DistServe-style study on simulated H100s.
 
     python benchmarks/sim_calibration.py calibrate --out runs/calib          # tiny + 33.6M models on this CPU
+    python benchmarks/sim_calibration.py replay --dir runs/calib --out runs/replay   # refit + re-simulate saved runs
     python benchmarks/sim_calibration.py distserve --out runs/distserve      # Llama-3-8B roofline, 8-64 H100s
 
-calibrate: for each model, `frontierlm profile` measures the engine's step time; a live `frontierlm serve` is
-loaded by `frontierlm bench serve` at three request rates (light, near saturation, overloaded: fractions of the
-capacity the simulator predicts), and `frontierlm sim --profile` replays the same arrivals (the bench's own seeded
-Poisson draws, rebuilt here) to compare throughput and p50 / p99 TTFT and TPOT.
+calibrate: for each model, `frontierlm profile` measures the engine's step time (pinned to the server's core);
+a live `frontierlm serve` (on that core) is loaded by `frontierlm bench serve` (on another core when there is
+one): first three closed-loop runs, to which the server's overheads are fitted by simulating them
+(benchmarks/sim_calibration_fit.py, frontierlm/sim/calibrate.py), then three open-loop request rates (light,
+near saturation, overloaded: fractions of the capacity the fitted simulator predicts), which
+`frontierlm sim --profile` replays (the bench's own seeded Poisson draws, rebuilt here) to compare throughput and
+p50 / p99 TTFT and TPOT. Nothing is fitted to those three runs.
 
 distserve: per-GPU goodput (the highest request rate at which 90% of requests meet both the TTFT and the TPOT SLO,
 divided by the GPU count) of colocated replicas vs disaggregated N_p:N_d splits, from the planner's roofline.
@@ -16,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -26,11 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from frontierlm.cli import main as cli_main  # noqa: E402
-
-
-def load() -> str:
-    return open("/proc/loadavg").read().split()[0]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from sim_calibration_fit import (LOADS, TOKEN_MAX, VALIDATION_SEEDS, bare_timer, bench_trace,  # noqa: E402
+                                 closed_loop_runs, cmd_replay, compare, fit_server_overhead, load, sim, sim_common)
 
 
 def _env(threads: int) -> dict:
@@ -39,33 +40,24 @@ def _env(threads: int) -> dict:
     return env
 
 
-def _cli(args: list[str], env: dict, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "frontierlm.cli", *args], env=env, check=True, **kw)
+def _pinned(cpu: int | None):
+    return None if cpu is None else (lambda: os.sched_setaffinity(0, {cpu}))
 
 
-def _sim(argv: list[str]) -> dict:
-    import contextlib
-    import io
-
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = cli_main(["sim", *argv, "--json"])
-    if rc != 0:
-        raise RuntimeError(f"sim failed: {argv}")
-    return json.loads(buf.getvalue())
+def _cli(args: list[str], env: dict, cpu: int | None = None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "frontierlm.cli", *args], env=env, check=True,
+                          preexec_fn=_pinned(cpu), **kw)
 
 
-def bench_trace(path: Path, n: int, rate: float, input_len: int, output_len: int, seed: int, token_max: int) -> None:
-    """The arrivals `frontierlm bench serve` draws: one Random(seed) for prompts and gaps, in its order."""
-    rng = random.Random(seed)
-    t, rows = 0.0, ["arrival_s,prompt_len,output_len"]
-    for i in range(n):
-        for _ in range(input_len):
-            rng.randrange(10, token_max)
-        rows.append(f"{t:.6f},{input_len},{output_len}")
-        if i + 1 < n:
-            t += rng.expovariate(rate)
-    path.write_text("\n".join(rows) + "\n")
+def cpus(args) -> tuple[int, int]:
+    """(server CPU, client CPU): the server (and its profile) on one core, the bench client on another when this
+    process may use two, so the client's work never shares the server's core and the server's threads (engine,
+    output, event loop) share one, as the simulator's serial model of an instance assumes."""
+    allowed = sorted(os.sched_getaffinity(0))
+    server = allowed[0] if args.server_cpu is None else args.server_cpu
+    others = [c for c in allowed if c != server]
+    client = (others[0] if others else server) if args.client_cpu is None else args.client_cpu
+    return server, client
 
 
 def _free_port() -> int:
@@ -90,58 +82,59 @@ def _wait_health(url: str, proc, timeout: float = 300) -> None:
     raise RuntimeError("the server did not become healthy")
 
 
-def _err(sim: float | None, real: float | None) -> float | None:
-    return None if not sim or not real else (sim - real) / real
-
-
 def calibrate_model(model: str, label: str, out: Path, args) -> dict:
     env = _env(args.threads)
+    server_cpu, client_cpu = cpus(args)
     engine = ["--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs)]
     prof = out / f"{label}_profile.json"
     t0 = time.time()
     load_before = load()
-    _cli(["profile", model, "--out", str(prof), "--contexts", "64,160,320", "--decode-requests", "0,1,2,4,8,16,32",
-          "--prefill-tokens", "0,16,64,128,256,512", "--repeats", str(args.repeats), *engine], env,
-         stderr=subprocess.DEVNULL)
+    _cli(["profile", model, "--out", str(prof), "--contexts", "64,160,320", "--decode-requests",
+          "0,1,2,4,8,16,24,32", "--prefill-tokens", "0,16,64,128,256,512", "--prefill-chunks", "1,4",
+          "--repeats", str(args.repeats), *engine], env, server_cpu, stderr=subprocess.DEVNULL)
     profile_meta = {"seconds": round(time.time() - t0, 1), "load_before": load_before, "load_after": load(),
                     "fit": json.loads(prof.read_text())["fit"]}
-    common = ["--profile", str(prof), "--input-len", str(args.input_len), "--output-len", str(args.output_len),
-              "--max-num-seqs", str(args.max_num_seqs)]
+    timer, _ = bare_timer(json.loads(prof.read_text()), args)
+    # the bare engine's capacity (no server overheads): the closed-loop run at max_num_seqs creates its requests
+    # at this rate, so its prompts join a few at a time
+    cap0 = sim(sim_common(prof, args) + ["--num-requests", str(args.num_requests), "--step-overhead-ms", "0",
+                                          "--row-overhead-ms", "0", "--request-overhead-ms", "0",
+                                          "--ingress-latency-ms", "0"])["request_throughput"]
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "frontierlm.cli", "serve", model, "--port", str(port),
-                               "--served-model-name", "m", *engine], env=env,
+                               "--served-model-name", "m", *engine], env=env, preexec_fn=_pinned(server_cpu),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def bench(path, n, conc, rate, inp, outp, seed):
+        _cli(["bench", "serve", "--base-url", url, "--model", "m", "--num-requests", str(n), "--max-concurrency",
+              str(conc), "--request-rate", str(rate), "--input-len", str(inp), "--output-len", str(outp),
+              "--seed", str(seed), "--json-out", str(path)], env, client_cpu, stdout=subprocess.DEVNULL)
+
     rows, cap, over = [], None, None
     try:
         _wait_health(url, server)
-        token_max = 500
-        # warm-up so the first measured requests do not pay for lazy initialisation
+        # warm-up so the first measured requests do not pay for lazy initialisation (a seed no run uses)
         _cli(["bench", "serve", "--base-url", url, "--model", "m", "--num-requests", "4", "--input-len", "16",
-              "--output-len", "4"], env, stdout=subprocess.DEVNULL)
-        prof_served, ingress_ms, over = fit_server_overhead(url, prof, out / label, env, args)
-        common = ["--profile", str(prof_served), "--ingress-latency-ms", f"{ingress_ms:.4f}", *common[2:]]
-        cap = _sim(common + ["--num-requests", str(args.num_requests)])["request_throughput"]  # all at t=0
-        for name, frac in (("light", 0.3), ("near saturation", 0.9), ("overloaded", 1.5)):
+              "--output-len", "4", "--seed", "99"], env, client_cpu, stdout=subprocess.DEVNULL)
+        runs = closed_loop_runs(out / label, args, bench, stagger_rate=round(cap0, 3))
+        prof_served, over = fit_server_overhead(prof, runs, args)
+        common = sim_common(prof_served, args)
+        cap = sim(common + ["--num-requests", str(args.num_requests)])["request_throughput"]  # all at t=0
+        for (name, frac), seed in zip(LOADS, VALIDATION_SEEDS):
             rate = round(cap * frac, 3)
             real_json = out / f"{label}_{name.replace(' ', '_')}_bench.json"
             before = load()
             _cli(["bench", "serve", "--base-url", url, "--model", "m", "--num-requests", str(args.num_requests),
                   "--request-rate", str(rate), "--input-len", str(args.input_len), "--output-len",
-                  str(args.output_len), "--seed", "0", "--token-id-max", str(token_max), "--json-out",
-                  str(real_json)], env, stdout=subprocess.DEVNULL)
+                  str(args.output_len), "--seed", str(seed), "--token-id-max", str(TOKEN_MAX), "--json-out",
+                  str(real_json)], env, client_cpu, stdout=subprocess.DEVNULL)
             real = json.loads(real_json.read_text())
             trace = out / f"{label}_{name.replace(' ', '_')}_trace.csv"
-            bench_trace(trace, args.num_requests, rate, args.input_len, args.output_len, 0, token_max)
-            sim = _sim(common + ["--workload", "trace", "--trace", str(trace)])
-            row = {"load": name, "rate": rate, "load_avg_before": before, "load_avg_after": load()}
-            for key, path in (("output_tok_s", ("output_throughput",)), ("ttft_p50_ms", ("ttft_ms", "p50")),
-                              ("ttft_p99_ms", ("ttft_ms", "p99")), ("tpot_p50_ms", ("tpot_ms", "p50")),
-                              ("tpot_p99_ms", ("tpot_ms", "p99"))):
-                r, s = real, sim
-                for p in path:
-                    r, s = r[p], s[p]
-                row[key] = {"measured": r, "simulated": s, "error": _err(s, r)}
+            bench_trace(trace, args.num_requests, rate, args.input_len, args.output_len, seed)
+            simulated = sim(common + ["--workload", "trace", "--trace", str(trace)])
+            row = {"load": name, "rate": rate, "seed": seed, "load_avg_before": before, "load_avg_after": load(),
+                   **compare(real, simulated)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
@@ -150,48 +143,9 @@ def calibrate_model(model: str, label: str, out: Path, args) -> dict:
             server.wait(30)
         except subprocess.TimeoutExpired:
             server.kill()
-    return {"model": label, "path": model, "sim_capacity_req_s": cap, "profile": profile_meta,
+    return {"model": label, "path": model, "cpus": {"server": server_cpu, "client": client_cpu},
+            "bare_capacity_req_s": cap0, "sim_capacity_req_s": cap, "profile": profile_meta,
             "server_overhead": over, "rates": rows}
-
-
-def _bench(url: str, env: dict, json_out: Path, n: int, args, concurrency: int, seed: int) -> dict:
-    _cli(["bench", "serve", "--base-url", url, "--model", "m", "--num-requests", str(n), "--max-concurrency",
-          str(concurrency), "--input-len", str(args.input_len), "--output-len", str(args.output_len), "--seed",
-          str(seed), "--json-out", str(json_out)], env, stdout=subprocess.DEVNULL)
-    return json.loads(json_out.read_text())
-
-
-def fit_server_overhead(url: str, prof: Path, stem: Path, env: dict, args) -> tuple[Path, float, dict]:
-    """What the server adds around each engine step, from two closed-loop runs (other seeds than the
-    validation runs): one request at a time, and C = max_num_seqs at a time.
-      TPOT(1) = step(1 decode row) + o_step + o_row
-      TPOT(C) = step(C rows) + a share of the prompts that join as others finish + o_step + C o_row
-      TTFT(1) = ingress + step(prefill) + o_step + o_row"""
-    from frontierlm.sim.timing import BatchShape, ProfileTimer, prefill_pairs
-
-    base = ProfileTimer.load(str(prof), 0.0, 0.0)
-    L, O = args.input_len, args.output_len
-    ctx = L + O // 2
-    one = _bench(url, env, Path(f"{stem}_overhead_c1.json"), 8, args, 1, 1)
-    c = args.max_num_seqs
-    many = _bench(url, env, Path(f"{stem}_overhead_c{c}.json"), 2 * c, args, c, 2)
-    step1 = base.step_time(BatchShape(decode_reqs=1, decode_ctx=ctx, rows=1))
-    prefill = base.step_time(BatchShape(prefill_tokens=L, prefill_pairs=prefill_pairs(0, L), prefill_ctx=L, rows=1))
-    step_c = base.step_time(BatchShape(decode_reqs=c, decode_ctx=c * ctx, rows=c))
-    join = c / O * base.step_time(BatchShape(prefill_tokens=L, prefill_pairs=prefill_pairs(0, L)))
-    t1, tc = one["tpot_ms"]["p50"] / 1e3, many["tpot_ms"]["p50"] / 1e3
-    row = max(0.0, ((tc - step_c - join) - (t1 - step1)) / (c - 1))
-    step = max(0.0, t1 - step1 - row)
-    ingress = max(0.0, one["ttft_ms"]["p50"] / 1e3 - prefill - step - row)
-    data = json.loads(prof.read_text())
-    data["overhead"] = {"step_s": step, "row_s": row}
-    served = Path(f"{stem}_profile_served.json")
-    served.write_text(json.dumps(data, indent=1))
-    over = {"step_ms": step * 1e3, "row_ms": row * 1e3, "ingress_ms": ingress * 1e3,
-            "measured_tpot_ms_c1": t1 * 1e3, f"measured_tpot_ms_c{c}": tc * 1e3,
-            "engine_step_ms_1_row": step1 * 1e3, f"engine_step_ms_{c}_rows": step_c * 1e3, "load_avg": load()}
-    print(json.dumps({"server_overhead": over}), flush=True)
-    return served, ingress * 1e3, over
 
 
 def cmd_calibrate(args) -> None:
@@ -234,7 +188,7 @@ def _attainment(layout: dict, rate: float, args) -> dict:
         argv += ["--disagg", layout["disagg"], "--kv-transfer-gbps", str(args.kv_gbps)]
     else:
         argv += ["--replicas", str(layout["gpus"])]
-    rep = _sim(argv)
+    rep = sim(argv)
     return {"rate": rate, "attainment": rep["slo_attainment"], "ttft_p90": rep["ttft_ms"]["p90"],
             "tpot_p90": rep["tpot_ms"]["p90"]}
 
@@ -341,6 +295,22 @@ def main() -> None:
     c.add_argument("--max-num-seqs", type=int, default=32)
     c.add_argument("--repeats", type=int, default=5)
     c.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for the profile and the server")
+    c.add_argument("--server-cpu", type=int, default=None,
+                   help="core for the profile and the server (default: the first this process may use)")
+    c.add_argument("--client-cpu", type=int, default=None,
+                   help="core for the bench client (default: another one this process may use, else the same)")
+    r = sub.add_parser("replay", help="refit and re-simulate a calibration directory's saved runs")
+    r.add_argument("--dir", required=True, help="a calibrate --out directory")
+    r.add_argument("--out", default="runs/replay")
+    r.add_argument("--models", default="tiny,llama-33.6M")
+    r.add_argument("--num-requests", type=int, default=60)
+    r.add_argument("--input-len", type=int, default=128)
+    r.add_argument("--output-len", type=int, default=64)
+    r.add_argument("--max-num-seqs", type=int, default=32)
+    for sp in (c, r):
+        sp.add_argument("--step-model", default=None, help="pin the step-time form (default: chosen by CV)")
+        sp.add_argument("--zero-overheads", default=[], type=lambda s: [x for x in s.split(",") if x],
+                        help="overheads held at 0 instead of fitted (step_s,row_s,row2_s,request_s,ingress_s)")
     d = sub.add_parser("distserve")
     d.add_argument("--out", default="runs/distserve")
     d.add_argument("--gpus", default="8,16,32,64")
@@ -356,7 +326,7 @@ def main() -> None:
     d.add_argument("--bisect", type=int, default=2)
     d.add_argument("--full-up-to", type=int, default=8, help="try every layout up to this many GPUs")
     a = p.parse_args()
-    {"calibrate": cmd_calibrate, "distserve": cmd_distserve}[a.cmd](a)
+    {"calibrate": cmd_calibrate, "distserve": cmd_distserve, "replay": cmd_replay}[a.cmd](a)
 
 
 if __name__ == "__main__":

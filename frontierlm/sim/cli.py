@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from frontierlm.sim.step_model import FORMS
+
 
 def add_parsers(sub) -> None:
     sim = sub.add_parser("sim", help="discrete-event serving simulator (the engine's scheduler, simulated time)")
@@ -19,7 +21,12 @@ def add_parsers(sub) -> None:
     t.add_argument("--step-overhead-ms", type=float, default=None,
                    help="fixed time added to each step (default: 0, or the profile's overhead block)")
     t.add_argument("--row-overhead-ms", type=float, default=None, help="time added per request in a step")
-    t.add_argument("--ingress-latency-ms", type=float, default=0.0, help="client send -> engine queue")
+    t.add_argument("--request-overhead-ms", type=float, default=None,
+                   help="server CPU per request that delays the next engine step (default: the profile's, or 0)")
+    t.add_argument("--ingress-latency-ms", type=float, default=None,
+                   help="client send -> engine queue, costing the engine nothing (default: the profile's, or 0)")
+    t.add_argument("--step-model", default=None, choices=list(FORMS),
+                   help="profile: the step-time form (default: the best by leave-one-out error on the profile)")
     t.add_argument("--weight-dtype", default="bf16")
     t.add_argument("--kv-dtype", default="bf16")
     w = sim.add_argument_group("workload")
@@ -32,6 +39,8 @@ def add_parsers(sub) -> None:
     w.add_argument("--output-len", default="128", help="N or MIN:MAX (uniform)")
     w.add_argument("--priority-fraction", type=float, default=0.0, help="share of requests with priority 0 (rest 1)")
     w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--max-concurrency", type=int, default=None,
+                   help="closed loop: at most this many requests in flight (as bench serve --max-concurrency)")
     e = sim.add_argument_group("engine and fleet")
     e.add_argument("--policy", choices=["continuous", "static"], default="continuous")
     e.add_argument("--batch-size", type=int, default=8, help="static batching: requests per batch")
@@ -62,6 +71,8 @@ def add_parsers(sub) -> None:
     prof.add_argument("--prefill-tokens", default="0,16,64,256,1024")
     prof.add_argument("--decode-requests", default="0,1,4,16,32")
     prof.add_argument("--contexts", default="64,256,1024")
+    prof.add_argument("--prefill-chunks", default="1",
+                      help="prompts the prefill tokens of a step are split into, e.g. 1,4 (a burst of arrivals)")
     prof.add_argument("--repeats", type=int, default=3)
     from frontierlm import cli_args
 
@@ -86,12 +97,12 @@ def cmd_profile(args) -> int:
             _ints(args.contexts, "contexts"))
     if args.repeats <= 0:
         raise ValueError(f"--repeats must be positive, got {args.repeats}")
-    data = profile_engine(cli_args.engine_config(args), *grid, repeats=args.repeats,
-                          progress=True)
+    data = profile_engine(cli_args.engine_config(args), *grid, repeats=args.repeats, progress=True,
+                          prefill_chunks=_ints(args.prefill_chunks, "prefill-chunks"))
     Path(args.out).write_text(json.dumps(data, indent=1))
     fit = data["fit"]
-    print(f"wrote {len(data['points'])} points to {args.out}; linear fit error p50 {fit['fit_rel_err_p50']:.1%}, "
-          f"max {fit['fit_rel_err_max']:.1%}", file=sys.stderr)
+    print(f"wrote {len(data['points'])} points to {args.out}; step model {fit['step_model']}: fit error p50 "
+          f"{fit['fit_rel_err_p50']:.1%}, max {fit['fit_rel_err_max']:.1%}", file=sys.stderr)
     return 0
 
 

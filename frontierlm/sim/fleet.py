@@ -6,6 +6,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
+from collections import deque
 from dataclasses import dataclass, field
 
 from frontierlm.sim.instance import TOKEN, Instance, InstanceConfig
@@ -25,6 +26,9 @@ class FleetConfig:
     kv_transfer_bw: float = 50e9  # bytes/s per prefill instance's link
     kv_transfer_latency: float = 0.0005
     ingress_latency: float = 0.0  # from a client's send to the engine's queue (HTTP, parsing); counts in TTFT
+    # closed loop (a client with at most this many requests in flight, like `bench serve --max-concurrency`): a
+    # request is sent at its arrival time or when an earlier one finishes, whichever is later; None: open loop
+    max_concurrency: int | None = None
 
     def __post_init__(self):
         if self.router not in ROUTERS:
@@ -35,6 +39,8 @@ class FleetConfig:
             raise ValueError(f"disaggregation needs N_p:N_d with both positive, got {self.disagg}")
         if self.kv_transfer_bw <= 0 or self.kv_transfer_latency < 0 or self.ingress_latency < 0:
             raise ValueError("kv transfer bandwidth must be > 0, its latency and the ingress latency >= 0")
+        if self.max_concurrency is not None and self.max_concurrency <= 0:
+            raise ValueError(f"max_concurrency must be positive, got {self.max_concurrency}")
 
 
 @dataclass
@@ -120,9 +126,21 @@ def simulate(workload: list[SimRequest], timer, cfg: FleetConfig, decode_timer=N
             if d is not None:
                 push(t + d, "step", inst)
 
-    for r in workload:
-        push(r.arrival + cfg.ingress_latency, "arrive", r)
-    by_id = {r.request_id: r for r in workload}
+    held = deque(sorted(workload, key=lambda r: r.arrival))  # not sent yet (open loop: all sent on time)
+
+    def send_next(t: float) -> None:
+        r = held.popleft()
+        rec = records[r.request_id]
+        rec.arrival = max(r.arrival, t)  # closed loop: the client's clock starts when the request goes out
+        push(rec.arrival + cfg.ingress_latency, "arrive", r)
+
+    for _ in range(min(cfg.max_concurrency or len(held), len(held))):
+        send_next(0.0)
+
+    def client_done(t: float) -> None:  # a request finished (or was refused): a closed-loop client sends the next
+        if held and cfg.max_concurrency:
+            send_next(t)
+
     while events:
         now, _, kind, data = heapq.heappop(events)
         if kind == "arrive":
@@ -133,9 +151,14 @@ def simulate(workload: list[SimRequest], timer, cfg: FleetConfig, decode_timer=N
                     cfg.disagg and not decode[0].fits(r.prompt_len + r.output_len)):
                 rec.rejected = (f"prompt {r.prompt_len} + output {r.output_len} tokens can never fit "
                                 f"(KV capacity {inst.capacity_tokens} tokens)")
+                client_done(now)
                 continue
-            ids = [TOKEN] * r.prompt_len if not inst.config.enable_prefix_caching else \
-                [random.Random(hash(r.request_id)).randrange(1000) for _ in range(r.prompt_len)]
+            if r.prompt_ids is not None:  # the workload's own tokens: prefix hits where the server had them
+                ids = list(r.prompt_ids)
+            elif inst.config.enable_prefix_caching:  # distinct prompts: no hits
+                ids = [random.Random(hash(r.request_id)).randrange(1000) for _ in range(r.prompt_len)]
+            else:
+                ids = [TOKEN] * r.prompt_len
             inst.add(r.request_id, ids, 1 if cfg.disagg else r.output_len, r.priority, now)
             kick(inst, now)
         elif kind == "step":
@@ -159,12 +182,13 @@ def simulate(workload: list[SimRequest], timer, cfg: FleetConfig, decode_timer=N
                 else:
                     rec.finish = now
                     rec.completions += 1
+                    client_done(now)
             kick(inst, now)
         else:  # KV arrived at the decode side: the prompt's KV is there, the first output token is not
             prompt_ids, rec = data
             inst = router.pick(decode)
             inst.add(rec.request_id, list(prompt_ids) + [TOKEN], rec.output_len - 1, rec.priority,
-                     by_id[rec.request_id].arrival, transferred=rec.prompt_len)
+                     rec.arrival, transferred=rec.prompt_len)
             kick(inst, now)
     for inst in instances:
         assert not inst.has_work() and inst.in_flight is None, f"{inst.name} still has work at the end"

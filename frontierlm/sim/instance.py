@@ -60,6 +60,9 @@ class Instance:
         self.transferred: dict[str, int] = {}  # request id -> prompt tokens whose KV arrived from a prefill instance
         self.busy_until = 0.0
         self.busy_time = 0.0
+        # server CPU of requests that arrived since the last step began (timer.request_overhead_s each): it
+        # shares the engine's core, so the next step ends that much later
+        self.host_backlog = 0.0
         self.steps = 0
         self.slot_steps = 0  # static batching: rows x steps, and the rows that did useful work
         self.useful_slot_steps = 0
@@ -84,6 +87,8 @@ class Instance:
         req = Request(request_id, prompt_ids, params, max_tokens, (), priority, arrival)
         if transferred:
             self.transferred[request_id] = transferred
+        else:  # a request from a client (not a KV hand-off): its HTTP side runs on this instance's core
+            self.host_backlog += getattr(self.timer, "request_overhead_s", 0.0)
         if self.config.policy == "static":
             self.pending.append((req, transferred))
         else:
@@ -109,7 +114,8 @@ class Instance:
             shape.decode_ctx = shape.decode_ctx * self.batch_size // decode_rows
             shape.rows += self.batch_size - decode_rows
             shape.decode_reqs = self.batch_size
-        duration = self.timer.step_time(shape)
+        duration = self.timer.step_time(shape) + self.host_backlog
+        self.host_backlog = 0.0
         self.kv_trace.append((now, self.kv.usage, len(self.scheduler.running)))
         self.busy_trace.append((now, now + duration))
         self.busy_until = now + duration
@@ -140,6 +146,7 @@ class Instance:
                     b.spec_tokens += k
                     b.spec_ctx += k * (start + q)
             else:
+                b.prefill_chunks += 1
                 b.prefill_tokens += q
                 b.prefill_pairs += prefill_pairs(start, q)
                 b.prefill_ctx += start + q

@@ -33,7 +33,8 @@ def build_timer(args) -> tuple[object, int, float]:
         raise ValueError("give exactly one of --profile PROFILE.json or --roofline MODEL")
     if args.profile is not None:
         ms = lambda v: None if v is None else v / 1e3  # noqa: E731
-        timer = ProfileTimer.load(args.profile, ms(args.step_overhead_ms), ms(args.row_overhead_ms))
+        timer = ProfileTimer.load(args.profile, ms(args.step_overhead_ms), ms(args.row_overhead_ms),
+                                  ms(args.request_overhead_ms), args.step_model)
         blocks = timer.profile.get("num_blocks")
         if args.num_blocks is None and blocks is None:
             raise ValueError(f"profile {args.profile!r} has no num_blocks; pass --num-blocks")
@@ -48,6 +49,13 @@ def build_timer(args) -> tuple[object, int, float]:
     if not rep.get("fits"):
         raise ValueError(f"{shape.name} does not fit on {args.tp} x {gpu.name}: {rep.get('reason')}")
     return timer, rep["kv_capacity_tokens"] // args.block_size, float(shape.kv_bytes_per_token(args.kv_dtype))
+
+
+def ingress_latency(args, timer) -> float:
+    """--ingress-latency-ms, else the profile's fitted ingress (0 for the roofline)."""
+    if args.ingress_latency_ms is not None:
+        return args.ingress_latency_ms / 1e3
+    return getattr(timer, "ingress_latency_s", 0.0)
 
 
 def build_workload(args) -> list:
@@ -70,7 +78,7 @@ def run_once(args) -> tuple[dict, object]:
     fleet = FleetConfig(inst, replicas=args.replicas, disagg=disagg, router=args.router, kv_bytes_per_token=kv_bpt,
                         kv_transfer_bw=args.kv_transfer_gbps * 1e9,
                         kv_transfer_latency=args.kv_transfer_latency_ms / 1e3,
-                        ingress_latency=args.ingress_latency_ms / 1e3)
+                        ingress_latency=ingress_latency(args, timer), max_concurrency=args.max_concurrency)
     res = simulate(build_workload(args), timer, fleet, seed=args.seed)
     res.meta = {"timer": timer.describe(), "fleet": {"replicas": args.replicas, "disagg": args.disagg,
                 "router": args.router, "policy": args.policy, "kv_blocks": inst.num_blocks,

@@ -1,7 +1,7 @@
 """Step-time models for the simulator's stand-in runner: a measured profile (`frontierlm profile`) or the
 planner's roofline for hardware we do not have.
 
-Both see a step as a few numbers (`BatchShape`): prefill tokens and their attention pairs (query x key),
+Both see a step as a few numbers (`BatchShape`): prefill tokens, chunks and their attention pairs (query x key),
 decode rows and the sum of their contexts, and speculative draft tokens verified alongside decode rows.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FEATURES = ("const", "prefill_tokens", "prefill_pairs", "decode_reqs", "decode_ctx")
+from frontierlm.sim.step_model import BASE as FEATURES, StepModel, nnls  # noqa: F401  (nnls: re-exported)
 
 
 @dataclass
@@ -24,15 +24,23 @@ class BatchShape:
     spec_ctx: int = 0  # keys the draft tokens attend to
     prefill_ctx: int = 0  # distinct positions the prefill chunks read (for the KV bytes)
     rows: int = 0  # requests in the step (decode rows and prefill chunks)
+    prefill_chunks: int = 0  # requests in the step that prefill (a chunk each)
 
     @property
     def num_tokens(self) -> int:
         return self.prefill_tokens + self.decode_reqs + self.spec_tokens
 
-    def features(self) -> list[float]:
+    def feature_values(self) -> dict:
         # draft tokens cost like prefill tokens attending over the decode context
-        return [1.0, self.prefill_tokens + self.spec_tokens, self.prefill_pairs + self.spec_ctx,
-                self.decode_reqs, self.decode_ctx]
+        tokens = self.prefill_tokens + self.spec_tokens
+        return {"const": 1.0, "prefill_tokens": tokens, "prefill_pairs": self.prefill_pairs + self.spec_ctx,
+                "decode_reqs": self.decode_reqs, "decode_ctx": self.decode_ctx,
+                "prefill_step": 1.0 if self.prefill_chunks else 0.0,
+                "multi_row": 1.0 if self.num_tokens >= 2 else 0.0, "prefill_chunks": self.prefill_chunks}
+
+    def features(self) -> list[float]:
+        v = self.feature_values()
+        return [v[f] for f in FEATURES]
 
 
 def prefill_pairs(start: int, num: int) -> int:
@@ -40,45 +48,40 @@ def prefill_pairs(start: int, num: int) -> int:
     return num * start + num * (num + 1) // 2
 
 
-def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Least squares with non-negative coefficients (drop the most negative feature until none is left)."""
-    active = list(range(a.shape[1]))
-    while True:
-        x = np.zeros(a.shape[1])
-        sol, *_ = np.linalg.lstsq(a[:, active], b, rcond=None)
-        x[active] = sol
-        if (sol >= 0).all() or len(active) == 1:
-            return np.maximum(x, 0.0)
-        active.pop(int(np.argmin(sol)))
-
-
 class ProfileTimer:
-    """Step time = a linear model over BatchShape features, fitted (non-negative) to the measured grid, plus an
-    optional serving overhead per step and per row (what a server adds around the engine step: streaming each
-    row's token out, the HTTP side's share of the CPU), from the profile's "overhead" block or the arguments."""
+    """Step time = the profile's step model (frontierlm/sim/step_model.py) plus what a server adds around the
+    engine step, from the profile's "overhead" block (benchmarks/sim_calibration.py fits it) or the arguments:
+      step_s     per step (the engine loop, the stats sink),
+      row_s      per request in the step (its token through the output thread and the SSE stream),
+      row2_s     per request in the step times the requests in the step: contention that grows with the batch
+                 (an engine thread that waits for the GIL while another core streams the step's tokens),
+      request_s  CPU per request that shares the engine's core (HTTP parsing, admission, stream set-up and
+                 tear-down run under the same GIL): charged to the instance's next step (Instance.add),
+      ingress_s  latency from a client's send to the engine's queue that costs the engine nothing."""
 
-    def __init__(self, profile: dict, step_overhead_s: float | None = None, row_overhead_s: float | None = None):
+    OVERHEADS = ("step_s", "row_s", "row2_s", "request_s", "ingress_s")
+
+    def __init__(self, profile: dict, step_overhead_s: float | None = None, row_overhead_s: float | None = None,
+                 request_overhead_s: float | None = None, step_model: str | None = None):
         points = profile.get("points")
         if not points:
             raise ValueError("the profile has no measured points")
         self.profile = profile
-        rows = np.array([[p[f] if f != "const" else 1.0 for f in FEATURES] for p in points], dtype=float)
-        y = np.array([p["step_s"] for p in points], dtype=float)
-        # relative error matters (small steps are most of a decode run): weight rows by 1 / time
-        w = 1.0 / np.maximum(y, 1e-9)
-        self.coef = nnls(rows * w[:, None], y * w)
-        pred = rows @ self.coef
-        self.rel_err = np.abs(pred - y) / y
+        self.model = StepModel(points, step_model or profile.get("step_model"))
+        self.coef, self.rel_err = self.model.coef, self.model.rel_err
         self.kv_bytes_per_token = profile.get("kv_bytes_per_token")
         over = profile.get("overhead") or {}
-        self.step_overhead_s = over.get("step_s", 0.0) if step_overhead_s is None else step_overhead_s
-        self.row_overhead_s = over.get("row_s", 0.0) if row_overhead_s is None else row_overhead_s
-        if self.step_overhead_s < 0 or self.row_overhead_s < 0:
-            raise ValueError("serving overheads must be >= 0")
+        given = {"step_s": step_overhead_s, "row_s": row_overhead_s, "request_s": request_overhead_s}
+        vals = {k: float(over.get(k, 0.0)) if given.get(k) is None else float(given[k]) for k in self.OVERHEADS}
+        if min(vals.values()) < 0:
+            raise ValueError(f"serving overheads must be >= 0, got {vals}")
+        self.step_overhead_s, self.row_overhead_s = vals["step_s"], vals["row_s"]
+        self.row2_overhead_s = vals["row2_s"]
+        self.request_overhead_s, self.ingress_latency_s = vals["request_s"], vals["ingress_s"]
 
     @classmethod
-    def load(cls, path: str, step_overhead_s: float | None = None, row_overhead_s: float | None = None
-             ) -> "ProfileTimer":
+    def load(cls, path: str, step_overhead_s: float | None = None, row_overhead_s: float | None = None,
+             request_overhead_s: float | None = None, step_model: str | None = None) -> "ProfileTimer":
         try:
             with open(path) as f:
                 data = json.load(f)
@@ -88,16 +91,22 @@ class ProfileTimer:
             raise ValueError(f"profile {path!r} is not valid JSON: {e}") from None
         if not isinstance(data, dict):
             raise ValueError(f"profile {path!r} must hold a JSON object")
-        return cls(data, step_overhead_s, row_overhead_s)
+        return cls(data, step_overhead_s, row_overhead_s, request_overhead_s, step_model)
+
+    def engine_time(self, b: BatchShape) -> float:
+        """The engine's own step, without the server's overheads."""
+        return self.model.predict(b.feature_values())
 
     def step_time(self, b: BatchShape) -> float:
-        return float(np.dot(self.coef, b.features())) + self.step_overhead_s + self.row_overhead_s * b.rows
+        rows = b.rows
+        return self.engine_time(b) + self.step_overhead_s + (self.row_overhead_s + self.row2_overhead_s * rows) * rows
 
     def describe(self) -> dict:
         return {"kind": "profile", "model": self.profile.get("model"), "device": self.profile.get("device"),
-                "coef": dict(zip(FEATURES, self.coef.tolist())),
-                "fit_rel_err_p50": float(np.median(self.rel_err)), "fit_rel_err_max": float(self.rel_err.max()),
-                "step_overhead_s": self.step_overhead_s, "row_overhead_s": self.row_overhead_s}
+                **self.model.describe(), "step_overhead_s": self.step_overhead_s,
+                "row_overhead_s": self.row_overhead_s, "row2_overhead_s": self.row2_overhead_s,
+                "request_overhead_s": self.request_overhead_s,
+                "ingress_latency_s": self.ingress_latency_s}
 
 
 class RooflineTimer:

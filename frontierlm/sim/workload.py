@@ -1,5 +1,6 @@
 """Workloads: arrival times with prompt and output lengths. Poisson, gamma (bursty: coefficient of variation
-above 1), or a trace file (CSV with a header, or JSON lines) of arrival_s, prompt_len, output_len[, priority]."""
+above 1), or a trace file (CSV with a header, or JSON lines) of arrival_s, prompt_len, output_len[, priority]; a
+JSON-lines trace may give a row's prompt_ids (its tokens, for the prefix cache)."""
 from __future__ import annotations
 
 import csv
@@ -16,6 +17,7 @@ class SimRequest:
     prompt_len: int
     output_len: int
     priority: int = 0
+    prompt_ids: tuple[int, ...] | None = None  # the prompt's tokens, where prefix caching should see them
 
 
 def parse_length(spec) -> tuple[int, int]:
@@ -72,13 +74,17 @@ def load_trace(path: str) -> list[SimRequest]:
     out = []
     for i, row in enumerate(rows):
         try:
+            ids = row.get("prompt_ids")
             r = SimRequest(f"r{i}", float(row["arrival_s"]), int(row["prompt_len"]), int(row["output_len"]),
-                           int(row.get("priority") or 0))
+                           int(row.get("priority") or 0), None if ids is None else tuple(int(t) for t in ids))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"trace {path!r} row {i + 1} needs arrival_s, prompt_len, output_len "
-                             f"(optional priority): {e!r}") from None
+                             f"(optional priority, prompt_ids): {e!r}") from None
         if r.prompt_len <= 0 or r.output_len <= 0 or r.arrival < 0:
             raise ValueError(f"trace {path!r} row {i + 1}: lengths must be positive and arrival_s >= 0")
+        if r.prompt_ids is not None and len(r.prompt_ids) != r.prompt_len:
+            raise ValueError(f"trace {path!r} row {i + 1}: {len(r.prompt_ids)} prompt_ids for prompt_len "
+                             f"{r.prompt_len}")
         out.append(r)
     if not out:
         raise ValueError(f"trace {path!r} holds no requests")
