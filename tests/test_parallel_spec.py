@@ -1,8 +1,8 @@
 """Speculative decoding under tensor and pipeline parallelism (gloo on loopback, one thread per rank).
 
 Every run compares against the single-process engine without speculation (greedy tokens, exactly) and runs
-chunked prefill (an 8-token budget), forced preemption (24 blocks of 4 tokens on every rank for 8 requests of up
-to 76 tokens) and the prefix cache (the same prompts twice) in one engine. Proposers: n-gram (rank 0, host),
+chunked prefill (an 8-token budget), forced preemption (20 blocks of 4 tokens on every rank for 8 requests of up
+to 64 tokens) and the prefix cache (a shared 12-token prefix, and recomputes after preemption) in one run. Proposers: n-gram (rank 0, host),
 a draft model (whole on rank 0, its own paged cache) and DeepSeek-V3's MTP module (tensor-parallel over stage
 0's ranks, its latent cache on each). Under TP the schedule is the single-process one, so the proposals and the
 spec-decode counters must equal a single-process speculative run's; under PP the counters must add up to the
@@ -15,7 +15,7 @@ from spec_helpers import assert_no_leaks, greedy, mtp_model_dir, prompts, token_
 
 pytestmark = pytest.mark.usefixtures("one_thread", "dist_timeout")
 
-BLOCKS, BLOCK_SIZE = 24, 4
+BLOCKS, BLOCK_SIZE = 20, 4
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +38,12 @@ def _target(method, tiny_model_dir, tmp_path_factory):
     return mtp_model_dir(tmp_path_factory) if method == "mtp" else tiny_model_dir("llama")
 
 
-def _spec(method, tiny_model_dir):
+def _spec(method, tiny_model_dir, draft=None):
+    """draft: the draft model's directory; by default an unrelated one-layer model with the target's
+    tokenizer, whose proposals are mostly rejected."""
     cfg = {"method": method, "num_speculative_tokens": 3, "adaptive": False}  # adaptive K would follow timings
-    if method == "draft_model":  # an unrelated one-layer draft with the target's tokenizer: mostly rejected
-        cfg["model"] = tiny_model_dir("llama", num_hidden_layers=1)
+    if method == "draft_model":
+        cfg["model"] = draft or tiny_model_dir("llama", num_hidden_layers=1)
     return cfg
 
 
@@ -80,16 +82,14 @@ def _record(engine) -> dict:
     return seen
 
 
-def _run_twice(llm, ps, params, ref) -> list:
-    """Chunked prefill and preemption, then the same prompts from the prefix cache; both times the
-    reference tokens. Returns the outputs of both runs."""
-    first = llm.generate(ps, params, use_tqdm=False)
-    assert [[c.token_ids for c in o.outputs] for o in first] == ref
+def _run(llm, ps, params, ref) -> list:
+    """Chunked prefill, preemption and prefix-cache hits (the shared prefix, and recomputes after preemption)
+    in one run of the prompts; the reference tokens. Returns the outputs."""
+    outputs = llm.generate(ps, params, use_tqdm=False)
+    assert [[c.token_ids for c in o.outputs] for o in outputs] == ref
     assert llm.llm_engine.get_stats()["num_preemptions"] > 0
-    second = llm.generate(ps, params, use_tqdm=False)
-    assert [[c.token_ids for c in o.outputs] for o in second] == ref
-    assert any(o.num_cached_tokens > 0 for o in second)
-    return first + second
+    assert any(o.num_cached_tokens > 0 for o in outputs)
+    return outputs
 
 
 def _check_counters(engine, seen, outputs) -> None:
@@ -125,17 +125,17 @@ def test_tp2_speculation_equals_one_process(method, tiny_model_dir, tmp_path_fac
     """The draft model runs whole on rank 0, the MTP module across both ranks: the proposals, the tokens and
     the counters are the single-process speculative run's, the tokens also the non-speculative run's."""
     d, spec = _target(method, tiny_model_dir, tmp_path_factory), _spec(method, tiny_model_dir)
-    ps, params = prompts(shared_prefix=12, seed=1), greedy()
+    ps, params = prompts(shared_prefix=12, seed=1), greedy(max_tokens=12)
     ref = token_ids(LLM(d, block_size=BLOCK_SIZE), ps, params)
     one = _engine(d, spec)
     one_seen = _record(one.llm_engine)
-    _run_twice(one, ps, params, ref)
+    _run(one, ps, params, ref)
     llm = _engine(d, spec, tensor_parallel_size=2)
     try:
         where = "the draft whole on rank 0" if method == "draft_model" else "the MTP module on stage 0's 2 TP ranks"
         assert where in llm.llm_engine.startup_report
         seen = _record(llm.llm_engine)
-        outputs = _run_twice(llm, ps, params, ref)
+        outputs = _run(llm, ps, params, ref)
         assert seen["proposals"] == one_seen["proposals"]  # the same contexts got the same proposals
         assert llm.llm_engine.spec.stats.as_dict() == one.llm_engine.spec.stats.as_dict()
         _check_counters(llm.llm_engine, seen, outputs)
@@ -147,20 +147,25 @@ def test_tp2_speculation_equals_one_process(method, tiny_model_dir, tmp_path_fac
 @pytest.mark.parametrize("method", ["ngram", "draft_model", "mtp"])
 def test_pp2_speculation_keeps_greedy_tokens(method, tiny_model_dir, tmp_path_factory):
     """Verification rows flow through both stages with the batch; two batches in flight, and a request with
-    pending proposals is never in both."""
-    d, spec = _target(method, tiny_model_dir, tmp_path_factory), _spec(method, tiny_model_dir)
-    ps, params = prompts(shared_prefix=12, seed=1), greedy()
+    pending proposals is never in both. The draft here is the target itself, so its greedy proposals are
+    accepted (and the MTP module's mostly rejected: both paths go through the stages)."""
+    d = _target(method, tiny_model_dir, tmp_path_factory)
+    spec = _spec(method, tiny_model_dir, draft=d)
+    ps, params = prompts(shared_prefix=12, seed=1), greedy(max_tokens=12)
     ref = token_ids(LLM(d, block_size=BLOCK_SIZE), ps, params)
     llm = _engine(d, spec, pipeline_parallel_size=2)
     try:
         engine = llm.llm_engine
         seen = _record(engine)
-        outputs = _run_twice(llm, ps, params, ref)
+        outputs = _run(llm, ps, params, ref)
         assert engine.pipeline.max_in_flight == 2
         assert seen["busy_skipped"] > 0  # proposal rounds happened while another batch was out
         _check_counters(engine, seen, outputs)
-        if method == "ngram":  # the repeated prefix is found again: proposals were accepted through the stages
-            assert engine.spec.stats.num_accepted_tokens > 0
+        st = engine.spec.stats
+        if method == "draft_model":  # the target as its own draft: accepted (the verified rows are right)
+            assert st.num_accepted_tokens > 0.5 * st.num_draft_tokens
+        else:
+            assert st.num_draft_tokens > st.num_accepted_tokens  # some rejected: rolled back through both stages
         assert_no_leaks(llm)
     finally:
         llm.llm_engine.shutdown()
@@ -170,7 +175,7 @@ def test_mtp_with_tp2_x_pp2(tmp_path_factory):
     """4 ranks: the MTP module is sharded over stage 0's two ranks; stage 1's ranks hold none of it and let
     its forwards pass."""
     d = mtp_model_dir(tmp_path_factory)
-    ps, params = prompts(lens=(7, 19, 3, 12), seed=2), greedy(max_tokens=16)
+    ps, params = prompts(lens=(7, 19, 3), seed=2), greedy(max_tokens=12)
     ref = token_ids(LLM(d, block_size=BLOCK_SIZE), ps, params)
     llm = LLM(d, block_size=BLOCK_SIZE, max_num_batched_tokens=16, tensor_parallel_size=2, pipeline_parallel_size=2,
               speculative_config={"method": "mtp", "num_speculative_tokens": 2, "adaptive": False})
