@@ -1,12 +1,13 @@
 """Speculative decoding under tensor and pipeline parallelism (gloo on loopback, one thread per rank).
 
-Every run compares against the single-process engine without speculation (greedy tokens, exactly) and runs
-chunked prefill (an 8-token budget), forced preemption (20 blocks of 4 tokens on every rank for 8 requests of up
-to 64 tokens) and the prefix cache (a shared 12-token prefix, and recomputes after preemption) in one run. Proposers: n-gram (rank 0, host),
-a draft model (whole on rank 0, its own paged cache) and DeepSeek-V3's MTP module (tensor-parallel over stage
-0's ranks, its latent cache on each). Under TP the schedule is the single-process one, so the proposals and the
-spec-decode counters must equal a single-process speculative run's; under PP the counters must add up to the
-tokens the requests got, and no request in flight may be given proposals."""
+Every run compares against the single-process engine without speculation (greedy tokens, exactly) and has
+chunked prefill (an 8-token budget), forced preemption (20 blocks of 4 tokens on every rank for 8 requests of
+up to 64 tokens) and prefix-cache hits (a shared 12-token prefix, and recomputes after preemption) in it.
+Proposers: n-gram (rank 0, host), a draft model (whole on rank 0, its own paged cache) and DeepSeek-V3's MTP
+module (tensor-parallel over stage 0's ranks, its latent cache on each). Under TP the schedule is the
+single-process one, so the proposals and the spec-decode counters must equal a single-process speculative
+run's; under PP the counters must add up to the tokens the requests got, and no request in flight may be
+given proposals."""
 import pytest
 
 from frontierlm import LLM
