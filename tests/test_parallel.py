@@ -111,11 +111,6 @@ def test_tp2_x_pp2_four_ranks(tiny_model_dir, hf_cache):
     (dict(pipeline_parallel_size=3), "pipeline_parallel_size=3 is more than the model's 2 layers"),
     (dict(tensor_parallel_size=2, enable_expert_parallel=True), "has no experts"),
     (dict(tensor_parallel_size=2, nnodes=2), "several nodes need --master-port"),
-    (dict(pipeline_parallel_size=2, speculative_config={"method": "ngram", "num_speculative_tokens": 2}),
-     "speculative decoding (ngram) with pipeline parallelism is not supported yet"),
-    (dict(tensor_parallel_size=2, speculative_config={"method": "draft_model", "model": "x",
-                                                      "num_speculative_tokens": 2}),
-     "speculative decoding (draft_model) with tensor parallelism is not supported yet"),
 ])
 def test_start_up_errors_name_the_numbers(flags, message, tiny_model_dir):
     if flags.get("tensor_parallel_size") == 4:  # 4 ranks over 2 KV heads replicate: fine, so use 3 KV heads

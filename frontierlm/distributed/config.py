@@ -29,13 +29,6 @@ def check_parallel_config(config, device: torch.device) -> None:
     if getattr(config, "kv_transfer_config", None) is not None:
         raise ValueError("kv_transfer_config (disaggregated prefill / decode) with tensor/pipeline parallelism is "
                          "not supported yet")
-    spec = config.speculative_config
-    if spec is not None and (spec.method != "ngram" or pp > 1):
-        # ngram proposals are host-side on rank 0 and verification is the ordinary tensor-parallel step; a draft
-        # or MTP model would run only on rank 0, and the pipelined step has no verification rows yet
-        raise ValueError(f"speculative decoding ({spec.method}) with "
-                         f"{'pipeline' if pp > 1 else 'tensor'} parallelism is not supported yet; method 'ngram' "
-                         "with tensor parallelism (pipeline_parallel_size=1) is")
     if config.enforce_eager is False:
         raise ValueError("the compiled / CUDA-graphed decode step is single-device only: a parallel run is eager "
                          "(leave enforce_eager unset or True)")

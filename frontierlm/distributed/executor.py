@@ -300,5 +300,34 @@ class DriverModel:
         self.executor.command(protocol.ALLOC, num_blocks, block_size)
         return self.model.kv_cache_shapes(num_blocks, block_size)
 
+    # ---- the MTP proposer (spec/mtp.py): the module is tensor-parallel like the layers it follows, so its
+    # forward runs on every TP rank of stage 0 (where it lives, beside the embedding and head it shares) ----
+    def allocate_mtp_kv_cache(self, num_blocks: int, block_size: int) -> torch.Tensor:
+        if self.ctx.tp_size > 1:
+            self.executor.command(protocol.MTP_ALLOC, num_blocks, block_size)
+        return self.model.allocate_mtp_kv_cache(num_blocks, block_size)
+
+    def mtp_forward(self, input_ids, positions, previous_hidden, depth: int = 0, return_next_hidden: bool = False,
+                    attn_meta=None, plan=None):
+        if self.ctx.tp_size == 1:  # the whole module is rank 0's (pipeline parallel alone): nothing to send
+            return self.model.mtp_forward(input_ids, positions, previous_hidden, depth, return_next_hidden,
+                                          attn_meta, plan)
+        if attn_meta is None or plan is not None or not hasattr(attn_meta, "query_lens_cpu"):
+            raise ValueError("a tensor-parallel MTP module runs only the proposer's paged forward (attn_meta from "
+                             "spec/paged.py, no compiled plan)")
+        previous_hidden = previous_hidden.to(self.executor.model_config.dtype).contiguous()
+
+        def run():
+            group = self.ctx.head_group
+            dist.broadcast(protocol.pack_step(input_ids, positions, attn_meta), 0, group=group)
+            dist.broadcast(previous_hidden, 0, group=group)
+            return self.model.mtp_forward(input_ids, positions, previous_hidden, depth, return_next_hidden,
+                                          attn_meta)
+
+        return self.executor.command(protocol.MTP, *protocol.step_fields(input_ids, attn_meta), depth, then=run)
+
+    def mtp_logits(self, mtp_hidden: torch.Tensor) -> torch.Tensor:
+        return self.compute_logits(mtp_hidden)  # the MTP module's head is the model's (shared) LM head
+
     def eval(self):
         return self

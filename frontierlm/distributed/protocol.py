@@ -4,6 +4,8 @@ The header is all-reduced (the workers contribute zeros), so the driver learns t
 listening before it sends anything else; a dead or hung worker shows up here, within the collective timeout.
 A step's payload is the flattened batch the model runner prepared (token ids, positions, KV slots, sequence
 starts and lengths, block tables), broadcast as one tensor: no Python objects are pickled on the hot path.
+An MTP forward (speculative decoding) packs its rows over the proposer's own cache the same way, and sends the
+previous hidden states as a second, float tensor.
 """
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ from frontierlm.layers.attention import AttentionMetadata
 
 HEADER_LEN = 8
 STEP, LOGITS, ALLOC, PING, STOP, KV_BLOCKS = 1, 2, 3, 4, 5, 6  # STEP: one pipeline tick (no fields: no new batch)
-COMMANDS = {STEP: "step", LOGITS: "logits", ALLOC: "alloc", PING: "ping", STOP: "stop", KV_BLOCKS: "kv blocks"}
+MTP, MTP_ALLOC = 7, 8  # the MTP proposer's forward and cache, run by the TP ranks of stage 0 (spec/mtp.py)
+COMMANDS = {STEP: "step", LOGITS: "logits", ALLOC: "alloc", PING: "ping", STOP: "stop", KV_BLOCKS: "kv blocks",
+            MTP: "mtp forward", MTP_ALLOC: "mtp cache"}
 
 
 def send_header(cmd: int, *fields: int, device: torch.device, group) -> None:

@@ -9,6 +9,11 @@ is in flight the tick brings no batch and only drains the pipeline.
 
 A batch takes at most a 1/pp share of the unfinished requests, so the running requests spread over the pp
 batches instead of all landing in the first one (which would leave the next pp - 1 ticks empty).
+
+Speculative decoding: a request's proposals go into the batch with it (K + 1 rows, as in the one-batch step)
+and are verified when the batch comes back; the proposer skips requests in flight (`busy`), so proposals are
+only ever made from a request's verified state, and a request with pending proposals is in no batch or in
+exactly one.
 """
 from __future__ import annotations
 
@@ -46,6 +51,8 @@ class InFlight:
     sched: SchedulerOutput
     num_tokens: int
     logits_index: list[int]
+    spec_index: list[int]  # the K + 1 rows of each request with proposals (speculative decoding)
+    spec_mask_job: object  # their grammar masks, filled while the batch is out
     rows: list
     matchers: list
     bitmask_job: object
@@ -79,8 +86,10 @@ class VirtualEngines:
             hidden = runner.model.tick()
             self.empty_ticks += 1
         else:
-            num_tokens, meta, logits_index, _ = runner._prepare(sched)
-            entry = InFlight(sched, num_tokens, logits_index, *runner._sampling_rows(sched))
+            num_tokens, meta, logits_index, spec_index = runner._prepare(sched)
+            spec_mask_job = runner._spec_mask_job(sched) if runner.spec is not None else None
+            entry = InFlight(sched, num_tokens, logits_index, spec_index, spec_mask_job,
+                             *runner._sampling_rows(sched))
             self.busy.update(s.request.request_id for s in sched.scheduled)
             hidden = runner.model.tick(runner._dev["input_ids"][:num_tokens], runner._dev["positions"][:num_tokens],
                                        meta)
@@ -94,6 +103,9 @@ class VirtualEngines:
             return None
         self.busy.difference_update(s.request.request_id for s in done.sched.scheduled)
         prompt_lps, logits = runner._logits(done.sched, hidden, done.logits_index, done.num_tokens)
+        if runner.spec is not None and (runner.spec.proposer.uses_hidden or done.spec_index):
+            return done.sched, runner._verify(done.sched, hidden, logits, prompt_lps, done.spec_index, None,
+                                              done.rows, done.matchers, done.bitmask_job, done.spec_mask_job)
         if logits is None:
             return done.sched, RunnerOutput(sampled={}, prompt_logprobs=prompt_lps)
         return done.sched, runner._sample(logits, done.rows, done.matchers, done.bitmask_job, prompt_lps)

@@ -75,6 +75,12 @@ class Worker:
                     hidden = torch.empty(f[0], f[1], dtype=self.mc.dtype, device=device)
                     dist.broadcast(hidden, 0, group=self.ctx.head_group)
                     self.model.compute_logits(hidden)
+            elif cmd == protocol.MTP:
+                if self.ctx.is_first_stage:
+                    self._mtp_forward(f)
+            elif cmd == protocol.MTP_ALLOC:
+                if self.ctx.is_first_stage:
+                    self.model.allocate_mtp_kv_cache(f[0], f[1])
             elif cmd == protocol.ALLOC:
                 shapes = self.model.kv_cache_shapes(f[0], f[1])
                 dtype = self.mc.kv_cache_dtype or self.mc.dtype
@@ -89,6 +95,17 @@ class Worker:
                 return
             elif cmd != protocol.PING:
                 raise RuntimeError(f"unknown command {cmd} from the driver")
+
+    def _mtp_forward(self, f: list[int]) -> None:
+        """This rank's shard of one MTP forward (DriverModel.mtp_forward): rows over the proposer's cache and
+        the previous hidden states; the driver keeps the (all-reduced, replicated) output."""
+        device, group = self.ctx.device, self.ctx.head_group
+        payload = torch.empty(protocol.payload_size(f[0], f[1], f[2]), dtype=torch.int64, device=device)
+        dist.broadcast(payload, 0, group=group)
+        ids, pos, meta = protocol.unpack_step(payload, *f[:6])
+        previous = torch.empty(f[0], self.mc.hidden_size, dtype=self.mc.dtype, device=device)
+        dist.broadcast(previous, 0, group=group)
+        self.model.mtp_forward(ids, pos, previous, f[6], return_next_hidden=True, attn_meta=meta)
 
 
 def run_worker(config, rank: int, port: int, threads: int | None = None) -> int:

@@ -94,7 +94,8 @@ class LLMEngine(EngineStats):
         if self.spec is not None:
             sc = config.speculative_config
             self.startup_report += (f" | speculative decoding: {sc.method}{' ' + sc.model if sc.model else ''}, "
-                                    f"K={sc.num_speculative_tokens}{' adaptive' if sc.adaptive else ''}")
+                                    f"K={sc.num_speculative_tokens}{' adaptive' if sc.adaptive else ''}"
+                                    f"{f' ({self.spec.placement})' if self.spec.placement else ''}")
         logger.info(self.startup_report)
 
     def get_tokenizer(self):
@@ -337,8 +338,8 @@ class LLMEngine(EngineStats):
                 outputs.append(make_output(group, self._decode_one))
             if group.finished:
                 self._forget(group)
-        if self.spec is not None:  # proposals for the next step
-            self.spec.propose(self.scheduler.running)
+        if self.spec is not None:  # proposals for the next step (none for requests whose batch is in flight)
+            self.spec.propose(self.scheduler.running, self.pipeline.busy if self.pipeline is not None else ())
         if self.kv_connector is not None:  # a prefill instance tells where the prompt's blocks wait
             for out in outputs:
                 if out.finished:

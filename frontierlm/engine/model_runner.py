@@ -193,20 +193,32 @@ class ModelRunner:
     def _execute_spec(self, sched: SchedulerOutput, rows, matchers, bitmask_job) -> RunnerOutput:
         """The eager step with proposals: plain rows sample as usual, each request's K + 1 rows are verified
         (frontierlm/spec), and the proposer sees the hidden states."""
-        spec_rows = [s for s in sched.scheduled if s.spec_token_ids]
-        spec_mask_job = None
-        if any(s.request.grammar is not None for s in spec_rows):
-            from frontierlm.spec.grammar import fill_spec_bitmask
-
-            spec_mask_job = self._host_pool().submit(fill_spec_bitmask, [s.request.grammar for s in spec_rows],
-                                                     [s.spec_token_ids for s in spec_rows],
-                                                     self.model_config.vocab_size)
+        spec_mask_job = self._spec_mask_job(sched)
         fast = self.spec.fast.step(sched) if self.spec.fast is not None else None  # all decodes: compiled
         if fast is None:
             hidden, logits, prompt_lps, spec_index = self._forward(sched)
             spec_logits = None
         else:
-            (hidden, logits, spec_logits), prompt_lps = fast, {}
+            (hidden, logits, spec_logits), prompt_lps, spec_index = fast, {}, None
+        return self._verify(sched, hidden, logits, prompt_lps, spec_index, spec_logits, rows, matchers, bitmask_job,
+                            spec_mask_job)
+
+    def _spec_mask_job(self, sched: SchedulerOutput):
+        """Grammar masks of the verification rows, filled on a thread while the forward runs (or None)."""
+        spec_rows = [s for s in sched.scheduled if s.spec_token_ids]
+        if not any(s.request.grammar is not None for s in spec_rows):
+            return None
+        from frontierlm.spec.grammar import fill_spec_bitmask
+
+        return self._host_pool().submit(fill_spec_bitmask, [s.request.grammar for s in spec_rows],
+                                        [s.spec_token_ids for s in spec_rows], self.model_config.vocab_size)
+
+    def _verify(self, sched: SchedulerOutput, hidden, logits, prompt_lps, spec_index, spec_logits, rows, matchers,
+                bitmask_job, spec_mask_job) -> RunnerOutput:
+        """After the forward of a step with speculation (this step's, or a pipelined batch's when it comes
+        back: distributed/virtual_engines.py): sample the plain rows, verify the proposals, show the proposer
+        the hidden states."""
+        spec_rows = [s for s in sched.scheduled if s.spec_token_ids]
         if logits is not None:
             result = self._sample(logits, rows, matchers, bitmask_job, prompt_lps)
         else:

@@ -17,7 +17,7 @@ from torch import nn
 
 from frontierlm.config import ModelConfig
 from frontierlm.distributed.layers import VocabParallelEmbedding
-from frontierlm.distributed.pipeline import MissingEmbedding, first_stage_only, stage_layers
+from frontierlm.distributed.pipeline import MissingEmbedding, MissingLayer, first_stage_only, stage_layers
 from frontierlm.layers.attention import AttentionMetadata
 from frontierlm.layers.linear import Linear
 from frontierlm.layers.mla import MLAAttention, TorchMLABackend, mla_rotary
@@ -72,8 +72,10 @@ class DeepseekModel(nn.Module):
         self.embed_tokens = first_stage_only(lambda: VocabParallelEmbedding(mc.vocab_size, mc.hidden_size)) or \
             MissingEmbedding(mc.hidden_size)
         # MTP modules sit after the decoder layers under the checkpoint's own indices (model.layers.{L + i}).
+        # Pipeline parallel: on stage 0 only, beside the embedding and head they share (spec/mtp.py runs there).
         self.layers = stage_layers(mc.num_layers, lambda i: _decoder_layer(mc, i, backend, v3))
-        self.layers.extend(MTPLayer(mc, mc.num_layers + i, backend, v3) for i in range(num_mtp))
+        mtp = [first_stage_only(lambda i=i: MTPLayer(mc, mc.num_layers + i, backend, v3)) for i in range(num_mtp)]
+        self.layers.extend(MissingLayer() if layer is None else layer for layer in mtp)
         self.norm = RMSNorm(mc.hidden_size, c.rms_norm_eps)
         self.rotary_emb = mla_rotary(c, mc.max_model_len)
 
@@ -165,6 +167,15 @@ class DeepseekV2ForCausalLM(CausalLM):
     def kv_cache_modules(self) -> list[nn.Module]:
         return [layer.self_attn for layer in self.model.layers[:self.config.num_layers]
                 if not getattr(layer, "is_missing", False)]  # pipeline parallel: this stage's layers
+
+    def allocate_mtp_kv_cache(self, num_blocks: int, block_size: int) -> torch.Tensor:
+        """A paged latent cache for the depth-0 MTP module's attention (the proposer's own pool), bound to it.
+        Tensor parallel: each TP rank of stage 0 holds one, whole (MLA's latent is not split)."""
+        attn = self.model.layers[self.config.num_layers].self_attn
+        cache = torch.zeros(attn.kv_cache_shape(num_blocks, block_size), dtype=self.lm_head.weight.dtype,
+                            device=self.lm_head.weight.device)
+        attn.bind_kv_cache(cache)
+        return cache
 
     def mtp_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, previous_hidden: torch.Tensor,
                     depth: int = 0, return_next_hidden: bool = False, attn_meta: AttentionMetadata | None = None,

@@ -3,7 +3,7 @@
     sched = scheduler.schedule()          # a request with proposals spends K + 1 of the token budget
     result = runner.execute(sched)        # one forward for the batch; SpecDecoder.verify scores the proposals
     scheduler.update_from_output(...)     # appends the accepted prefix + one token, winds the rest back
-    spec.propose(scheduler.running)       # proposals for the next step, K chosen by AdaptiveK
+    spec.propose(scheduler.running, busy) # proposals for the next step, K chosen by AdaptiveK
 
 Which requests speculate: running requests that are decoding (all but their newest token computed). Mirostat
 requests do not (their mu update is sequential per token; counted in `num_mirostat_skipped`). Requests that
@@ -88,10 +88,23 @@ def _fast_rows(cfg: SpeculativeConfig, engine) -> int:
     return c.max_num_seqs * (cfg.num_speculative_tokens + 1)
 
 
+def placement(cfg: SpeculativeConfig, parallel) -> str:
+    """Where the proposer runs in a parallel run (the start-up report); verification is the ordinary step."""
+    if cfg.method == "ngram":
+        return "proposals on rank 0"
+    if cfg.method == "draft_model":  # vLLM's draft_tensor_parallel_size=1
+        return "the draft whole on rank 0, with its own KV cache there"
+    tp = parallel.ctx.tp_size
+    return f"the MTP module on stage 0's {tp} TP ranks, a latent cache on each" if tp > 1 else \
+        "the MTP module on rank 0 (stage 0)"
+
+
 class SpecDecoder:
     def __init__(self, cfg: SpeculativeConfig, engine):
         self.config = cfg
         self.proposer = build_proposer(cfg, engine)
+        parallel = engine.runner.parallel
+        self.placement = placement(cfg, parallel) if parallel is not None else ""
         self.processors = None  # custom logits processors for the verification rows (their state is per row)
         if engine.config.logits_processors:
             from frontierlm.layers.logits_processor import LogitsProcessors
@@ -137,13 +150,22 @@ class SpecDecoder:
             prop.cost.observe(n, t)
 
     # ---- between steps ------------------------------------------------------------------------------
-    def propose(self, running: list) -> None:
+    def propose(self, running: list, busy=()) -> None:
+        """busy: ids of requests whose batch is in flight (pipeline parallel): their proposals are being
+        verified and their state is not final yet, so they get none now. A request that still holds
+        proposals (it was not scheduled since they were made, so they still follow its last token) keeps
+        them: proposals are only replaced once verified."""
         live = {r.request_id: r for r in running}
         self.proposer.release(live)
         self.adaptive.forget(live)
-        self._q = {}
+        waiting = {r.request_id for r in running if r.request_id in busy or r.spec_token_ids}
+        self._q = {rid: q for rid, q in self._q.items() if rid in waiting}
         decoding, caps, pinned, other = [], [], [], 0
         for r in running:
+            if r.request_id in waiting:
+                if r.request_id not in busy:  # its kept proposals join the next step's tokens
+                    other += r.num_tokens - r.num_computed_tokens + len(r.spec_token_ids)
+                continue
             if r.num_computed_tokens != r.num_tokens - 1:
                 other += r.num_tokens - r.num_computed_tokens
                 continue

@@ -4,7 +4,10 @@ Each round first catches the draft up on the tokens it has not seen (the accepte
 next token, or a whole prompt the first time) in one ragged forward across requests, which yields the first
 proposal; then k - 1 batched single-token forwards yield the rest. The draft's blocks belong to the request:
 they are allocated as it grows, rolled back past rejected proposals, and freed when the request finishes, is
-aborted or is preempted (`release`, called before every round with the running requests)."""
+aborted or is preempted (`release`, called before every round with the running requests).
+
+Parallel runs: the draft is built outside the target's parallel context, so it is whole, on rank 0 only (vLLM's
+draft_tensor_parallel_size=1): its forwards need no collective, and the workers hold none of it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -14,7 +14,14 @@ blocks back and writes over them (the rollback of rejected proposals). A request
 finishes, is aborted or is preempted (`release`). After a preemption, a prefix-cache hit (positions the target
 did not compute have no hidden state) or a long pause (more than MAX_PENDING positions waiting) the cache
 starts at the first position the proposer has: earlier positions are not attended to, which can only lower
-acceptance, never change an output token."""
+acceptance, never change an output token.
+
+Parallel runs: the module is built like the layers it follows, so with tensor parallelism its heads and
+experts are split over stage 0's TP ranks and `model` is the driver's stand-in, whose `mtp_forward` runs the
+forward on all of them (distributed/executor.py) and whose `mtp_logits` gathers the vocab-parallel head; each
+of those ranks keeps its own copy of the latent cache (MLA's latent is whole per rank). The target's final
+hidden states are replicated after the last all-reduce and, under pipeline parallelism, come back to stage 0
+for the logits anyway: the driver has them without a transfer of its own."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -60,11 +67,9 @@ class MTPProposer(PagedProposer):
         self.model = model
         self.device = model.lm_head.weight.device
         self.block_size = block_size
-        attn = model.model.layers[model.config.num_layers].self_attn  # the depth-0 module's MLA attention
         scratch = 1 if fast_rows else 0  # the compiled step's padding rows write a block nobody is given
-        self.kv_cache = torch.zeros(attn.kv_cache_shape(num_blocks + scratch, block_size),
-                                    dtype=model.lm_head.weight.dtype, device=self.device)
-        attn.bind_kv_cache(self.kv_cache)
+        # the depth-0 module's MLA cache; with tensor parallelism every TP rank of stage 0 allocates its own
+        self.kv_cache = model.allocate_mtp_kv_cache(num_blocks + scratch, block_size)
         self.fast = None
         if fast_rows:
             from frontierlm.spec.mtp_fast import FastMTP
