@@ -287,12 +287,7 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("calibrate")
     c.add_argument("--out", default="runs/calibration")
-    c.add_argument("--models", default="tiny,llama-33.6M")
-    c.add_argument("--num-requests", type=int, default=60)
-    c.add_argument("--input-len", type=int, default=128)
-    c.add_argument("--output-len", type=int, default=64)
     c.add_argument("--max-model-len", type=int, default=512)
-    c.add_argument("--max-num-seqs", type=int, default=32)
     c.add_argument("--repeats", type=int, default=5)
     c.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for the profile and the server")
     c.add_argument("--server-cpu", type=int, default=None,
@@ -302,12 +297,12 @@ def main() -> None:
     r = sub.add_parser("replay", help="refit and re-simulate a calibration directory's saved runs")
     r.add_argument("--dir", required=True, help="a calibrate --out directory")
     r.add_argument("--out", default="runs/replay")
-    r.add_argument("--models", default="tiny,llama-33.6M")
-    r.add_argument("--num-requests", type=int, default=60)
-    r.add_argument("--input-len", type=int, default=128)
-    r.add_argument("--output-len", type=int, default=64)
-    r.add_argument("--max-num-seqs", type=int, default=32)
-    for sp in (c, r):
+    for sp in (c, r):  # the workload and engine settings both subcommands describe
+        sp.add_argument("--models", default="tiny,llama-33.6M")
+        sp.add_argument("--num-requests", type=int, default=60)
+        sp.add_argument("--input-len", type=int, default=128)
+        sp.add_argument("--output-len", type=int, default=64)
+        sp.add_argument("--max-num-seqs", type=int, default=32)
         sp.add_argument("--step-model", default=None, help="pin the step-time form (default: chosen by CV)")
         sp.add_argument("--zero-overheads", default=[], type=lambda s: [x for x in s.split(",") if x],
                         help="overheads held at 0 instead of fitted (step_s,row_s,row2_s,request_s,ingress_s)")
