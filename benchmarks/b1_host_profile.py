@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import os
 import pstats
 import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -36,6 +38,46 @@ def timed(obj, name, sink):
     setattr(obj, name, wrapper)
 
 
+def ab_rounds(eng, fast, a) -> dict:
+    inputs = fast.inputs
+    modes = {"before": (lambda sched, b, w: inputs._fill_rows(sched, b, w), inputs._make_views),
+             "after": (type(inputs).fill.__get__(inputs), type(inputs).views.__get__(inputs))}
+    res: dict[str, list[float]] = {m: [] for m in modes}
+    last = []
+    run = fast.run
+
+    def snapshot_run(sched):  # a frozen copy of the first step's schedule, for timing the fill alone
+        if not last:
+            last.append(SimpleNamespace(scheduled=[SimpleNamespace(
+                request=SimpleNamespace(num_computed_tokens=r.request.num_computed_tokens,
+                                        all_token_ids=list(r.request.all_token_ids)),
+                block_ids=list(r.block_ids), num_new_tokens=1, samples=True) for r in sched.scheduled]))
+        return run(sched)
+    fast.run = snapshot_run
+    for _ in range(a.ab):
+        for mode, (fill, views) in modes.items():
+            inputs.fill, inputs.views = fill, views
+            t = []
+            for _ in range(a.steps):
+                t0 = time.perf_counter()
+                eng.step()
+                t.append(time.perf_counter() - t0)
+            res[mode].append(round(statistics.median(t) * 1e3, 3))
+    sched, shape = last[-1], fast.shape_for(last[-1])
+    inputs_us = {}
+    for mode, (fill, views) in modes.items():  # fill + views alone, on the last step's schedule
+        t0 = time.perf_counter()
+        for _ in range(2000):
+            fill(sched, *shape)
+            views(*shape)
+        inputs_us[mode] = round((time.perf_counter() - t0) / 2000 * 1e6, 1)
+    out = {"ms_per_step": res, "fill_and_views_us": inputs_us, "ratio_after_before": round(statistics.median(res["after"]) /
+                                                           statistics.median(res["before"]), 4),
+           "load1": os.getloadavg()[0], "threads": a.threads, "dtype": a.dtype}
+    print(json.dumps(out))
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
@@ -43,6 +85,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--cprofile", action="store_true")
+    p.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
+                   help="instead: ROUNDS pairs of --steps steps, alternating the array fill with views rebuilt every "
+                        "step (before) and the batch-1 fill with cached views (after); ms per step of each round")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     from frontierlm import LLM, SamplingParams
@@ -50,10 +95,13 @@ def main(argv=None):
     llm = LLM(a.model, dtype=a.dtype, enforce_eager=False)
     eng = llm.llm_engine
     fast = eng.runner.fast_decode
-    params = SamplingParams(temperature=0, max_tokens=a.steps + 20, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=a.steps * (1 + 2 * a.ab) + fast.warmup_steps + 20,
+                            ignore_eos=True)
     eng.add_request(None, list(range(1, 100)), params)
     for _ in range(fast.warmup_steps + 10):  # prefill, eager warm-up, the compile
         eng.step()
+    if a.ab:
+        return ab_rounds(eng, fast, a)
     sink: dict[str, list[float]] = {}
     timed(eng.scheduler, "schedule", sink)
     timed(eng.runner, "execute", sink)
