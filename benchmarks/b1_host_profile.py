@@ -131,7 +131,13 @@ def main(argv=None):
             fast._run_compiled(args, first=False)
             t.append(time.perf_counter() - t0)
     ms = lambda v: round(statistics.median(v) * 1e3, 3)  # noqa: E731
-    out = {"step_ms": ms(steps), **{k: ms(v) for k, v in sink.items()}, "compiled_call_alone_ms": ms(t),
+    # paired per step (each part runs once a step), so a noisy graph time cancels out
+    pair = lambda a_, b_: [x - y for x, y in zip(a_, b_)]  # noqa: E731
+    paired = {"step_minus_compiled_call": ms(pair(steps, sink["_run_compiled"])),
+              "run_minus_compiled_call_and_fill": ms(pair(pair(sink["run"], sink["_run_compiled"]), sink["fill"])),
+              "execute_minus_run": ms(pair(sink["execute"], sink["run"]))}
+    out = {"step_ms": ms(steps), **{k: ms(v) for k, v in sink.items()}, "paired_ms": paired,
+           "compiled_call_alone_ms": ms(t),
            "fast_steps": fast.fast_steps, "threads": a.threads, "dtype": a.dtype}
     print(json.dumps(out))
     return out
