@@ -13,26 +13,15 @@ from frontierlm import LLM
 from frontierlm.cli_args import add_engine_args, engine_config
 from frontierlm.config import EngineConfig
 from frontierlm.engine.compile_cache import CacheProbe, use_persistent_inductor_cache
-from test_fast_path import KV_TOKENS, MAX_FAST, _greedy, _prompts, _same
+from fast_helpers import engine_pair, greedy as _greedy, prompts as _prompts, same as _same
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def pair(tiny_model_dir):
-    """(eager, compiled at start-up) engines of the tiny Llama, sized as test_fast_path.py's."""
-    model_dir = tiny_model_dir("llama")
-    kw = dict(max_num_seqs=8, block_size=8)
-    probe = LLM(model_dir, enforce_eager=True, **kw)
-    kw["kv_cache_memory_gb"] = KV_TOKENS * probe.llm_engine.model_config.kv_cache_bytes_per_token() / 2**30
-    eager = LLM(model_dir, enforce_eager=True, **kw)
-    old = fd.MAX_FAST_BATCH
-    fd.MAX_FAST_BATCH = MAX_FAST
-    try:
-        fast = LLM(model_dir, enforce_eager=False, compile_decode_at_startup=True, **kw)
-    finally:
-        fd.MAX_FAST_BATCH = old
-    return eager, fast
+    """(eager, compiled at start-up) engines of the tiny Llama (tests/fast_helpers.py)."""
+    return engine_pair(tiny_model_dir("llama"), compile_decode_at_startup=True)
 
 
 def test_startup_compile_touches_no_engine_state(pair):

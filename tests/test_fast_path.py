@@ -15,25 +15,13 @@ from frontierlm.engine.cuda_graphs import CudaGraphPool
 from frontierlm.engine.dtype_policy import choose_dtype, cpu_bf16_feature
 from frontierlm.layers.attention import AttentionMetadata, TorchAttentionBackend
 from frontierlm.layers.paged_decode import PagedDecodePlan, paged_decode_attention
+from fast_helpers import engine_pair, greedy, prompts, same
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-MAX_FAST = 4  # top rung of the tests' batch ladder: 1, 2, 4; batches of 5+ take the eager path
-KV_TOKENS = 640  # small enough that the preemption test runs out of blocks
 
-
-def _engines(model_dir, **kw):
-    fd_kwargs = dict(max_num_seqs=8, block_size=8, **kw)
-    eager = LLM(model_dir, enforce_eager=True, **fd_kwargs)
-    bpt = eager.llm_engine.model_config.kv_cache_bytes_per_token()
-    kv_gb = KV_TOKENS * bpt / 2**30
-    eager = LLM(model_dir, enforce_eager=True, kv_cache_memory_gb=kv_gb, **fd_kwargs)
-    old = fd.MAX_FAST_BATCH
-    fd.MAX_FAST_BATCH = MAX_FAST
-    try:
-        fast = LLM(model_dir, enforce_eager=False, kv_cache_memory_gb=kv_gb, **fd_kwargs)
-    finally:
-        fd.MAX_FAST_BATCH = old
+def _engines(model_dir):
+    eager, fast = engine_pair(model_dir)
     fast.llm_engine.runner.fast_decode.warmup_steps = 0
     return eager, fast
 
@@ -48,21 +36,7 @@ def mla_moe(tiny_model_dir):  # DeepSeek-V3 shape: MLA attention, MoE layers aft
     return _engines(tiny_model_dir("deepseek_v3"))
 
 
-def _prompts(n, start=11, length=5):
-    return [[start + 3 * i + j for j in range(length + 2 * i)] for i in range(n)]
-
-
-def _greedy(max_tokens, logprobs=2):
-    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=logprobs)
-
-
-def _same(eager_outs, fast_outs, tol=1e-4):
-    for a, b in zip(eager_outs, fast_outs):
-        ca, cb = a.outputs[0], b.outputs[0]
-        assert ca.token_ids == cb.token_ids
-        if ca.logprobs is not None:
-            for step_a, step_b, tok in zip(ca.logprobs, cb.logprobs, ca.token_ids):
-                assert step_a[tok].logprob == pytest.approx(step_b[tok].logprob, abs=tol)
+_prompts, _greedy, _same = prompts, greedy, same
 
 
 def _run_both(pair, prompts, params):
@@ -153,6 +127,21 @@ def test_decode_inputs_fill_pads_to_the_scratch_block():
     assert real.tolist() == [1, 1, 0, 0]
     assert slots.tolist() == [7 * 4 + 1, 2 * 4, 99 * 4, 99 * 4]
     assert tables.tolist() == [[3, 7, 99, 99], [2, 99, 99, 99], [99] * 4, [99] * 4]
+
+
+def test_batch1_fill_writes_what_the_general_fill_writes():
+    """The one-row fill (scalar writes) against the array fill, over a table that shrinks below a wider step's
+    (stale entries past the width must not show through) and a position on a block boundary."""
+    one, rows = (fd.DecodeInputs(max_seqs=4, max_blocks=6, scratch_block=99, block_size=4,
+                                 device=torch.device("cpu")) for _ in range(2))
+    for p, blocks, width in [(13, [5, 1, 8, 2], 4), (4, [3, 6], 2), (0, [7], 2), (22, [1, 2, 3, 4, 5, 6], 6)]:
+        sched = _Sched([(p, 40 + p, blocks)])
+        one.fill(sched, batch=1, width=width)
+        rows._fill_rows(sched, 1, width)
+        assert [t.tolist() for t in one.views(1, width)] == [t.tolist() for t in rows.views(1, width)]
+        ids, pos, slots, tables, lens, real = one.views(1, width)
+        assert slots.tolist() == [blocks[p // 4] * 4 + p % 4] and tables.tolist()[0][:len(blocks)] == blocks
+    assert one.views(1, 2) is one.views(1, 2)  # built once per shape
 
 
 @pytest.mark.parametrize("window", [None, 5])

@@ -91,9 +91,16 @@ class DecodeInputs:
         self.dev = self.host if device.type == "cpu" else {
             k: torch.zeros(s, dtype=torch.long, device=device) for k, s in shapes.items()}
         self.non_blocking = pin
+        self._views: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
 
     def fill(self, sched, batch: int, width: int) -> None:
         """Rows [0, n) from the scheduled requests, rows [n, batch) padding; then one copy per buffer."""
+        if batch == 1 and len(sched.scheduled) == 1:  # batch-1 decode: scalar writes, no arrays built per step
+            self._fill_one(sched.scheduled[0], width)
+        else:
+            self._fill_rows(sched, batch, width)
+
+    def _fill_rows(self, sched, batch: int, width: int) -> None:
         n, bs = len(sched.scheduled), self.block_size
         h = self._np
         reqs = [s.request for s in sched.scheduled]
@@ -121,7 +128,31 @@ class DecodeInputs:
             rows = batch * width if k == "block_tables" else batch
             self.dev[k][:rows].copy_(host[:rows], non_blocking=self.non_blocking)
 
+    def _fill_one(self, s, width: int) -> None:
+        """`fill` for one request in a batch-1 step (CPU: the graph reads these buffers; no copies)."""
+        h, bs, req, blocks = self._np, self.block_size, s.request, s.block_ids
+        pos = req.num_computed_tokens
+        h["input_ids"][0] = req.all_token_ids[-1]
+        h["positions"][0] = pos
+        h["seq_lens"][0] = pos + 1
+        h["real_rows"][0] = 1
+        table = h["block_tables"]
+        table[:len(blocks)] = blocks
+        table[len(blocks):width] = self.scratch_block
+        h["slot_mapping"][0] = blocks[pos // bs] * bs + pos % bs
+        if self.dev is not self.host:
+            for k, host in self.host.items():
+                rows = width if k == "block_tables" else 1
+                self.dev[k][:rows].copy_(host[:rows], non_blocking=self.non_blocking)
+
     def views(self, batch: int, width: int) -> tuple[torch.Tensor, ...]:
+        """The step's input tensors: views of the persistent buffers, built once per shape (a few us a step)."""
+        v = self._views.get((batch, width))
+        if v is None:
+            v = self._views[(batch, width)] = self._make_views(batch, width)
+        return v
+
+    def _make_views(self, batch: int, width: int) -> tuple[torch.Tensor, ...]:
         d = self.dev
         return (d["input_ids"][:batch], d["positions"][:batch], d["slot_mapping"][:batch],
                 d["block_tables"][:batch * width].view(batch, width), d["seq_lens"][:batch], d["real_rows"][:batch])
