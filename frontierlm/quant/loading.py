@@ -106,9 +106,6 @@ class QuantLoad:
             schemes = {fused: scheme for fused, (scheme, _) in plan.items()}
             if all(s is None for s in schemes.values()):
                 continue
-            if type(experts) is not FusedExperts and fmt is not None:
-                logger.info("%s: %s experts stay float (dequantized on load)", name, type(experts).__name__)
-                continue
             QuantExpertsMethod(schemes, fmt).create_weights(experts)
             if fmt is not None:
                 for scheme, parts in plan.values():
