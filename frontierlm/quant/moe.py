@@ -51,8 +51,10 @@ def expert_checkpoint_modules(model: nn.Module, name: str, experts: FusedExperts
     """The checkpoint module names one fused matrix loads from (experts.{e}.gate_proj, ..., for every e)."""
     from frontierlm.models.loader import _checkpoint_name
 
-    return [_checkpoint_name(f"{name}.{fused}", s, model).removesuffix(".weight")
-            for s in getattr(experts, fused).shard_ids]
+    ids = getattr(experts, fused).shard_ids
+    if hasattr(experts, "global_experts"):  # expert parallel: the other ranks' experts too (their loads read nothing)
+        ids = tuple((e, p) for e in range(experts.global_experts) for p in ((0, 1) if fused == "w13" else (None,)))
+    return [_checkpoint_name(f"{name}.{fused}", s, model).removesuffix(".weight") for s in ids]
 
 
 def expert_schemes(model: nn.Module, name: str, experts: FusedExperts, scheme_for) -> dict:
