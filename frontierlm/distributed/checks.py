@@ -10,10 +10,6 @@ def _experts(c) -> int:
 
 def check_layout(model_config, tp: int, pp: int, ep: bool) -> None:
     mc, c = model_config, model_config.hf_config
-    if getattr(c, "quantization_config", None):  # its loaders read whole tensors, not a rank's shard
-        raise ValueError("a quantized checkpoint (quantization_config in config.json) with tensor/pipeline "
-                         "parallelism is not supported yet; a float checkpoint with quantization='int8' / 'int4' "
-                         "/ 'fp8' is (each rank quantizes its own shard)")
     if mc.num_heads % tp:
         raise ValueError(f"tensor_parallel_size={tp} does not divide the model's {mc.num_heads} attention heads")
     if not mc.is_mla and mc.num_kv_heads % tp and tp % mc.num_kv_heads:

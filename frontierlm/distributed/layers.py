@@ -4,7 +4,9 @@ Each class is the single-device layer with its output (column) or input (row) di
 equal shards; with tp_size 1 it is exactly that layer. A Megatron-style pair (column then row) needs one
 all-reduce: attention (qkv column-parallel by heads, o_proj row-parallel) and the MLP (gate_up column, down
 row) each reduce once, in the row-parallel layer. Loaders take either a tensor or a safetensors slice and
-read only this rank's rows or columns, so a rank never holds the whole checkpoint tensor.
+read only this rank's rows or columns, so a rank never holds the whole checkpoint tensor. Each layer says
+which part of a checkpoint tensor it holds (`shard_region(shard_id)`, a quant/sharding.py `Region`); the float
+loaders here and the quantized checkpoint loaders (quant/linear_methods.py) both read that region.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from torch import nn
 from frontierlm.distributed.state import build_context
 from frontierlm.layers.embedding import LMHead, VocabEmbedding
 from frontierlm.layers.linear import Linear, MergedLinear, QKVLinear, default_weight_loader, linear
+from frontierlm.quant.sharding import Region
 
 
 def read_shard(loaded, dim: int, start: int, size: int) -> torch.Tensor:
@@ -57,9 +60,13 @@ class ColumnParallelLinear(Linear):
         super().__init__(input_size, _divide(output_size, ctx.tp_size, what), bias)
         _mark_sliced(self)
 
+    def shard_region(self, shard_id=None) -> Region:
+        n, k = self.output_size, self.input_size
+        return Region(self.tp_rank * n, n, 0, k, n * self.tp_size, k)
+
     def weight_loader(self, param: nn.Parameter, loaded_weight, shard_id=None) -> None:
-        size = param.shape[0]
-        default_weight_loader(param, read_shard(loaded_weight, 0, self.tp_rank * size, size), shard_id)
+        r = self.shard_region()
+        default_weight_loader(param, read_shard(loaded_weight, 0, r.row0, r.rows), shard_id)
 
 
 class RowParallelLinear(Linear):
@@ -89,8 +96,12 @@ class RowParallelLinear(Linear):
     def weight_loader(self, param: nn.Parameter, loaded_weight, shard_id=None) -> None:
         if param.dim() == 1:  # the bias is whole on every rank
             return default_weight_loader(param, materialize(loaded_weight), shard_id)
-        size = param.shape[1]
-        default_weight_loader(param, read_shard(loaded_weight, 1, self.tp_rank * size, size), shard_id)
+        r = self.shard_region()
+        default_weight_loader(param, read_shard(loaded_weight, 1, r.col0, r.cols), shard_id)
+
+    def shard_region(self, shard_id=None) -> Region:
+        n, k = self.output_size, self.input_size
+        return Region(0, n, self.tp_rank * k, k, n, k * self.tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
@@ -123,11 +134,20 @@ class QKVParallelLinear(QKVLinear):
         super().__init__(hidden_size, head_dim, local_q, local_kv, bias)
         _mark_sliced(self)
 
-    def _part(self, loaded, shard_id):
-        d = self.head_dim
+    def shard_region(self, shard_id) -> Region:
+        if shard_id is None and self.tp_size == 1:
+            return Region.whole(self.output_size, self.input_size)
+        if shard_id not in ("q", "k", "v"):
+            raise ValueError(f"a packed qkv tensor (shard {shard_id!r}) of a quantized checkpoint cannot be split "
+                             f"over tensor-parallel ranks; store q_proj, k_proj and v_proj")
+        d, k = self.head_dim, self.input_size
         if shard_id == "q":
-            return read_shard(loaded, 0, self.tp_rank * self.num_heads * d, self.num_heads * d)
-        return read_shard(loaded, 0, self.kv_head_start * d, self.num_kv_heads * d)
+            return Region(self.tp_rank * self.num_heads * d, self.num_heads * d, 0, k, self.global_sizes[0], k)
+        return Region(self.kv_head_start * d, self.num_kv_heads * d, 0, k, self.global_sizes[1], k)
+
+    def _part(self, loaded, shard_id):
+        r = self.shard_region(shard_id)
+        return read_shard(loaded, 0, r.row0, r.rows)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight, shard_id=None) -> None:
         if shard_id is None:  # an already packed qkv tensor: cut each part
@@ -160,8 +180,17 @@ class MergedColumnParallelLinear(MergedLinear):
             return super().weight_loader(param, loaded_weight, None)
         if shard_id not in self.shard_offsets:
             return super().weight_loader(param, materialize(loaded_weight), shard_id)
-        size = self.shard_offsets[shard_id][1]
-        super().weight_loader(param, read_shard(loaded_weight, 0, self.tp_rank * size, size), shard_id)
+        r = self.shard_region(shard_id)
+        super().weight_loader(param, read_shard(loaded_weight, 0, r.row0, r.rows), shard_id)
+
+    def shard_region(self, shard_id) -> Region:
+        if shard_id is None and self.tp_size == 1:
+            return Region.whole(self.output_size, self.input_size)
+        if shard_id not in self.shard_offsets:
+            raise ValueError(f"a packed gate_up tensor (shard {shard_id!r}) of a quantized checkpoint cannot be "
+                             f"split over tensor-parallel ranks; store gate_proj and up_proj")
+        size, k = self.shard_offsets[shard_id][1], self.input_size
+        return Region(self.tp_rank * size, size, 0, k, self.global_sizes[shard_id], k)
 
 
 def _vocab_loader(vocab_size: int, rank: int):
@@ -218,6 +247,11 @@ class ParallelLMHead(LMHead):
         per_rank = -(-vocab_size // ctx.tp_size)
         super().__init__(per_rank, hidden_size)
         _shard_vocab(self, ctx, vocab_size, per_rank)
+
+    def shard_region(self, shard_id=None) -> Region:
+        """This rank's vocabulary rows (the last rank's padding rows past the vocabulary are not read)."""
+        start, h = self.tp_rank * self.per_rank, self.input_size
+        return Region(start, max(min(self.per_rank, self.vocab_size - start), 0), 0, h, self.vocab_size, h)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         logits = super().forward(hidden_states)

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from frontierlm.distributed.layers import materialize, read_shard
 from frontierlm.distributed.state import build_context
 from frontierlm.layers.moe import FusedExperts
+from frontierlm.quant.sharding import Region
 
 
 def make_experts(num_experts: int, hidden_size: int, intermediate_size: int, act: str) -> FusedExperts:
@@ -60,19 +61,26 @@ class TensorParallelExperts(FusedExperts):
         dist.all_reduce(absmax, op=dist.ReduceOp.MAX, group=self.group)
         return absmax
 
+    def shard_region(self, fused: str) -> Region:
+        """This rank's part of one expert's checkpoint tensor (gate / up: rows; down: columns)."""
+        i, h, full = self.intermediate_size, self.hidden_size, self.full_intermediate
+        if fused == "w13":
+            return Region(self.rank * i, i, 0, h, full, h)
+        return Region(0, h, self.rank * i, i, h, full)
+
     def _load_w13(self, param, loaded_weight, shard_id=None):
-        i = self.intermediate_size
+        r = self.shard_region("w13")
         if shard_id is None:  # [E, 2I, H] stacked: cut the gate and the up half
             full = materialize(loaded_weight)
             gate, up = full.split(self.full_intermediate, dim=1)
-            return super()._load_w13(param, torch.cat([g.narrow(1, self.rank * i, i) for g in (gate, up)], 1))
-        super()._load_w13(param, read_shard(loaded_weight, 0, self.rank * i, i), shard_id)
+            return super()._load_w13(param, torch.cat([g.narrow(1, r.row0, r.rows) for g in (gate, up)], 1))
+        super()._load_w13(param, read_shard(loaded_weight, 0, r.row0, r.rows), shard_id)
 
     def _load_w2(self, param, loaded_weight, shard_id=None):
-        i = self.intermediate_size
+        r = self.shard_region("w2")
         if shard_id is None:
-            return super()._load_w2(param, read_shard(loaded_weight, 2, self.rank * i, i))
-        super()._load_w2(param, read_shard(loaded_weight, 1, self.rank * i, i), shard_id)
+            return super()._load_w2(param, read_shard(loaded_weight, 2, r.col0, r.cols))
+        super()._load_w2(param, read_shard(loaded_weight, 1, r.col0, r.cols), shard_id)
 
 
 class ExpertParallelExperts(FusedExperts):

@@ -149,8 +149,9 @@ def load_weights(model: nn.Module, weight_files: list[str], quant=None) -> None:
                     continue
                 loader = getattr(param, "weight_loader", default_weight_loader)
                 # tensor-parallel parameters read only their shard from a lazy slice of the file
+                # (quantized checkpoint tensors too: their loaders read only their region, quant/sharding.py)
                 loaded_weight = f.get_slice(name) if getattr(param, "loads_slices", False) and \
-                    (quant is None or quant.tensors_as_stored) else get_tensor(name)
+                    (quant is None or quant.stored(name)) else get_tensor(name)
                 try:
                     loader(param, loaded_weight, shard)
                 except ValueError as e:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from frontierlm.quant import formats
+from frontierlm.quant import formats, sharding
 from frontierlm.quant.config import WeightScheme
 
 SMALL_BATCH = 32          # rows up to which the packed int8 kernel beats a bf16 matmul of the dequantized matrix
@@ -34,6 +34,8 @@ SMALL_BATCH = 32          # rows up to which the packed int8 kernel beats a bf16
 INT4_DENSE_ROWS = 128
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)
 FP8_CHUNK = 128           # columns of the FP8 weight dequantized at a time on CPU
+_SAFETENSORS_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I8": torch.int8,
+                       "I32": torch.int32, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def _shard_rows(layer: nn.Module, shard_id) -> tuple[int, int]:
@@ -77,7 +79,7 @@ class QuantLinearMethod:
         kb = self.num_scale_cols(k)
         names = []
         if s.kind == "float":
-            self._param(layer, "weight", torch.empty(n, k, dtype=torch.float8_e4m3fn, device=device), self._load_values)
+            self._param(layer, "weight", torch.zeros(n, k, dtype=torch.float8_e4m3fn, device=device), self._load_values)
             names.append("weight")
             scale = "weight_scale_inv" if self.checkpoint_format == "deepseek-fp8" else "weight_scale"
             if s.activations == "static":
@@ -85,7 +87,7 @@ class QuantLinearMethod:
                             self._load_input_scale)
                 names.append("input_scale")
         elif self.checkpoint_format == "pack-quantized":
-            self._param(layer, "weight_packed", torch.empty(n, k, dtype=torch.int8, device=device), self._load_packed)
+            self._param(layer, "weight_packed", torch.zeros(n, k, dtype=torch.int8, device=device), self._load_packed)
             self._param(layer, "weight_shape", torch.zeros(2, dtype=torch.int64, device=device), self._check_shape)
             names += ["weight_packed", "weight_shape"]
             if not s.symmetric:
@@ -94,10 +96,10 @@ class QuantLinearMethod:
                 names.append("weight_zero_point")
             scale = "weight_scale"
         else:  # int-quantized / naive-quantized: int8 values stored as they are
-            self._param(layer, "weight", torch.empty(n, k, dtype=torch.int8, device=device), self._load_values)
+            self._param(layer, "weight", torch.zeros(n, k, dtype=torch.int8, device=device), self._load_values)
             names.append("weight")
             scale = "weight_scale"
-        self._param(layer, scale, torch.empty(n, kb, device=device), self._load_scale)
+        self._param(layer, scale, torch.zeros(n, kb, device=device), self._load_scale)
         names.append(scale)
         layer.quant_param_names = tuple(names)
         for name in names:  # the loader checks that every shard of a packed layer was loaded
@@ -107,52 +109,56 @@ class QuantLinearMethod:
     def _param(self, layer, name, data, loader) -> None:
         p = nn.Parameter(data, requires_grad=False)
         p.weight_loader = lambda param, w, shard_id=None, _l=layer, _f=loader: _f(_l, param, w, shard_id)
+        p.loads_slices = True  # models/loader.py hands over a lazy safetensors slice: only the region is read
         layer.register_parameter(name, p)
 
-    def _load_values(self, layer, param, w, shard_id) -> None:
+    # Each loader reads only this layer's region of the checkpoint tensor (quant/sharding.py: a tensor-parallel
+    # shard, or all of it), from a lazy safetensors slice, into the layer's rows of that part.
+    def _target(self, layer, param, shard_id):
         off, size = _shard_rows(layer, shard_id)
-        if w.dtype != param.dtype and not (w.dtype.is_floating_point and w.element_size() == 1
-                                           and param.dtype.is_floating_point):
-            raise ValueError(f"expected {param.dtype} weights for {self.scheme.describe()}, got {w.dtype}")
-        if tuple(w.shape) != (size, layer.input_size):
-            raise ValueError(f"shape mismatch: expected {(size, layer.input_size)}, checkpoint has {tuple(w.shape)}")
-        if w.dtype == torch.float8_e5m2:
+        r = sharding.layer_region(layer, shard_id)
+        if r.rows > size:
+            raise ValueError(f"shard of {r.rows} rows does not fit the layer's {size}")
+        return param.data.narrow(0, off, r.rows), r  # fewer rows: a vocab-parallel head's padding stays 0
+
+    def _load_values(self, layer, param, w, shard_id) -> None:
+        target, r = self._target(layer, param, shard_id)
+        dtype = w.dtype if isinstance(w, torch.Tensor) else _SAFETENSORS_DTYPES.get(w.get_dtype())
+        if dtype != param.dtype and not (dtype is not None and dtype.is_floating_point and dtype.itemsize == 1
+                                         and param.dtype.is_floating_point):
+            raise ValueError(f"expected {param.dtype} weights for {self.scheme.describe()}, got {dtype}")
+        if dtype == torch.float8_e5m2:
             raise ValueError("FP8 E5M2 weights are not supported (E4M3 is)")
-        param.data.narrow(0, off, size).copy_(w)
+        if r.rows:
+            target.copy_(sharding.values(w, r))
 
     def _load_packed(self, layer, param, w, shard_id) -> None:
-        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
-        off, size = _shard_rows(layer, shard_id)
-        values = unpack_from_int32(w, self.scheme.bits, torch.Size((size, layer.input_size)))
-        param.data.narrow(0, off, size).copy_(values)
+        target, r = self._target(layer, param, shard_id)
+        if r.rows:
+            target.copy_(sharding.packed_values(w, r, self.scheme.bits))
 
     def _load_zero_point(self, layer, param, w, shard_id) -> None:
-        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
-        off, size = _shard_rows(layer, shard_id)
-        zp = w if w.dtype == torch.int8 else unpack_from_int32(w, self.scheme.bits,
-                                                               torch.Size((size, param.shape[1])), packed_dim=0)
-        param.data.narrow(0, off, size).copy_(zp.reshape(size, -1))
+        target, r = self._target(layer, param, shard_id)
+        if r.rows:
+            target.copy_(sharding.zero_points(w, r, self.scheme))
 
     def _check_shape(self, layer, param, w, shard_id) -> None:
-        off, size = _shard_rows(layer, shard_id)
-        if [int(v) for v in w.flatten()] != [size, layer.input_size]:
-            raise ValueError(f"weight_shape {w.tolist()} does not match the layer's [{size}, {layer.input_size}]")
+        sharding.check_shape(w, sharding.layer_region(layer, shard_id))
         param.data.copy_(torch.tensor([layer.output_size, layer.input_size]))
 
     def _load_scale(self, layer, param, w, shard_id) -> None:
-        off, size = _shard_rows(layer, shard_id)
-        block = self.scheme.block if self.scheme.strategy == "block" else None
-        rows = formats.row_scales(w, size, layer.input_size, block)
+        target, r = self._target(layer, param, shard_id)
+        if not r.rows:
+            return
+        rows = sharding.scales(w, r, self.scheme)
         if rows.shape[1] != param.shape[1]:
-            raise ValueError(f"scale of shape {tuple(w.shape)} does not match {self.scheme.describe()} of a "
-                             f"[{size}, {layer.input_size}] weight")
-        param.data.narrow(0, off, size).copy_(rows)
+            raise ValueError(f"scale of shape {sharding.shape_of(w)} does not match {self.scheme.describe()} of "
+                             f"this layer's [{r.rows}, {layer.input_size}] shard")
+        target.copy_(rows)
 
     def _load_input_scale(self, layer, param, w, shard_id) -> None:
         ids = list(getattr(layer, "shard_offsets", {None: 0}))
-        param.data[ids.index(shard_id)] = w.float().max()
+        param.data[ids.index(shard_id)] = sharding.read(w).float().max()
 
     # ---- after loading: the runtime layout ----------------------------------------------------------
     @torch.no_grad()

@@ -21,7 +21,7 @@ from torch import nn
 from frontierlm.layers.embedding import LMHead
 from frontierlm.layers.linear import Linear
 from frontierlm.layers.moe import FusedExperts
-from frontierlm.quant import formats
+from frontierlm.quant import formats, sharding
 from frontierlm.quant.config import QuantConfig, WeightScheme, resolve
 from frontierlm.quant.linear_methods import QuantLinearMethod
 from frontierlm.quant.moe import QuantExpertsMethod, expert_layers, expert_schemes
@@ -72,9 +72,8 @@ class QuantLoad:
         self.runtime: dict[str, nn.Module] = {}  # checkpoint module name -> our layer that runs quantized
         self.kv_scales: dict[str, float] = {}
         self.dequantized = 0
-        # a float checkpoint (quantized, if at all, after loading): view() offers its tensors unchanged, so the
-        # tensor-parallel loaders may read their shard from a lazy slice
-        self.tensors_as_stored = config is None or not config.from_checkpoint
+        self.virtual: dict[str, str] = {}  # of the file being read: dequantized weight name -> its module
+        self.bytes_start = sharding.COUNTER.bytes
 
     # ---- 1. before loading --------------------------------------------------------------------------
     def prepare(self, model: nn.Module, load_format: str) -> None:
@@ -100,15 +99,12 @@ class QuantLoad:
         self._prepare_experts(model, fmt)
 
     def _prepare_experts(self, model: nn.Module, fmt: str | None) -> None:
-        """MoE experts run quantized too (quant/moe.py); tensor / expert-parallel ones quantize their shard after
-        loading, and the tensors of a quantized checkpoint (refused with parallelism today) would be dequantized."""
+        """MoE experts run quantized too (quant/moe.py); tensor / expert-parallel ones load their shard of a quantized
+        checkpoint (or quantize it after loading a float one)."""
         for name, experts in expert_layers(model):
             plan = expert_schemes(model, name, experts, self._scheme)
             schemes = {fused: scheme for fused, (scheme, _) in plan.items()}
             if all(s is None for s in schemes.values()):
-                continue
-            if type(experts) is not FusedExperts and fmt is not None:
-                logger.info("%s: %s experts stay float (dequantized on load)", name, type(experts).__name__)
                 continue
             QuantExpertsMethod(schemes, fmt).create_weights(experts)
             if fmt is not None:
@@ -125,6 +121,10 @@ class QuantLoad:
         return scheme
 
     # ---- 2. while loading ---------------------------------------------------------------------------
+    def stored(self, name: str) -> bool:
+        """A tensor offered as it is stored (not dequantized here), so a loader may read a lazy slice of it."""
+        return name not in self.virtual
+
     def view(self, f) -> tuple[list[str], callable]:
         names, virtual = [], {}
         keys = list(f.keys())
@@ -144,6 +144,8 @@ class QuantLoad:
                 names.append(f"{prefix}.weight")
             # its scales, zero points, shape and activation scales are consumed by the dequantization
 
+        self.virtual = virtual
+
         def get(name):
             if name in virtual:
                 return self._dequantize(virtual[name])
@@ -156,7 +158,7 @@ class QuantLoad:
         if path is None:
             return None
         with safe_open(path, framework="pt", device="cpu") as f:
-            return f.get_tensor(name)
+            return sharding.COUNTER.add(f.get_tensor(name))
 
     def _dequantize(self, prefix: str) -> torch.Tensor:
         """The float weight of a quantized checkpoint module that runs in float (reference dequantization)."""
@@ -200,6 +202,8 @@ class QuantLoad:
                 experts.quant_method.process_weights_after_loading(experts)
                 count += 1
         apply_kv_scales(model, self.kv_scales)
+        # bytes of quantized checkpoint tensors this process read (each rank: its own shards and stage)
+        model.quant_bytes_read = sharding.COUNTER.bytes - self.bytes_start
         if self.config is None:
             return
         logger.info("quantized linear layers and expert groups: %d (%s)%s", count, self.config.describe(),

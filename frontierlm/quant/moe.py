@@ -15,8 +15,9 @@ those rows. That path multiplies in the activations' dtype (float32 in a float32
 kernels take bfloat16 activations, so a compiled and an eager greedy run can part at a near tie (seen once on
 a tiny random Qwen3-MoE: the compiled run then gave the float model's tokens).
 
-Tensor / expert parallelism (distributed/moe.py, float checkpoint with `quantization=...`): each rank
-quantizes the experts it holds, its slice of every expert (TP) or its whole experts (EP), and keeps only those
+Tensor / expert parallelism (distributed/moe.py), quantized checkpoint: each rank reads only its region of
+every expert's tensors (TP: `shard_region`, quant/sharding.py) or only its own experts' tensors (EP). Float
+checkpoint with `quantization=...`: each rank quantizes the experts it holds, its slice of every expert (TP) or its whole experts (EP), and keeps only those
 kernels. Under TP the down projection's rows are cut across ranks, so its per-row scales come from the max
 over the TP group (`_agreed_absmax`): a rank's quantized slice is then exactly the matching columns of the
 single-process matrix.
@@ -30,9 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from frontierlm.layers.moe import FusedExperts
-from frontierlm.quant import formats
+from frontierlm.quant import formats, sharding
 from frontierlm.quant.config import WeightScheme
-from frontierlm.quant.linear_methods import Fp8Kernel, Int4Kernel, Int8Kernel, affine_int4, make_kernel
+from frontierlm.quant.linear_methods import (_SAFETENSORS_DTYPES, Fp8Kernel, Int4Kernel, Int8Kernel, affine_int4,
+                                            make_kernel)
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +51,10 @@ def expert_checkpoint_modules(model: nn.Module, name: str, experts: FusedExperts
     """The checkpoint module names one fused matrix loads from (experts.{e}.gate_proj, ..., for every e)."""
     from frontierlm.models.loader import _checkpoint_name
 
-    return [_checkpoint_name(f"{name}.{fused}", s, model).removesuffix(".weight")
-            for s in getattr(experts, fused).shard_ids]
+    ids = getattr(experts, fused).shard_ids
+    if hasattr(experts, "global_experts"):  # expert parallel: the other ranks' experts too (their loads read nothing)
+        ids = tuple((e, p) for e in range(experts.global_experts) for p in ((0, 1) if fused == "w13" else (None,)))
+    return [_checkpoint_name(f"{name}.{fused}", s, model).removesuffix(".weight") for s in ids]
 
 
 def expert_schemes(model: nn.Module, name: str, experts: FusedExperts, scheme_for) -> dict:
@@ -93,9 +97,6 @@ class QuantExpertsMethod:
                     experts.check_quantization(fused, s)
             experts.quant_method = self
             return
-        if type(experts) is not FusedExperts:
-            raise ValueError(f"quantized checkpoint experts are not supported with {type(experts).__name__} "
-                             "(tensor / expert parallel) yet")
         experts.quant_method = self
         self.param_names = {}
         for fused, s in self.schemes.items():
@@ -111,6 +112,7 @@ class QuantExpertsMethod:
                 p = nn.Parameter(data, requires_grad=False)
                 p.weight_loader = lambda prm, w, shard_id=None, _f=loader: _f(experts, _fused, prm, w, shard_id)
                 p.shard_ids = shard_ids  # the loader checks that every expert's part arrived
+                p.loads_slices = True  # a lazy safetensors slice: only this rank's region is read (sharding.py)
                 experts.register_parameter(name, p)
                 names.append(name)
 
@@ -130,61 +132,68 @@ class QuantExpertsMethod:
             add(f"{fused}_{scale}", torch.empty(e, n, kb, device=device), self._load_scale)
             self.param_names[fused] = names
 
-    def _rows(self, experts: FusedExperts, fused: str, shard_id) -> tuple[int, int, int]:
-        """(expert, first row, rows) of one checkpoint tensor inside the stacked matrix."""
+    def _place(self, experts: FusedExperts, fused: str, shard_id):
+        """(local expert, first row, rows, Region of the checkpoint tensor) of one checkpoint tensor, or None for
+        an expert this rank does not hold (expert parallel: its tensors are never read)."""
         if shard_id is None:
             raise ValueError("quantized experts load one checkpoint tensor per expert (experts.{e}.<proj>), not "
                              "all experts stacked in one tensor")
+        if hasattr(experts, "owns"):
+            if not experts.owns(shard_id):
+                return None
+            shard_id = experts._localize(shard_id)
         e = experts._expert(shard_id)
-        if fused == "w13":
-            if shard_id[1] not in (0, 1):
-                raise ValueError(f"unknown shard id {shard_id!r} for w13: part must be 0 (gate) or 1 (up)")
-            return e, shard_id[1] * experts.intermediate_size, experts.intermediate_size
-        return e, 0, experts.hidden_size
+        if fused == "w13" and shard_id[1] not in (0, 1):
+            raise ValueError(f"unknown shard id {shard_id!r} for w13: part must be 0 (gate) or 1 (up)")
+        off, size = (shard_id[1] * experts.intermediate_size, experts.intermediate_size) if fused == "w13" else \
+            (0, experts.hidden_size)
+        own = getattr(experts, "shard_region", None)  # tensor parallel: a slice of every expert
+        r = own(fused) if own is not None else sharding.Region.whole(size, self._cols(experts, fused))
+        return e, off, size, r
 
     @staticmethod
     def _cols(experts: FusedExperts, fused: str) -> int:
         return experts.hidden_size if fused == "w13" else experts.intermediate_size
 
     def _load_values(self, experts, fused, param, w, shard_id) -> None:
-        e, off, size = self._rows(experts, fused, shard_id)
-        if w.dtype != param.dtype and not (w.dtype.is_floating_point and w.element_size() == 1
-                                           and param.dtype.is_floating_point):
+        place = self._place(experts, fused, shard_id)
+        if place is None:
+            return
+        e, off, size, r = place
+        dtype = w.dtype if isinstance(w, torch.Tensor) else _SAFETENSORS_DTYPES.get(w.get_dtype())
+        if dtype != param.dtype and not (dtype is not None and dtype.is_floating_point and dtype.itemsize == 1
+                                         and param.dtype.is_floating_point):
             raise ValueError(f"expected {param.dtype} expert weights for {self.schemes[fused].describe()}, "
-                             f"got {w.dtype}")
-        if w.dtype == torch.float8_e5m2:
+                             f"got {dtype}")
+        if dtype == torch.float8_e5m2:
             raise ValueError("FP8 E5M2 weights are not supported (E4M3 is)")
-        self._copy(param.data[e].narrow(0, off, size), w)
+        self._copy(param.data[e].narrow(0, off, size), sharding.values(w, r))
 
     def _load_packed(self, experts, fused, param, w, shard_id) -> None:
-        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
-        e, off, size = self._rows(experts, fused, shard_id)
-        values = unpack_from_int32(w, self.schemes[fused].bits, torch.Size((size, self._cols(experts, fused))))
-        self._copy(param.data[e].narrow(0, off, size), values)
+        place = self._place(experts, fused, shard_id)
+        if place is not None:
+            e, off, size, r = place
+            self._copy(param.data[e].narrow(0, off, size), sharding.packed_values(w, r, self.schemes[fused].bits))
 
     def _load_zero_point(self, experts, fused, param, w, shard_id) -> None:
-        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
-        e, off, size = self._rows(experts, fused, shard_id)
-        zp = w if w.dtype == torch.int8 else unpack_from_int32(w, self.schemes[fused].bits,
-                                                               torch.Size((size, param.shape[2])), packed_dim=0)
-        self._copy(param.data[e].narrow(0, off, size), zp.reshape(size, -1))
+        place = self._place(experts, fused, shard_id)
+        if place is not None:
+            e, off, size, r = place
+            self._copy(param.data[e].narrow(0, off, size), sharding.zero_points(w, r, self.schemes[fused]))
 
     def _check_shape(self, experts, fused, param, w, shard_id) -> None:
-        _, _, size = self._rows(experts, fused, shard_id)
-        cols = self._cols(experts, fused)
-        if [int(v) for v in w.flatten()] != [size, cols]:
-            raise ValueError(f"weight_shape {w.tolist()} does not match the expert's [{size}, {cols}]")
+        place = self._place(experts, fused, shard_id)
+        if place is not None:
+            sharding.check_shape(w, place[3])
 
     def _load_scale(self, experts, fused, param, w, shard_id) -> None:
-        e, off, size = self._rows(experts, fused, shard_id)
-        s = self.schemes[fused]
-        rows = formats.row_scales(w, size, self._cols(experts, fused), s.block if s.strategy == "block" else None)
-        self._copy(param.data[e].narrow(0, off, size), rows)
+        place = self._place(experts, fused, shard_id)
+        if place is not None:
+            e, off, size, r = place
+            self._copy(param.data[e].narrow(0, off, size), sharding.scales(w, r, self.schemes[fused]))
 
     def _load_ignored(self, experts, fused, param, w, shard_id) -> None:
-        self._rows(experts, fused, shard_id)
+        self._place(experts, fused, shard_id)
 
     @staticmethod
     def _copy(target: torch.Tensor, w: torch.Tensor) -> None:
