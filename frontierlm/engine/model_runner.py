@@ -144,7 +144,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         rows, matchers, bitmask_job = self._sampling_rows(sched)
-        if self.spec is not None and (self.spec.proposer.uses_hidden or any(s.spec_token_ids for s in sched.scheduled)):
+        if self.spec is not None and self.spec.wants_spec_step(sched):
             return self._execute_spec(sched, rows, matchers, bitmask_job)
         # pure decode steps: the static-shape compiled / graphed forward; None = take the eager path
         logits = self.fast_decode.run(sched) if self.fast_decode is not None else None

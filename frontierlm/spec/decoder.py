@@ -128,6 +128,7 @@ class SpecDecoder:
         self.max_model_len = engine.max_model_len
         self.max_num_batched_tokens = engine.config.max_num_batched_tokens
         self._q: dict[str, torch.Tensor | None] = {}
+        self._idle = False  # the last choice was K = 0 for the whole batch
 
     def _profile(self, engine) -> None:
         """Seed the cost model: target decode batches of 1 .. 256 tokens, and the proposer's forwards."""
@@ -179,12 +180,25 @@ class SpecDecoder:
             caps.append(max(cap, 0))
             pinned.append(not p.greedy and r.generator is not None)  # seeded sampling: K must not depend on load
         if not decoding:
+            self._idle = False
             return
         ks = self.adaptive.choose(decoding, caps, pinned, min(other, self.max_num_batched_tokens), self.proposer)
+        # adaptive K = 0 for every request, nothing kept: the next step is the plain decode step (see wants_spec_step)
+        self._idle = self.config.adaptive and not any(ks) and not waiting
         for r, prop in zip(decoding, self.proposer.propose(decoding, ks)):
             r.spec_token_ids = list(prop.tokens)
             if prop.tokens:
                 self._q[r.request_id] = prop.q
+
+    def wants_spec_step(self, sched) -> bool:
+        """Whether this step goes through the speculative step: it verifies proposals, or the proposer needs the
+        target's hidden states (MTP) and speculation is not off for the whole batch. When adaptive K chose 0 for
+        every request the step is the plain (compiled) decode step and MTP gets no hidden states from it: its
+        cache restarts at the first position it is shown again (mtp.py), which can only lower acceptance. The
+        first step after speculation resumes collects them, so proposals start one step later."""
+        if any(s.spec_token_ids for s in sched.scheduled):
+            return True
+        return self.proposer.uses_hidden and not self._idle
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         self.adaptive.step_cost.observe(num_tokens, seconds)
