@@ -36,3 +36,11 @@ def tiny_model_dir(tmp_path_factory):
         return cache[key]
 
     return build
+
+
+@pytest.fixture(scope="module")
+def dist_timeout():
+    """Multi-process tests: a rank that hangs fails the test within a minute instead of the default timeout."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FRONTIERLM_DIST_TIMEOUT_S", "60")
+        yield

@@ -23,13 +23,6 @@ LAYOUTS = [
 
 
 @pytest.fixture(scope="module")
-def dist_timeout():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FRONTIERLM_DIST_TIMEOUT_S", "60")
-        yield
-
-
-@pytest.fixture(scope="module")
 def hf_cache():
     return {}
 

@@ -18,13 +18,6 @@ FULL_BLOCKS = 40  # the budget, in blocks of the whole model's KV (what the sing
 LOGPROB_TOL = 3e-2
 
 
-@pytest.fixture(scope="module")
-def dist_timeout():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FRONTIERLM_DIST_TIMEOUT_S", "60")
-        yield
-
-
 def _budget_gb(d, blocks=FULL_BLOCKS, block_size=4) -> float:
     return blocks * block_size * ModelConfig.from_pretrained(d, load_format="dummy").kv_cache_bytes_per_token() / 2**30
 

@@ -4,26 +4,18 @@ thread per rank): each rank reads only its own region of the quantized tensors (
 Oracle: the single-process engine loading the same quantized checkpoint. Greedy tokens are compared (TP may break
 a near tie, as in test_parallel_quant.py); bytes: `model.quant_bytes_read`, the loader's count of checkpoint
 bytes read in that process, against the single process's."""
-import multiprocessing
 
 import pytest
 import torch
 
 from frontierlm import LLM
-from frontierlm.distributed.executor import free_port
 from frontierlm.quant.export import quantize_checkpoint
 from test_engine_parity import prompts_for
 from test_parallel_quant import _budget_gb, _generate, _same_until_a_near_tie
+from test_parallel_quant_moe import run_two_ranks
 from test_quant_moe import experts_of, load
 
 pytestmark = pytest.mark.usefixtures("one_thread", "dist_timeout")
-
-
-@pytest.fixture(scope="module")
-def dist_timeout():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FRONTIERLM_DIST_TIMEOUT_S", "60")
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -104,15 +96,7 @@ def _build_rank(rank, model_dir, expert_parallel, port, path):
 
 
 def _ranks(model_dir, expert_parallel, tmp_path):
-    ctx, port = multiprocessing.get_context("spawn"), free_port()
-    paths = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
-    procs = [ctx.Process(target=_build_rank, args=(r, model_dir, expert_parallel, port, paths[r])) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-        assert p.exitcode == 0, f"rank process exited with {p.exitcode}"
-    return [torch.load(p) for p in paths]
+    return run_two_ranks(_build_rank, (model_dir, expert_parallel), tmp_path)
 
 
 @pytest.mark.parametrize("expert_parallel", [False, True], ids=["tp2", "ep2"])

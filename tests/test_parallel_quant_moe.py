@@ -24,13 +24,6 @@ WIDE = dict(moe_intermediate_size=64)
 TP2, EP2 = dict(tensor_parallel_size=2), dict(tensor_parallel_size=2, enable_expert_parallel=True)
 
 
-@pytest.fixture(scope="module")
-def dist_timeout():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FRONTIERLM_DIST_TIMEOUT_S", "60")
-        yield
-
-
 def _weights(model) -> list[dict]:
     """Per MoE layer: each quantized matrix of every expert as the kernels compute with it, and the bytes."""
     out = []
@@ -60,17 +53,21 @@ def _build_rank(rank: int, model_dir: str, quantization: str, expert_parallel: b
     dist.destroy_process_group()
 
 
-def _rank_shards(model_dir, quantization, expert_parallel, tmp_path) -> list[list[dict]]:
+def run_two_ranks(target, args: tuple, tmp_path) -> list:
+    """Spawn ranks 0 and 1 as target(rank, *args, port, path) and load what each saved at its path."""
     ctx, port = multiprocessing.get_context("spawn"), free_port()
     paths = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
-    procs = [ctx.Process(target=_build_rank, args=(r, model_dir, quantization, expert_parallel, port, paths[r]))
-             for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, *args, port, paths[r])) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=120)
         assert p.exitcode == 0, f"rank process exited with {p.exitcode}"
     return [torch.load(p) for p in paths]
+
+
+def _rank_shards(model_dir, quantization, expert_parallel, tmp_path) -> list[list[dict]]:
+    return run_two_ranks(_build_rank, (model_dir, quantization, expert_parallel), tmp_path)
 
 
 @pytest.mark.parametrize("expert_parallel", [False, True], ids=["tp2", "ep2"])

@@ -19,13 +19,6 @@ pytestmark = pytest.mark.usefixtures("one_thread", "dist_timeout")
 BLOCKS, BLOCK_SIZE = 20, 4
 
 
-@pytest.fixture(scope="module")
-def dist_timeout():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FRONTIERLM_DIST_TIMEOUT_S", "60")
-        yield
-
-
 def _kv_budget(d, tp=1, pp=1) -> float:
     """kv_cache_memory_gb that holds BLOCKS blocks of one rank's share of the cache (its KV heads, its stage's
     layers; MLA's latent is whole on every TP rank)."""
