@@ -12,7 +12,7 @@ from frontierlm import LLM
 from frontierlm.quant.export import quantize_checkpoint
 from test_engine_parity import prompts_for
 from test_parallel_quant import _budget_gb, _generate, _same_until_a_near_tie
-from test_parallel_quant_moe import run_two_ranks
+from test_parallel_quant_moe import assert_rank_slice, run_two_ranks
 from test_quant_moe import experts_of, load
 
 pytestmark = pytest.mark.usefixtures("one_thread", "dist_timeout")
@@ -114,15 +114,7 @@ def test_moe_quantized_checkpoint_shards(checkpoints, tmp_path, expert_parallel)
         print(f"\nrank {r}: read {got['bytes']} of {single.quant_bytes_read} bytes ({ratio:.3f})")
         assert 0.5 <= ratio < 0.65  # attention and the LM head are split by TP in both layouts
         for mine, whole in zip(got["experts"], full):
-            if expert_parallel:
-                e = whole["w2"].shape[0] // 2
-                assert torch.equal(mine["w13"], whole["w13"][r * e:(r + 1) * e])
-                assert torch.equal(mine["w2"], whole["w2"][r * e:(r + 1) * e])
-            else:
-                i = whole["w2"].shape[2] // 2
-                gate, up = whole["w13"].split(2 * i, dim=1)
-                assert torch.equal(mine["w13"], torch.cat([gate[:, r * i:(r + 1) * i], up[:, r * i:(r + 1) * i]], 1))
-                assert torch.equal(mine["w2"], whole["w2"][:, :, r * i:(r + 1) * i])
+            assert_rank_slice(mine, whole, r, expert_parallel)
 
 
 def test_moe_ep2_engine_matches_one_process(checkpoints):

@@ -66,6 +66,20 @@ def run_two_ranks(target, args: tuple, tmp_path) -> list:
     return [torch.load(p) for p in paths]
 
 
+def assert_rank_slice(mine: dict, whole: dict, rank: int, expert_parallel: bool) -> None:
+    """Rank `rank`'s experts of two are its half of the experts (EP) or of every expert's intermediate dim (TP)."""
+    r = rank
+    if expert_parallel:
+        e = whole["w2"].shape[0] // 2
+        assert torch.equal(mine["w13"], whole["w13"][r * e:(r + 1) * e])
+        assert torch.equal(mine["w2"], whole["w2"][r * e:(r + 1) * e])
+    else:
+        i = whole["w2"].shape[2] // 2
+        gate, up = whole["w13"].split(2 * i, dim=1)
+        assert torch.equal(mine["w13"], torch.cat([gate[:, r * i:(r + 1) * i], up[:, r * i:(r + 1) * i]], 1))
+        assert torch.equal(mine["w2"], whole["w2"][:, :, r * i:(r + 1) * i])
+
+
 def _rank_shards(model_dir, quantization, expert_parallel, tmp_path) -> list[list[dict]]:
     return run_two_ranks(_build_rank, (model_dir, quantization, expert_parallel), tmp_path)
 
@@ -84,14 +98,7 @@ def test_each_rank_holds_its_own_quantized_shard(tiny_model_dir, tmp_path, quant
             assert mine["bytes"] == mine["packed"] < full["bytes"]
             if expert_parallel:
                 assert 2 * mine["bytes"] == full["bytes"]
-                e = full["w2"].shape[0] // 2
-                assert torch.equal(mine["w13"], full["w13"][r * e:(r + 1) * e])
-                assert torch.equal(mine["w2"], full["w2"][r * e:(r + 1) * e])
-            else:
-                i = full["w2"].shape[2] // 2
-                gate, up = full["w13"].split(2 * i, dim=1)
-                assert torch.equal(mine["w13"], torch.cat([gate[:, r * i:(r + 1) * i], up[:, r * i:(r + 1) * i]], 1))
-                assert torch.equal(mine["w2"], full["w2"][:, :, r * i:(r + 1) * i])  # scales agreed by the reduce
+            assert_rank_slice(mine, full, r, expert_parallel)  # scales agreed by the reduce
 
 
 @pytest.fixture(scope="module")
