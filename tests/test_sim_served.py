@@ -21,7 +21,7 @@ def test_engine_writes_a_step_log_the_simulator_reads(tiny_model_dir, tmp_path):
     from frontierlm.sampling_params import SamplingParams
 
     path = tmp_path / "steps.csv"
-    assert LLMEngine(EngineConfig(model=tiny_model_dir(), max_model_len=128)).step_log is None  # off by default
+    assert EngineConfig(model=tiny_model_dir()).step_log is None  # off by default (the engine opens no file)
     eng = LLMEngine(EngineConfig(model=tiny_model_dir(), max_model_len=128, step_log=str(path),
                                  max_num_batched_tokens=32, enable_prefix_caching=False))
     params = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0)

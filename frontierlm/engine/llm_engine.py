@@ -10,7 +10,6 @@ from frontierlm.compat import check_kwargs
 from frontierlm.config import EngineConfig, ModelConfig, check_attention_backend
 from frontierlm.engine.detokenizer import IncrementalDetokenizer
 from frontierlm.engine.engine_stats import EngineStats
-from frontierlm.engine.step_log import StepLog, clock, step_shape
 from frontierlm.engine.kv_budget import num_kv_blocks
 from frontierlm.engine.kv_cache import KVCacheManager
 from frontierlm.engine.model_runner import ModelRunner
@@ -19,6 +18,7 @@ from frontierlm.engine.request import Request, RequestStatus
 from frontierlm.engine.resume import replay_grammar, replay_text, resume_token_ids
 from frontierlm.engine.request_group import NoText, RequestGroup, make_output
 from frontierlm.engine.scheduler import Scheduler
+from frontierlm.engine.step_log import StepLog, clock, step_shape
 from frontierlm.engine.tokenizer import bad_words_token_ids, load_tokenizer
 from frontierlm.logger import init_logger
 from frontierlm.outputs import RequestOutput
@@ -308,7 +308,7 @@ class LLMEngine(EngineStats):
 
     # ---- the step ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        if self.step_log is not None and self.pipeline is None:
+        if self.step_log is not None and self.pipeline is None:  # (pipeline parallel: its batches overlap)
             return self._logged_step()
         return self._step()
 
