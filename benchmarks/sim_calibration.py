@@ -10,7 +10,9 @@ one): first three closed-loop runs, to which the server's overheads are fitted b
 (benchmarks/sim_calibration_fit.py, frontierlm/sim/calibrate.py), then three open-loop request rates (light,
 near saturation, overloaded: fractions of the capacity the fitted simulator predicts), which
 `frontierlm sim --profile` replays (the bench's own seeded Poisson draws, rebuilt here) to compare throughput and
-p50 / p99 TTFT and TPOT. Nothing is fitted to those three runs.
+p50 / p99 TTFT and TPOT. Nothing is fitted to those three runs. The server also logs its own steps
+(`serve --step-log`); `replay` fits the served-step model to them (benchmarks/sim_calibration_served.py: on the
+closed-loop runs' steps, and leave-one-run-out) and compares it on the same three runs.
 
 distserve: per-GPU goodput (the highest request rate at which 90% of requests meet both the TTFT and the TPOT SLO,
 divided by the GPU count) of colocated replicas vs disaggregated N_p:N_d splits, from the planner's roofline.
@@ -102,14 +104,24 @@ def calibrate_model(model: str, label: str, out: Path, args) -> dict:
                                           "--ingress-latency-ms", "0"])["request_throughput"]
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
+    # the server logs its own steps (frontierlm/engine/step_log.py); each bench run's wall-clock window says
+    # which steps were its (benchmarks/sim_calibration_served.py fits the served-step model to them)
+    step_log, windows_path, windows = out / f"{label}_steps.csv", out / f"{label}_windows.json", {}
     server = subprocess.Popen([sys.executable, "-m", "frontierlm.cli", "serve", model, "--port", str(port),
-                               "--served-model-name", "m", *engine], env=env, preexec_fn=_pinned(server_cpu),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--served-model-name", "m", "--step-log", str(step_log), *engine], env=env,
+                              preexec_fn=_pinned(server_cpu), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def windowed(name, argv):
+        t0 = time.time()
+        _cli(argv, env, client_cpu, stdout=subprocess.DEVNULL)
+        windows[name] = [t0, time.time()]
+        windows_path.write_text(json.dumps(windows, indent=1))
 
     def bench(path, n, conc, rate, inp, outp, seed):
-        _cli(["bench", "serve", "--base-url", url, "--model", "m", "--num-requests", str(n), "--max-concurrency",
-              str(conc), "--request-rate", str(rate), "--input-len", str(inp), "--output-len", str(outp),
-              "--seed", str(seed), "--json-out", str(path)], env, client_cpu, stdout=subprocess.DEVNULL)
+        windowed(path.stem.split("_overhead_")[-1],
+                 ["bench", "serve", "--base-url", url, "--model", "m", "--num-requests", str(n), "--max-concurrency",
+                  str(conc), "--request-rate", str(rate), "--input-len", str(inp), "--output-len", str(outp),
+                  "--seed", str(seed), "--json-out", str(path)])
 
     rows, cap, over = [], None, None
     try:
@@ -125,10 +137,10 @@ def calibrate_model(model: str, label: str, out: Path, args) -> dict:
             rate = round(cap * frac, 3)
             real_json = out / f"{label}_{name.replace(' ', '_')}_bench.json"
             before = load()
-            _cli(["bench", "serve", "--base-url", url, "--model", "m", "--num-requests", str(args.num_requests),
-                  "--request-rate", str(rate), "--input-len", str(args.input_len), "--output-len",
-                  str(args.output_len), "--seed", str(seed), "--token-id-max", str(TOKEN_MAX), "--json-out",
-                  str(real_json)], env, client_cpu, stdout=subprocess.DEVNULL)
+            windowed(name, ["bench", "serve", "--base-url", url, "--model", "m", "--num-requests",
+                            str(args.num_requests), "--request-rate", str(rate), "--input-len", str(args.input_len),
+                            "--output-len", str(args.output_len), "--seed", str(seed), "--token-id-max",
+                            str(TOKEN_MAX), "--json-out", str(real_json)])
             real = json.loads(real_json.read_text())
             trace = out / f"{label}_{name.replace(' ', '_')}_trace.csv"
             bench_trace(trace, args.num_requests, rate, args.input_len, args.output_len, seed)

@@ -189,6 +189,8 @@ def replay_chained(src: Path, label: str, served: Path, args) -> list[dict]:
 def cmd_replay(args) -> None:
     """Refit from a calibration directory's profiles and closed-loop runs and re-simulate its three traces:
     a new model tried on old measurements (which it may have been diagnosed on: not an independent test)."""
+    from sim_calibration_served import served_replay  # (it imports this module)
+
     src, out = Path(args.dir), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = json.loads((src / "calibration.json").read_text()) if (src / "calibration.json").is_file() else {}
@@ -209,7 +211,8 @@ def cmd_replay(args) -> None:
                                                         str(src / f"{stem}_trace.csv")])
             rows.append({"load": name, "rate": float(real["config"]["request_rate"]), **compare(real, simulated)})
         entry = {"model": label, "server_overhead": over, "rates": rows,
-                 "rates_chained": replay_chained(src, label, served, args)}
+                 "rates_chained": replay_chained(src, label, served, args),
+                 "served_steps": served_replay(src, label, args, out)}
         for key in ("rates", "rates_chained"):
             for row in entry[key]:
                 print(label, key, row["load"], " ".join(f"{k} {v['measured']:.1f}/{v['simulated']:.1f} "
@@ -217,4 +220,30 @@ def cmd_replay(args) -> None:
                                                        if isinstance(v, dict)), flush=True)
         results["models"].append(entry)
     (out / "replay.json").write_text(json.dumps(results, indent=1))
+    print_table(results)
     print(f"wrote {out / 'replay.json'}")
+
+
+def print_table(results: dict) -> None:
+    """Simulated vs measured, per model and load: the profile + fitted overheads model and the served-step
+    model under each fitting scheme (errors of output tok/s / TTFT p50 / TTFT p99 / TPOT p50 / TPOT p99)."""
+    keys = [k for k, _ in FIGURES]
+    print("\n| model | load | model (fitted on) | measured " + " / ".join(keys) + " | simulated error |")
+    print("|---|---|---|---|---|")
+    for entry in results["models"]:
+        variants = [("profile + overheads (closed loops)", entry["rates"])]
+        for scheme, res in (entry.get("served_steps") or {}).items():
+            variants.append((f"served steps ({scheme})", res["rates"]))
+        for load_name, _ in LOADS:
+            for name, rows in variants:
+                row = next((r for r in rows if r["load"] == load_name), None)
+                if row is None:
+                    continue
+                meas = " / ".join(f"{row[k]['measured']:.4g}" for k in keys)
+                err = " / ".join("n/a" if row[k]["error"] is None else f"{row[k]['error']:+.1%}" for k in keys)
+                print(f"| {entry['model']} | {load_name} | {name} | {meas} | {err} |")
+        for scheme, res in (entry.get("served_steps") or {}).items():
+            for fit in res["fits"]:
+                print(f"{entry['model']} served steps ({scheme}), fitted on {','.join(fit['fitted_on'])}: "
+                      f"{fit['steps']} steps, {fit['step_model']}, CV error {fit['cv_rel_err_mean']}, "
+                      f"ingress {fit['ingress_ms']:.2f} ms")

@@ -38,6 +38,7 @@ ENGINE_FLAGS = [
     ("--kv-transfer-config", "kv_transfer_config", "json",
      'disaggregated prefill / decode, e.g. \'{"kv_connector": "TorchDistributedConnector", "kv_role": '
      '"kv_producer", "kv_rank": 0, "kv_parallel_size": 2, "kv_port": 14579}\''),
+    ("--step-log", "step_log", str, "write each engine step's shape and wall time to this CSV (sim calibration)"),
     # parallelism (frontierlm/distributed; README "Parallelism" has a two-node example)
     ("--tensor-parallel-size", "tensor_parallel_size", int, "tensor-parallel ranks"),
     ("--pipeline-parallel-size", "pipeline_parallel_size", int, "pipeline stages"),

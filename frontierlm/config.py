@@ -56,6 +56,8 @@ class EngineConfig:
     # checkpoint while loading. kv_cache_dtype: "auto" (the model's dtype) or "fp8" / "fp8_e4m3" / "fp8_e5m2".
     quantization: str | None = None
     kv_cache_dtype: str = "auto"
+    # a CSV file the engine writes one line per step to (engine/step_log.py), for the simulator's calibration
+    step_log: str | None = None
 
     def __post_init__(self):
         def positive(name):

@@ -18,6 +18,7 @@ from frontierlm.engine.request import Request, RequestStatus
 from frontierlm.engine.resume import replay_grammar, replay_text, resume_token_ids
 from frontierlm.engine.request_group import NoText, RequestGroup, make_output
 from frontierlm.engine.scheduler import Scheduler
+from frontierlm.engine.step_log import StepLog, clock, step_shape
 from frontierlm.engine.tokenizer import bad_words_token_ids, load_tokenizer
 from frontierlm.logger import init_logger
 from frontierlm.outputs import RequestOutput
@@ -74,6 +75,9 @@ class LLMEngine(EngineStats):
         self._counter = 0
         # False (AsyncEngine): step() returns GroupDeltas and text is made off this thread (output_processor.py)
         self.detokenize_in_step = True
+        self.step_log = None  # engine/step_log.py: per-step shape and wall time, for the simulator's calibration
+        if config.step_log:
+            self.step_log = StepLog(config.step_log)
         load_seconds = time.perf_counter() - t0  # the start-up compile is reported on its own
         fast = self.runner.fast_decode
         if fast is not None and config.compile_decode_at_startup and self.runner.parallel is None:
@@ -110,6 +114,8 @@ class LLMEngine(EngineStats):
         """Stop a parallel run's workers now (they also stop when this process exits)."""
         if self.runner.parallel is not None:
             self.runner.parallel.shutdown()
+        if self.step_log is not None:
+            self.step_log.close()
 
     @classmethod
     def from_engine_args(cls, model: str, **kwargs) -> "LLMEngine":
@@ -302,6 +308,19 @@ class LLMEngine(EngineStats):
 
     # ---- the step ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.step_log is not None and self.pipeline is None:  # (pipeline parallel: its batches overlap)
+            return self._logged_step()
+        return self._step()
+
+    def _logged_step(self) -> list[RequestOutput]:
+        wall_t, t0 = clock()
+        self._logged_shape = None
+        outputs = self._step()
+        if self._logged_shape is not None:  # an empty schedule is no step
+            self.step_log.record(wall_t, t0, time.perf_counter(), self._logged_shape, self.has_unfinished_requests())
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         failed = self._resolve_grammars() if self._compiling else []
         if self.pipeline is not None:  # pipeline parallel: batches in flight (distributed/virtual_engines.py)
             done = self.pipeline.step()
@@ -311,6 +330,8 @@ class LLMEngine(EngineStats):
             if not failed and self.has_unfinished_requests():
                 time.sleep(0.001)  # only grammar compiles are pending: do not spin
             return failed
+        if self.step_log is not None:  # the shape before the step advances its requests
+            self._logged_shape = step_shape(sched)
         t0 = self.spec.clock() if self.spec is not None else 0.0
         result = self.runner.execute(sched)
         if self.spec is not None:  # the cost model behind the adaptive draft length

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from frontierlm.sim.step_model import FORMS
+from frontierlm.sim.step_model import FORMS, TABLE
 
 
 def add_parsers(sub) -> None:
@@ -25,8 +25,9 @@ def add_parsers(sub) -> None:
                    help="server CPU per request that delays the next engine step (default: the profile's, or 0)")
     t.add_argument("--ingress-latency-ms", type=float, default=None,
                    help="client send -> engine queue, costing the engine nothing (default: the profile's, or 0)")
-    t.add_argument("--step-model", default=None, choices=list(FORMS),
-                   help="profile: the step-time form (default: the best by leave-one-out error on the profile)")
+    t.add_argument("--step-model", default=None, choices=[*FORMS, TABLE],
+                   help="profile: the step-time form (default: the best by cross-validated error on the profile; "
+                        "table only for a profile of served steps)")
     t.add_argument("--weight-dtype", default="bf16")
     t.add_argument("--kv-dtype", default="bf16")
     w = sim.add_argument_group("workload")

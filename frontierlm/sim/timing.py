@@ -67,7 +67,9 @@ class ProfileTimer:
         if not points:
             raise ValueError("the profile has no measured points")
         self.profile = profile
-        self.model = StepModel(points, step_model or profile.get("step_model"))
+        # a "served" profile holds steps timed on the served path (frontierlm/sim/served.py): it may be tabulated
+        served = profile.get("source") == "served"
+        self.model = StepModel(points, step_model or profile.get("step_model"), table=served)
         self.coef, self.rel_err = self.model.coef, self.model.rel_err
         self.kv_bytes_per_token = profile.get("kv_bytes_per_token")
         over = profile.get("overhead") or {}
