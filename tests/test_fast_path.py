@@ -109,6 +109,9 @@ def test_ladders():
     assert fd.batch_ladder(256) == [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256]
     assert fd.batch_ladder(5) == [1, 2, 4, 5] and fd.batch_ladder(1) == [1]
     assert fd.width_ladder(32) == [8, 16, 32] and fd.width_ladder(3) == [3]
+    # CPU's finer widths: at most x1.5 padding, never a rung past the cap
+    assert fd.width_ladder(256, fine=True) == [8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256]
+    assert fd.width_ladder(20, fine=True) == [8, 12, 16, 20] and fd.width_ladder(3, fine=True) == [3]
     assert fd.rung([1, 2, 4], 3) == 4 and fd.rung([1, 2, 4], 4) == 4 and fd.rung([1, 2, 4], 5) is None
 
 

@@ -59,11 +59,14 @@ def batch_ladder(max_batch: int) -> list[int]:
     return [b for b in sizes if b < max_batch] + [max_batch]
 
 
-def width_ladder(max_blocks: int, smallest: int = 8) -> list[int]:
-    """Block-table widths: powers of two from `smallest`, capped at max_blocks (the last rung)."""
+def width_ladder(max_blocks: int, smallest: int = 8, fine: bool = False) -> list[int]:
+    """Block-table widths: powers of two from `smallest` (fine: with the x1.5 rung between, 8, 12, 16, 24, ...),
+    capped at max_blocks (the last rung)."""
     widths, w = [], min(smallest, max_blocks)
     while w < max_blocks:
         widths.append(w)
+        if fine and w * 3 // 2 < min(2 * w, max_blocks) and w % 2 == 0:
+            widths.append(w * 3 // 2)
         w *= 2
     return widths + [max_blocks]
 
@@ -189,7 +192,10 @@ class FastDecode:
         self.max_model_len, self.block_size = max_model_len, block_size
         max_blocks = -(-max_model_len // block_size)
         self.batch_sizes = batch_ladder(min(max_num_seqs, MAX_FAST_BATCH))
-        self.widths = width_ladder(max_blocks)
+        # CPU: the compiled attention loops over every padded position, and its graphs take the width as a symbol
+        # (no compile per rung), so the finer ladder cuts the padding (x2 -> x1.5 at most; batch 1 bf16 on a Zen 4:
+        # +6% in an in-process A/B). CUDA captures one graph per shape and its kernel stops at each row's length.
+        self.widths = width_ladder(max_blocks, fine=device.type == "cpu")
         self.inputs = DecodeInputs(max_num_seqs, max_blocks, scratch_block, block_size, device)
         self.decode_steps = 0  # eager and fast decode steps seen, for the warm-up rule
         self.warmup_steps = WARMUP_DECODE_STEPS
