@@ -45,7 +45,8 @@ CPU_DYNAMIC_SHAPES = True
 # templates, and max-autotune picks inductor's C++ GEMM (AMX / AVX-512 micro-kernels) where it times faster than
 # ATen's. At batch 1 on the 33.6M benchmark Llama (2 threads, docs/benchmarks.md) these two took decode from 140 to
 # 175 tok/s in float32 and from 132 to 329 in bfloat16, for a longer first compile (about 100 s cold, cached after).
-CPU_INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+CPU_INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                        "cpp_wrapper": True}
 # Larger decode batches take the eager path (their per-op overhead is a small share of the step).
 MAX_FAST_BATCH = 256
 
