@@ -5,9 +5,10 @@
 
 Per layout (TP=1 with --threads-total threads; TP=2 and PP=2 with one thread per rank): offline output tok/s
 over a fixed workload, batch-1 decode tok/s, and where rank 0's step time goes: the share spent inside
-torch.distributed calls (all-reduce, broadcast, gather, send/recv, timed here by wrapping them in this process),
-and for PP the share rank 0 waits for the last stage (the pipeline bubble plus the transfer). Layouts alternate
-round by round so their ratios come from the same minutes of a shared machine.
+torch.distributed calls (all-reduce, broadcast, gather, send/recv, timed here by wrapping them in this process)
+and the shared-memory TP all-reduce, and for PP the share rank 0 waits for the last stage (the pipeline bubble
+plus the transfer). Layouts alternate round by round so their ratios come from the same minutes of a shared
+machine. `--layouts TP=2,TP=2-gloo` compares the shared-memory all-reduce (the default on one host) with gloo.
 """
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ from make_random_model import make_random_model  # noqa: E402
 from frontierlm.sim.profile import cpu_name  # noqa: E402
 
 NUM_SPECIAL = 8
-LAYOUTS = {"TP=1": {}, "TP=2": {"tensor_parallel_size": 2}, "PP=2": {"pipeline_parallel_size": 2}}
+LAYOUTS = {"TP=1": {}, "TP=2": {"tensor_parallel_size": 2}, "PP=2": {"pipeline_parallel_size": 2},
+           "TP=2-gloo": {"tensor_parallel_size": 2}}  # TP=2 with the shared-memory all-reduce off
+ENV = {"TP=2-gloo": {"FRONTIERLM_SHM_ALLREDUCE": "0"}}  # set while the layout's engine starts its workers
 
 
 class CommTimer:
@@ -41,10 +44,13 @@ class CommTimer:
     NAMES = ("all_reduce", "broadcast", "gather", "send", "recv", "isend")
 
     def __init__(self):
+        from frontierlm.distributed.shm import ShmAllReduce
+
         self.seconds, self.final_wait = 0.0, 0.0
         self._orig = {n: getattr(dist, n) for n in self.NAMES}
         for n in self.NAMES:
             setattr(dist, n, self._wrap(n, self._orig[n]))
+        ShmAllReduce.all_reduce = self._wrap("shm", ShmAllReduce.all_reduce)  # the TP all-reduces off gloo
 
     def _wrap(self, name, fn):
         def timed(*args, **kwargs):
@@ -68,11 +74,21 @@ def workload(n: int, vocab: int, lo: int, hi: int, seed: int = 0):
             for _ in range(n)]
 
 
-def run_layout(model_dir: str, flags: dict, threads: int, reqs, decode_new: int, timer: CommTimer) -> dict:
+def run_layout(model_dir: str, flags: dict, threads: int, reqs, decode_new: int, timer: CommTimer,
+               env: dict | None = None) -> dict:
     from frontierlm import LLM, SamplingParams
 
     torch.set_num_threads(threads)
-    llm = LLM(model_dir, max_model_len=512, **flags)
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        llm = LLM(model_dir, max_model_len=512, **flags)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
     try:
         engine = llm.llm_engine
         warm = [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)]
@@ -114,7 +130,7 @@ def main(argv=None) -> None:
     p.add_argument("--decode-new", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads-total", type=int, default=2, help="threads of TP=1; TP=2 / PP=2 get 1 per rank")
-    p.add_argument("--layouts", default=",".join(LAYOUTS))
+    p.add_argument("--layouts", default="TP=1,TP=2,PP=2", help=f"of {', '.join(LAYOUTS)}")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
     model = args.model or str(make_random_model(Path(tempfile.mkdtemp()) / "llama-33m"))
@@ -125,7 +141,7 @@ def main(argv=None) -> None:
     for r in range(args.rounds):
         for name in results:
             threads = args.threads_total if name == "TP=1" else 1
-            res = run_layout(model, LAYOUTS[name], threads, reqs, args.decode_new, timer)
+            res = run_layout(model, LAYOUTS[name], threads, reqs, args.decode_new, timer, ENV.get(name))
             res["load"] = os.getloadavg()[0]
             results[name].append(res)
             print(f"round {r + 1} {name}: {res['output_tok_s']:.1f} output tok/s (comm {res['comm_share']:.0%}, "

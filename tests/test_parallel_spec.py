@@ -179,3 +179,34 @@ def test_mtp_with_tp2_x_pp2(tmp_path_factory):
         assert_no_leaks(llm)
     finally:
         llm.llm_engine.shutdown()
+
+
+def test_draft_model_with_tp2_x_pp2(tiny_model_dir):
+    """4 ranks: the draft runs whole on rank 0, the target's verification rows go through both stages' TP pairs,
+    with chunked prefill, preemption and prefix-cache hits. Two batches in flight make the schedule differ from
+    one process's, so the tokens are compared with the non-speculative run, the counters with the tokens, and
+    each proposal with the single-process speculative run's for the same context (a greedy draft's proposal
+    depends on nothing else)."""
+    d, spec = tiny_model_dir("llama"), _spec("draft_model", tiny_model_dir)
+    ps, params = prompts(shared_prefix=12, seed=1), greedy(max_tokens=12)
+    ref = token_ids(LLM(d, block_size=BLOCK_SIZE), ps, params)
+    one = _engine(d, spec)
+    one_seen = _record(one.llm_engine)
+    _run(one, ps, params, ref)
+    llm = _engine(d, spec, tensor_parallel_size=2, pipeline_parallel_size=2)
+    try:
+        engine = llm.llm_engine
+        assert "the draft whole on rank 0" in engine.startup_report
+        seen = _record(engine)
+        outputs = _run(llm, ps, params, ref)
+        assert engine.pipeline.max_in_flight == 2 and seen["busy_skipped"] > 0
+        # the contexts proposed for are the single-process run's, and where both runs made a proposal it is the
+        # same one (an empty one is a round the draft's own pool could not hold under that schedule: it retries)
+        assert {ctx for ctx, _ in seen["proposals"]} <= {ctx for ctx, _ in one_seen["proposals"]}
+        one_made = {ctx: p for ctx, p in one_seen["proposals"] if p}
+        both = [(ctx, p) for ctx, p in seen["proposals"] if p and ctx in one_made]
+        assert len(both) > len(seen["proposals"]) // 2 and all(one_made[ctx] == p for ctx, p in both)
+        _check_counters(engine, seen, outputs)
+        assert_no_leaks(llm)
+    finally:
+        llm.llm_engine.shutdown()

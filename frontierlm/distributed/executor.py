@@ -171,13 +171,16 @@ class DistributedExecutor:
 
     def describe(self) -> str:
         c = self.config
+        shm = getattr(self.ctx.tp_reduce, "shm", None)
+        reduce = (f"; TP all-reduce over shared memory (up to {shm.slot / 2**20:g} MiB, larger through "
+                  f"{dist.get_backend()})" if shm is not None else "")
         kv = ""
         if self.kv_per_rank:  # bytes per token and the blocks each rank's own budget holds
             kv = (f"; KV per rank: {[s // c.block_size for _, s in self.kv_per_rank]} bytes/token, "
                   f"{[b for b, _ in self.kv_per_rank]} blocks fit, the fewest kept")
         return (f"TP={c.tensor_parallel_size} x PP={c.pipeline_parallel_size}"
                 f"{' (experts: EP)' if c.enable_expert_parallel else ''}, {c.world_size} ranks on {c.nnodes} "
-                f"node(s), {dist.get_backend()}; each rank caches its own KV heads / stage layers{kv}"
+                f"node(s), {dist.get_backend()}{reduce}; each rank caches its own KV heads / stage layers{kv}"
                 f"{f'; up to {c.pipeline_parallel_size} batches in flight' if c.pipeline_parallel_size > 1 else ''}")
 
     def check_health(self) -> None:
@@ -243,6 +246,9 @@ class DistributedExecutor:
             except Exception:  # a broken group: nothing to say goodbye to
                 pass
         self._kill()
+        shm = getattr(self.ctx.tp_reduce, "shm", None)
+        if shm is not None:  # the buffer's name is long gone; unmapping frees it
+            shm.close()
         if dist.is_initialized():  # so that a later engine of this process can start its own group
             try:
                 dist.destroy_process_group()

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from frontierlm.distributed.state import build_context
+from frontierlm.distributed.state import build_context, tp_reduce
 from frontierlm.layers.embedding import LMHead, VocabEmbedding
 from frontierlm.layers.linear import Linear, MergedLinear, QKVLinear, default_weight_loader, linear
 from frontierlm.quant.sharding import Region
@@ -45,10 +45,9 @@ def _mark_sliced(module: nn.Module) -> None:
         p.loads_slices = True  # models/loader.py hands these loaders a safetensors slice, not the whole tensor
 
 
-def all_reduce(x: torch.Tensor, size: int, group) -> torch.Tensor:
-    if size > 1:
-        dist.all_reduce(x, group=group)
-    return x
+def all_reduce(x: torch.Tensor, size: int, reduce) -> torch.Tensor:
+    """reduce: the TP group's shm.TPAllReduce (shared memory on one host, else the backend's all-reduce)."""
+    return reduce(x) if size > 1 else x
 
 
 class ColumnParallelLinear(Linear):
@@ -77,7 +76,7 @@ class RowParallelLinear(Linear):
                  what: str = "input features"):
         ctx = build_context()
         self.tp_rank, self.tp_size, self.tp_group = ctx.tp_rank, ctx.tp_size, ctx.tp_group
-        self.reduce_results = reduce_results
+        self.reduce_results, self.tp_reduce = reduce_results, tp_reduce(ctx)
         super().__init__(_divide(input_size, ctx.tp_size, what), output_size, bias)
         _mark_sliced(self)
         if ctx.tp_size > 1:  # frontierlm/quant quantizing this shard asks for the whole rows' absmax
@@ -108,7 +107,7 @@ class RowParallelLinear(Linear):
             return super().forward(x)
         y = self.quant_method.apply(self, x, None) if self.quant_method is not None else linear(x, self.weight)
         if self.reduce_results:
-            all_reduce(y, self.tp_size, self.tp_group)
+            all_reduce(y, self.tp_size, self.tp_reduce)
         return y if self.bias is None else y + self.bias
 
 
@@ -213,6 +212,7 @@ def _shard_vocab(module: nn.Module, ctx, vocab_size: int, per_rank: int) -> None
     """The vocabulary split shared by the embedding and the LM head: this rank holds rows
     [tp_rank * per_rank, (tp_rank + 1) * per_rank) and its loader reads only those."""
     module.tp_rank, module.tp_size, module.tp_group = ctx.tp_rank, ctx.tp_size, ctx.tp_group
+    module.tp_reduce = tp_reduce(ctx)
     module.vocab_size, module.per_rank = vocab_size, per_rank
     if ctx.tp_size > 1:
         module.weight.weight_loader = _vocab_loader(vocab_size, ctx.tp_rank)
@@ -235,7 +235,7 @@ class VocabParallelEmbedding(VocabEmbedding):
         local = input_ids - self.tp_rank * self.per_rank
         inside = (local >= 0) & (local < self.per_rank)
         out = F.embedding(local.clamp(0, self.per_rank - 1), self.weight) * inside.unsqueeze(-1).to(self.weight.dtype)
-        return all_reduce(out, self.tp_size, self.tp_group)
+        return all_reduce(out, self.tp_size, self.tp_reduce)
 
 
 class ParallelLMHead(LMHead):

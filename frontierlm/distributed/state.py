@@ -44,6 +44,7 @@ class ParallelContext:
     enable_expert_parallel: bool = False
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     tp_group: object = None       # this stage's TP ranks
+    tp_reduce: object = None      # shm.TPAllReduce over tp_group: shared memory on one host (CPU), else gloo/NCCL
     head_group: object = None     # stage 0's TP ranks (the embedding and vocab-parallel LM head live there)
     num_layers: int = 0           # the model's layers, split into pp_size contiguous stages
     links: object = None          # pipeline.StageLinks of this rank's stage (pp_size > 1)
@@ -133,4 +134,18 @@ def init_process_groups(ctx: ParallelContext, master_addr: str, master_port: int
             ctx.tp_group = group
         if stage == 0:
             ctx.head_group = group
+    if ctx.tp_size > 1:
+        from frontierlm.distributed.shm import TPAllReduce, setup
+
+        shm = None  # (CUDA: NCCL all-reduces; every rank of a run has the same device type)
+        if ctx.device.type == "cpu":
+            shm = setup(ctx.tp_group, ctx.tp_rank, ctx.tp_size, ctx.pp_rank * ctx.tp_size, timeout.total_seconds())
+        ctx.tp_reduce = TPAllReduce(ctx.tp_group, shm)
     return ctx
+
+
+def tp_reduce(ctx: ParallelContext):
+    """The TP all-reduce a layer keeps (gloo / NCCL over tp_group when the run set up none)."""
+    from frontierlm.distributed.shm import TPAllReduce
+
+    return ctx.tp_reduce if ctx.tp_reduce is not None else TPAllReduce(ctx.tp_group)

@@ -269,10 +269,10 @@ class MoE(nn.Module):
             bias.weight_loader = default_weight_loader
             self.gate.e_score_correction_bias = bias
         from frontierlm.distributed.moe import make_experts  # (imports this module)
-        from frontierlm.distributed.state import build_context
+        from frontierlm.distributed.state import build_context, tp_reduce
 
         ctx = build_context()  # tensor / expert parallel: the experts are sharded, the block reduces once
-        self.tp_size, self.tp_group = ctx.tp_size, ctx.tp_group
+        self.tp_size, self.tp_group, self.tp_reduce = ctx.tp_size, ctx.tp_group, tp_reduce(ctx)
         self.experts = make_experts(routing.num_experts, hidden_size, intermediate_size, act)
         self.shared_expert_gate = Linear(hidden_size, 1) if shared_gate else None
         # Tokens routed to each expert since the last reset; summed on the device, read when someone asks.
@@ -316,7 +316,7 @@ class MoE(nn.Module):
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
         if self.tp_size > 1:  # the routed (and shared) partial sums of every rank
-            torch.distributed.all_reduce(out, group=self.tp_group)
+            self.tp_reduce(out)
         if self.training:
             self.last_router_logits, self.last_counts = logits, counts
             if self.aux_loss_coef > 0:
