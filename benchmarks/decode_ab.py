@@ -1,0 +1,73 @@
+"""In-process A/B of one decode fast-path setting at batch 1: two engines in one process, alternating.
+
+    python benchmarks/decode_ab.py --model /tmp/anchor-model --dtype bfloat16 --threads 1 --setting cpp_wrapper
+
+On a guest whose single runs swing by more than the change (host steal), two engines built in one process and
+timed in alternating order every round settle what separate processes cannot. Settings:
+- cpp_wrapper: inductor's C++ wrapper off (A) vs on (B), `fast_decode.CPU_INDUCTOR_OPTIONS`;
+- fine_widths: block-table widths in powers of two (A) vs with the x1.5 rungs (B), `fast_decode.width_ladder`.
+Each round runs the anchor workload's four batch-1 requests (`anchor.batch1_decode`) on both engines.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def build(model: str, dtype: str, setting: str, variant: str):
+    import frontierlm.engine.fast_decode as fd
+    from anchor import anchor_workload
+    from frontierlm import LLM, SamplingParams
+
+    options = dict(fd.CPU_INDUCTOR_OPTIONS)
+    if setting == "cpp_wrapper":
+        fd.CPU_INDUCTOR_OPTIONS["cpp_wrapper"] = variant == "B"
+    llm = LLM(model=model, dtype=dtype, enforce_eager=False)
+    fast = llm.llm_engine.runner.fast_decode
+    if setting == "fine_widths":
+        fast.widths = fd.width_ladder(fast.widths[-1], fine=variant == "B")
+    reqs = anchor_workload(llm.llm_engine.model_config.vocab_size)[:4]
+    t0 = time.perf_counter()  # warm-up past the eager steps, compiling here (the option is read at compile time)
+    llm.generate([reqs[0][0]], SamplingParams(temperature=0, max_tokens=fast.warmup_steps + 300, ignore_eos=True),
+                 use_tqdm=False)
+    fd.CPU_INDUCTOR_OPTIONS.clear()
+    fd.CPU_INDUCTOR_OPTIONS.update(options)
+    return llm.llm_engine, reqs, time.perf_counter() - t0
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--setting", choices=["cpp_wrapper", "fine_widths"], required=True)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    from anchor import batch1_decode
+
+    engines, warm = {}, {}
+    for v in "AB":
+        engines[v], reqs, warm[v] = build(a.model, a.dtype, a.setting, v)
+    runs = {v: [] for v in "AB"}
+    for r in range(a.rounds):
+        for v in ("AB" if r % 2 == 0 else "BA"):
+            runs[v].append(round(batch1_decode(engines[v], reqs), 1))
+        print(json.dumps({"round": r, "A": runs["A"][-1], "B": runs["B"][-1]}), file=sys.stderr, flush=True)
+    result = {"setting": a.setting, "dtype": a.dtype, "threads": a.threads, "warmup_s": warm, "runs": runs,
+              "median": {v: statistics.median(x) for v, x in runs.items()}}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
