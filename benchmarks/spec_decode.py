@@ -16,6 +16,8 @@ recorded beside them):
                 * (plain step seconds) / (verify step seconds + proposer seconds per step)
 
 beside the measured end-to-end ratio. A last row per batch size runs adaptive K (up to the largest K).
+Throughput runs on --workloads (default docs; `--workloads docs,edit` adds the code-editing one, where prompt
+lookup has the prompt to copy from).
 """
 from __future__ import annotations
 
@@ -156,6 +158,9 @@ def main() -> None:
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--plot-dir", default=None)
     ap.add_argument("--throughput-only", action="store_true", help="skip the acceptance table (batch 4)")
+    ap.add_argument("--workloads", default="docs", help="throughput on these workloads (docs,edit)")
+    ap.add_argument("--adaptive-only", action="store_true", help="throughput rows: no speculation and adaptive K")
+    ap.add_argument("--fixed-only", action="store_true", help="throughput rows: no adaptive K")
     ap.add_argument("--compiled", action="store_true",
                     help="enforce_eager=False for every engine: decode, verification and proposer steps compiled "
                          "(on first use, in the untimed warm-up runs)")
@@ -188,51 +193,56 @@ def main() -> None:
                 results["acceptance"].append(row)
                 print(json.dumps(row), flush=True)
 
-    # 2. throughput on the docs workload: plain, each proposer at each K, adaptive. The CPU is shared, so every
-    # configuration runs `repeats` times round-robin (engines built once, each warmed up on the same batch)
-    # and the fastest run counts.
-    prompts = workloads["docs"]
-    configs = [("none", 0, False)] + [(m, k, False) for m in methods for k in ks] + \
-              [(m, max(ks), True) for m in methods]
+    # 2. throughput on each --workloads workload: plain, each proposer at each K, adaptive. The CPU is shared,
+    # so every configuration runs `repeats` times round-robin (engines built once, each warmed up on the same
+    # batch) and the fastest run counts.
+    configs = [("none", 0, False)] + ([] if args.adaptive_only else [(m, k, False) for m in methods for k in ks]) \
+        + ([(m, max(ks), True) for m in methods] if not args.fixed_only else [])
     for b in batches:
         llms = {c: base_llm if c[0] == "none" else make_llm(spec_config(*c)) for c in configs}
-        best: dict = {}
-        ref = None
-        for rep in range(args.repeats + 1):
-            for c, llm in llms.items():
-                got, secs, t = run(llm, prompts[:b], args.tokens)
-                if c[0] == "none":
-                    ref = got
-                if rep == 0:
-                    continue  # warm-up on the same batch (shapes, caches, the adaptive cost model)
-                if c not in best or secs < best[c][0]:
-                    t = dict(vars(t))  # a snapshot: the wrapper is reset by the next run
-                    t = type("T", (), t)
-                    best[c] = (secs, t, got, dict(llm.llm_engine.spec.stats.as_dict()) if c[0] != "none" else {})
-        base_secs, t_base, _, _ = best[configs[0]]
-        base_tps, base_step = b * args.tokens / base_secs, t_base.step_s / t_base.steps
-        for c in configs:
-            secs, t, got, st = best[c]
-            tps = b * args.tokens / secs
-            row = {"batch": b, "method": c[0], "k": c[1], "adaptive": c[2], "tok_s": tps,
-                   "speedup": tps / base_tps, "wall_tok_s": b * args.tokens / t.wall_s,
-                   "wall_speedup": (base_secs_wall := best[configs[0]][1].wall_s) / t.wall_s,
-                   "lossless": got == ref, "load": load()}
-            if st:
-                per_step = (t.step_s + t.propose_s) / t.steps
-                total = b * args.tokens
-                per_req_step = total / (total - st["num_accepted_tokens"])  # tokens a request gains per step
-                row.update(predicted=per_req_step * base_step / per_step,
-                           acceptance_rate=st["acceptance_rate"], mean_accepted_length=st["mean_accepted_length"],
-                           draft_tokens_per_step=st["num_draft_tokens"] / max(t.steps, 1))
-            results["throughput"].append(row)
-            print(json.dumps(row), flush=True)
+        for wname in args.workloads.split(","):
+            throughput(results, llms, configs, workloads[wname][:b], wname, b, args)
         del llms
     results["load_after"] = load()
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=1))
     if args.plot_dir:
         plot(results, Path(args.plot_dir), ks, batches, methods)
+
+
+def throughput(results, llms, configs, prompts, wname, b, args) -> None:
+    """Every configuration on one batch of one workload, round-robin; rows into results["throughput"]."""
+    best: dict = {}
+    ref = None
+    for rep in range(args.repeats + 1):
+        for c, llm in llms.items():
+            got, secs, t = run(llm, prompts[:b], args.tokens)
+            if c[0] == "none":
+                ref = got
+            if rep == 0:
+                continue  # warm-up on the same batch (shapes, caches, the adaptive cost model)
+            if c not in best or secs < best[c][0]:
+                t = dict(vars(t))  # a snapshot: the wrapper is reset by the next run
+                t = type("T", (), t)
+                best[c] = (secs, t, got, dict(llm.llm_engine.spec.stats.as_dict()) if c[0] != "none" else {})
+    base_secs, t_base, _, _ = best[configs[0]]
+    base_tps, base_step = b * args.tokens / base_secs, t_base.step_s / t_base.steps
+    for c in configs:
+        secs, t, got, st = best[c]
+        tps = b * args.tokens / secs
+        row = {"workload": wname, "batch": b, "method": c[0], "k": c[1], "adaptive": c[2], "tok_s": tps,
+               "speedup": tps / base_tps, "wall_tok_s": b * args.tokens / t.wall_s,
+               "wall_speedup": best[configs[0]][1].wall_s / t.wall_s,
+               "lossless": got == ref, "load": load()}
+        if st:
+            per_step = (t.step_s + t.propose_s) / t.steps
+            total = b * args.tokens
+            per_req_step = total / (total - st["num_accepted_tokens"])  # tokens a request gains per step
+            row.update(predicted=per_req_step * base_step / per_step,
+                       acceptance_rate=st["acceptance_rate"], mean_accepted_length=st["mean_accepted_length"],
+                       draft_tokens_per_step=st["num_draft_tokens"] / max(t.steps, 1))
+        results["throughput"].append(row)
+        print(json.dumps(row), flush=True)
 
 
 def plot(results, out: Path, ks, batches, methods) -> None:
@@ -256,9 +266,10 @@ def plot(results, out: Path, ks, batches, methods) -> None:
     fig, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 3.6), sharey=True)
     for ax, m in zip(axes, methods):
         for b in batches:
-            rows = [r for r in results["throughput"] if r["batch"] == b and r["method"] == m and not r["adaptive"]]
+            tp = [r for r in results["throughput"] if r["workload"] == "docs" and r["batch"] == b and r["method"] == m]
+            rows = [r for r in tp if not r["adaptive"]]
             line, = ax.plot([r["k"] for r in rows], [r["speedup"] for r in rows], marker="o", label=f"batch {b}")
-            ad = [r for r in results["throughput"] if r["batch"] == b and r["method"] == m and r["adaptive"]]
+            ad = [r for r in tp if r["adaptive"]]
             if ad:
                 ax.scatter([max(ks) + 0.6], [ad[0]["speedup"]], marker="*", s=80, color=line.get_color())
         ax.axhline(1.0, color="grey", lw=0.8)

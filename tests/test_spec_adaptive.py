@@ -50,3 +50,23 @@ def test_pinned_requests_keep_their_cap():
     ak = _adaptive_with_costly_tokens()
     ak.record("seeded", 3, 0)
     assert ak.choose([SimpleNamespace(request_id="seeded")], [2], [True], 0, _FreeProposer()) == [2]
+
+
+def test_a_costly_verifying_step_turns_speculation_off():
+    """Plain steps cost 1.6 ms whatever their size and verifying steps 3 ms (a compiled plain step against a
+    speculative step's other graph and host work): a request accepting about a third of its proposals gains
+    ~1.6 tokens a round for ~1.9x the time, so K = 0; it speculates while verifying is priced as a plain step."""
+    ak = AdaptiveK(num_speculative_tokens=3, adaptive=True)
+    req = SimpleNamespace(request_id="r")
+    for _ in range(10):
+        ak.record("r", 1, 1)
+        ak.record("r", 1, 0)
+        ak.record("r", 1, 0)
+    for tokens in (1, 2, 4):
+        for _ in range(8):
+            ak.step_cost.observe(tokens, 0.0016)
+    assert ak.choose([req], [3], [False], 0, _FreeProposer())[0] > 0
+    for tokens in (2, 3, 4):
+        for _ in range(8):
+            ak.spec_cost.observe(tokens, 0.0030)
+    assert ak.choose([req], [3], [False], 0, _FreeProposer()) == [0]

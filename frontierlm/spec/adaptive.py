@@ -2,9 +2,9 @@
 
 Per request, the chance that the next proposal is accepted is estimated from its recent rounds (decayed counts
 of accepted proposals and of the first rejections, with a prior). Per step, a cost model measured on the fly
-(target step seconds vs tokens in the step, proposer seconds vs requests per draft forward, both fitted by
-least squares over recent observations) prices every candidate proposal; the proposals are taken in order of
-their expected value (alpha_i ** j for the j-th proposal of request i) while that raises the expected tokens per
+(target step seconds vs tokens in the step, plain and verifying steps apart, proposer seconds vs requests per
+draft forward, fitted by least squares over recent observations) prices every candidate proposal; the proposals
+are taken in order of their expected value (alpha_i ** j for the j-th proposal of request i) while that raises the expected tokens per
 second of the step. A large batch makes each verified token cost as much as a generated one, so K falls to 0
 there; a lone request with a good proposer gets the full K."""
 from __future__ import annotations
@@ -28,6 +28,7 @@ class LinearCost:
 
     def __init__(self, window: int = 256, prior_ratio: float = 64.0, prior_weight: float = 4.0):
         self.obs: deque[tuple[float, float]] = deque(maxlen=window)
+        self.seeds: list[tuple[float, float]] = []  # start-up samples, used until the first real observation
         self.prior_ratio, self.prior_weight = prior_ratio, prior_weight
         self._fit: tuple[float, float] | None = None
         self._since_fit = 0
@@ -38,16 +39,23 @@ class LinearCost:
         if self._fit is None or self._since_fit >= 16:  # refit now and then: a step must stay cheap
             self._fit, self._since_fit = None, 0
 
+    def seed(self, x: float, seconds: float) -> None:
+        """A start-up sample: it may come from another path than the steps that will run (the eager forward
+        where steps run compiled), so the first real observation replaces all of them."""
+        self.seeds.append((float(x), float(seconds)))
+        self._fit = None
+
     @property
     def num_observations(self) -> int:
-        return len(self.obs)
+        return len(self.obs) or len(self.seeds)
 
     def coefficients(self) -> tuple[float, float]:
         if self._fit is None:
-            if not self.obs:
+            data = self.obs or self.seeds
+            if not data:
                 self._fit = (0.0, 0.0)
             else:
-                x, t = np.array(self.obs).T
+                x, t = np.array(data).T
                 # prior pseudo-observations on the line through (0, a) and (prior_ratio, 2a), scaled to the data
                 b0 = t.mean() / (self.prior_ratio + x.mean())
                 px = np.array([0.0, 2 * self.prior_ratio])
@@ -64,6 +72,11 @@ class LinearCost:
         return a + b * x
 
 
+# A plain step's cost is only measured when one runs; a batch that always speculates would be priced against
+# a stale (or start-up, eager) estimate, so after this many speculating rounds one round proposes nothing.
+PLAIN_PROBE_ROUNDS = 64
+
+
 class AdaptiveK:
     def __init__(self, num_speculative_tokens: int, adaptive: bool, prior: float = 0.6, prior_weight: float = 2.0,
                  decay: float = 0.8):
@@ -71,7 +84,11 @@ class AdaptiveK:
         self.adaptive = adaptive
         self.prior, self.prior_weight, self.decay = prior, prior_weight, decay
         self.counts: dict[str, tuple[float, float]] = {}  # request id -> decayed (accepted, trials)
-        self.step_cost = LinearCost()
+        self.step_cost = LinearCost()  # plain decode steps (compiled where the engine compiles)
+        # steps that verify proposals: on a compiled CPU path they cost more than a plain step of as many tokens
+        # (another graph, the rows' host work), which one line through both kinds of step would not see
+        self.spec_cost = LinearCost()
+        self.rounds_without_plain = 0  # speculating rounds since a plain step was last measured
 
     def acceptance(self, request_id: str) -> float:
         acc, trials = self.counts.get(request_id, (0.0, 0.0))
@@ -124,11 +141,17 @@ class AdaptiveK:
         new_req = (js == 1) & np.array([ks[i] == 0 for i in idx])  # a request's first proposal
         reqs = base_reqs + np.concatenate([[0], np.cumsum(new_req)])
         top = np.maximum(base_top, np.concatenate([[0], np.maximum.accumulate(js)]))
-        cost = self.step_cost.predict(tokens) + np.where(top > 0, proposer.expected_cost(reqs, top), 0.0)
+        verify_cost = self.spec_cost if self.spec_cost.num_observations else self.step_cost
+        cost = np.where(top > 0, verify_cost.predict(tokens) + proposer.expected_cost(reqs, top),
+                        self.step_cost.predict(tokens))
         rate = np.where(cost > 0, value / np.maximum(cost, 1e-12), np.inf)
         best_m = int(np.argmax(rate)) if rate.max() > rate[0] * (1 + 1e-9) else 0
         for i, j in zip(idx[:best_m], js[:best_m]):
             ks[i] = max(ks[i], int(j))
+        self.rounds_without_plain += 1
+        if self.rounds_without_plain > PLAIN_PROBE_ROUNDS and any(k for k, p in zip(ks, pinned) if not p):
+            ks = [k if p else 0 for k, p in zip(ks, pinned)]  # a plain step now and then, to price it
+            self.rounds_without_plain = 0
         for i, _ in free:
             if ks[i] == 0:
                 self.relax(requests[i].request_id)

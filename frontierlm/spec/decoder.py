@@ -129,6 +129,7 @@ class SpecDecoder:
         self.max_num_batched_tokens = engine.config.max_num_batched_tokens
         self._q: dict[str, torch.Tensor | None] = {}
         self._idle = False  # the last choice was K = 0 for the whole batch
+        self._spec_step = False  # the step being run verifies proposals
 
     def _profile(self, engine) -> None:
         """Seed the cost model: target decode batches of 1 .. 256 tokens, and the proposer's forwards."""
@@ -138,7 +139,7 @@ class SpecDecoder:
         most = min(cfg.max_num_batched_tokens, cfg.max_num_seqs * (1 + self.config.num_speculative_tokens))
         sizes = [n for n in (1, 4, 16, 64, 256) if n <= most]
         for n, t in profile_decode(runner.model, runner.device, cfg.block_size, sizes):
-            self.adaptive.step_cost.observe(n, t)
+            self.adaptive.step_cost.seed(n, t)  # eager forwards: replaced by the first measured step
         seqs = [n for n in (1, 4, 16, 64) if n <= cfg.max_num_seqs]
         prop = self.proposer
         if self.config.method == "draft_model":
@@ -148,7 +149,7 @@ class SpecDecoder:
         else:
             samples = []
         for n, t in samples:
-            prop.cost.observe(n, t)
+            prop.cost.seed(n, t)
 
     # ---- between steps ------------------------------------------------------------------------------
     def propose(self, running: list, busy=()) -> None:
@@ -196,12 +197,16 @@ class SpecDecoder:
         every request the step is the plain (compiled) decode step and MTP gets no hidden states from it: its
         cache restarts at the first position it is shown again (mtp.py), which can only lower acceptance. The
         first step after speculation resumes collects them, so proposals start one step later."""
-        if any(s.spec_token_ids for s in sched.scheduled):
-            return True
-        return self.proposer.uses_hidden and not self._idle
+        self._spec_step = any(s.spec_token_ids for s in sched.scheduled)
+        return self._spec_step or (self.proposer.uses_hidden and not self._idle)
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
-        self.adaptive.step_cost.observe(num_tokens, seconds)
+        """The step just run: a verifying step feeds the cost of speculating, any other the plain one."""
+        if self._spec_step:
+            self.adaptive.spec_cost.observe(num_tokens, seconds)
+        else:
+            self.adaptive.step_cost.observe(num_tokens, seconds)
+            self.adaptive.rounds_without_plain = 0
 
     # ---- inside the runner's step --------------------------------------------------------------------
     def verify(self, sampler, logits: torch.Tensor, scheduled: list, eos_token_ids) -> list[Verified]:

@@ -50,12 +50,55 @@ def ngram_lookup(tokens: np.ndarray, k: int, n_min: int, n_max: int) -> list[int
     return []
 
 
+class NgramIndex:
+    """Incremental prompt lookup for one request: for each n, a dict from n-gram to the end of its most recent
+    occurrence that has a token after it. A token appended adds one n-gram per n, so a lookup costs a few dict
+    probes instead of a scan of the whole text; it returns what `ngram_lookup` returns (the most recent earlier
+    match of the longest suffix that has one)."""
+
+    __slots__ = ("n_min", "n_max", "last", "indexed")
+
+    def __init__(self, n_min: int, n_max: int):
+        self.n_min, self.n_max = n_min, n_max
+        self.last: dict[int, dict[tuple, int]] = {n: {} for n in range(n_min, n_max + 1)}
+        self.indexed = 0  # every n-gram that ends (exclusive) at or before this position is in `last`
+
+    def lookup(self, tokens: list[int], k: int) -> list[int]:
+        total = len(tokens)
+        if total < self.indexed:  # the text was wound back (never in the engine): start over
+            self.__init__(self.n_min, self.n_max)
+        # a match must be followed by a token: index the n-grams that end before the last token
+        for end in range(self.indexed + 1, total):
+            for n, table in self.last.items():
+                if n <= end:
+                    table[tuple(tokens[end - n:end])] = end
+        self.indexed = max(self.indexed, total - 1)
+        for n in range(min(self.n_max, total - 1), self.n_min - 1, -1):
+            start = self.last[n].get(tuple(tokens[total - n:]))
+            if start is not None:
+                return tokens[start:start + k]
+        return []
+
+
 class NgramProposer(Proposer):
     name = "ngram"
 
     def __init__(self, prompt_lookup_min: int, prompt_lookup_max: int):
         self.n_min, self.n_max = prompt_lookup_min, prompt_lookup_max
+        self.index: dict[str, NgramIndex] = {}
+
+    def release(self, live: dict) -> None:
+        for rid in [r for r in self.index if r not in live]:
+            del self.index[rid]
 
     def propose(self, requests, ks):
-        return [Proposal(ngram_lookup(np.asarray(r.all_token_ids), k, self.n_min, self.n_max) if k else [])
-                for r, k in zip(requests, ks)]
+        out = []
+        for r, k in zip(requests, ks):
+            if not k:
+                out.append(Proposal([]))
+                continue
+            idx = self.index.get(r.request_id)
+            if idx is None:
+                idx = self.index[r.request_id] = NgramIndex(self.n_min, self.n_max)
+            out.append(Proposal(idx.lookup(r.all_token_ids, k)))
+        return out

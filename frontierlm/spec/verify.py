@@ -16,12 +16,14 @@ the row's processed logits (the target distribution after every stage), the toke
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
 
-from frontierlm.layers.sampler import Sampler
+from frontierlm.layers.sampler import Sampler, _modifies_logits
 
 
 class RowState:
@@ -88,6 +90,10 @@ def verify(sampler: Sampler, logits: torch.Tensor, requests: Sequence, proposals
            eos_token_ids, processors=None) -> list[Verified]:
     """logits: [sum(K_i + 1), V] target rows, request by request (row j scores proposal j + 1; the last row
     follows the last proposal). processors: the LogitsProcessors instance that sees verification rows."""
+    if processors is None and all(_plain_greedy(r, eos_token_ids) for r in requests):
+        # no sampler stage can move an argmax: skip the per-row views and the processed copy of the logits
+        counts, nxt = accept_greedy(logits.argmax(dim=-1), [p.tokens for p in proposals])
+        return [Verified(p.tokens[:a], t, None) for p, a, t in zip(proposals, counts, nxt)]
     states, starts = [], []
     for req, prop in zip(requests, proposals):
         starts.append(len(states))
@@ -96,17 +102,50 @@ def verify(sampler: Sampler, logits: torch.Tensor, requests: Sequence, proposals
     argmax = x.argmax(dim=-1)
     greedy = [r.sampling_params.greedy for r in requests]
     if all(greedy):
-        am = argmax.tolist()
-        kept = []
-        for req, prop, st in zip(requests, proposals, starts):
-            a = 0
-            while a < len(prop.tokens) and am[st + a] == prop.tokens[a]:
-                a += 1
-            kept.append((prop.tokens[:a], am[st + a]))
+        counts, nxt = accept_greedy(argmax, [p.tokens for p in proposals])
+        kept = [(p.tokens[:a], t) for p, a, t in zip(proposals, counts, nxt)]
     else:
         kept = _rejection_sample(sampler, x, argmax, requests, proposals, starts, greedy)
     lps = _logprobs(x, requests, starts, kept)
     return [Verified(acc, tok, lp) for (acc, tok), lp in zip(kept, lps)]
+
+
+def _plain_greedy(request, eos_token_ids) -> bool:
+    """Greedy, no logprobs, and no stage that edits logits (bias, bans, bad words, penalties, allowed ids,
+    min_tokens): then every verification row's argmax is the raw logits' argmax. min_tokens only counts down,
+    so when it is off for the request it is off for every later row too."""
+    return (request.sampling_params.greedy and request.sampling_params.logprobs is None
+            and not _modifies_logits(request, eos_token_ids))
+
+
+def accept_greedy(argmax: torch.Tensor, proposals: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
+    """Greedy acceptance, vectorised: argmax [sum(K_i + 1)] over each request's K_i + 1 rows, in order. Request i
+    keeps the longest prefix of its proposals that equals the argmax of the rows before each one, then the
+    argmax after that prefix. One host copy (the argmax), then a few numpy operations whatever the batch:
+    at batch 1 a dozen small torch ops cost more than the loop they replace, numpy's do not."""
+    am = argmax.cpu().numpy()
+    ks = np.fromiter(map(len, proposals), dtype=np.int64, count=len(proposals))
+    starts = np.cumsum(ks + 1) - (ks + 1)
+    width = int(ks.max())
+    if width == 0:
+        return [0] * len(ks), am[starts].tolist()
+    cols = np.arange(width)
+    padded = np.full((len(ks), width), -1, dtype=am.dtype)  # a padding slot never matches: the run stops there
+    padded[cols[None, :] < ks[:, None]] = list(itertools.chain.from_iterable(proposals))
+    rows = np.minimum(starts[:, None] + cols, am.size - 1)
+    counts = np.cumprod(am[rows] == padded, axis=1).sum(axis=1)
+    return counts.tolist(), am[starts + counts].tolist()
+
+
+def leading_accepted(accept: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+    """accept: [sum(K_i)] bool, request by request -> [requests] the length of each request's leading run of
+    accepted proposals (rejection sampling stops at the first rejection)."""
+    width, device = max(ks), accept.device
+    offsets = torch.tensor(list(itertools.accumulate(ks, initial=0))[:-1], dtype=torch.long).to(device)
+    cols = torch.arange(width, device=device)
+    idx = (offsets[:, None] + cols).clamp_max_(max(accept.numel() - 1, 0))
+    valid = cols < torch.tensor(ks, device=device)[:, None]
+    return (accept[idx] & valid).cumprod(dim=1).sum(dim=1)
 
 
 def _logprobs(x: torch.Tensor, requests: Sequence, starts: list[int], kept: list) -> list:
@@ -163,15 +202,8 @@ def _rejection_sample(sampler: Sampler, x: torch.Tensor, argmax: torch.Tensor, r
     sampled_accept = u * q_tok < p_tok
     greedy_accept = argmax[rows_t] == ids_t
     greedy_rows = torch.tensor([g for g, prop in zip(greedy, proposals) for _ in prop.tokens], device=device)
-    accept = torch.where(greedy_rows, greedy_accept, sampled_accept).tolist()  # host sync 1
-
-    counts, pos = [], 0
-    for prop in proposals:
-        a = 0
-        while a < len(prop.tokens) and accept[pos + a]:
-            a += 1
-        counts.append(a)
-        pos += len(prop.tokens)
+    accept = torch.where(greedy_rows, greedy_accept, sampled_accept)
+    counts = leading_accepted(accept, [len(p.tokens) for p in proposals]).tolist()  # host sync 1
     # the next token: residual max(p - q, 0) at the first rejection, p after full acceptance
     final_rows = torch.tensor([st + a for st, a in zip(starts, counts)], dtype=torch.long, device=device)
     weights = probs[final_rows].clone()
