@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def build(model: str, dtype: str, setting: str, variant: str):
+def build(model: str, dtype: str, setting: str, variant: str, quantization: str | None = None):
     import frontierlm.engine.fast_decode as fd
     from anchor import anchor_workload
     from frontierlm import LLM, SamplingParams
@@ -31,7 +31,8 @@ def build(model: str, dtype: str, setting: str, variant: str):
     options = dict(fd.CPU_INDUCTOR_OPTIONS)
     if setting == "cpp_wrapper":
         fd.CPU_INDUCTOR_OPTIONS["cpp_wrapper"] = variant == "B"
-    llm = LLM(model=model, dtype=dtype, enforce_eager=False)
+    extra = {"quantization": quantization} if quantization else {}
+    llm = LLM(model=model, dtype=dtype, enforce_eager=False, **extra)
     fast = llm.llm_engine.runner.fast_decode
     if setting == "fine_widths":
         fast.widths = fd.width_ladder(fast.widths[-1], fine=variant == "B")
@@ -50,6 +51,7 @@ def main(argv=None) -> dict:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--quantization", default=None, help="int8 | int4 | fp8: quantize the weights on load")
     p.add_argument("--setting", choices=["cpp_wrapper", "fine_widths"], required=True)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -57,13 +59,13 @@ def main(argv=None) -> dict:
 
     engines, warm = {}, {}
     for v in "AB":
-        engines[v], reqs, warm[v] = build(a.model, a.dtype, a.setting, v)
+        engines[v], reqs, warm[v] = build(a.model, a.dtype, a.setting, v, a.quantization)
     runs = {v: [] for v in "AB"}
     for r in range(a.rounds):
         for v in ("AB" if r % 2 == 0 else "BA"):
             runs[v].append(round(batch1_decode(engines[v], reqs), 1))
         print(json.dumps({"round": r, "A": runs["A"][-1], "B": runs["B"][-1]}), file=sys.stderr, flush=True)
-    result = {"setting": a.setting, "dtype": a.dtype, "threads": a.threads, "warmup_s": warm, "runs": runs,
+    result = {"setting": a.setting, "dtype": a.dtype, "quantization": a.quantization, "threads": a.threads, "warmup_s": warm, "runs": runs,
               "median": {v: statistics.median(x) for v, x in runs.items()}}
     print(json.dumps(result))
     return result
