@@ -61,6 +61,34 @@ def test_shm_all_reduce_equals_gloo_bitwise(tmp_path):
         assert y0.dtype == dtype and torch.equal(y0, y1) and torch.equal(y0, x0 + x1)
 
 
+def _broadcast_gather_rank(rank: int, port: int, path: str):
+    os.environ["FRONTIERLM_SHM_ALLREDUCE_MB"] = "0.5"
+    ctx = _context(rank, port)
+    out = {"bcast": [], "gather": [], "mine": [], "seq": 0}
+    g = torch.Generator().manual_seed(10 + rank)
+    for shape, dtype in [((40,), torch.int64), ((1, 512), torch.float32), ((3, 512), torch.bfloat16),
+                         ((300, 512), torch.float32)]:  # the last one is past the slot: gloo's broadcast / gather
+        x = (torch.randint(-2**40, 2**40, shape, generator=g) if dtype == torch.int64
+             else torch.randn(shape, generator=g).to(dtype))
+        out["mine"].append(x.clone())
+        out["bcast"].append(ctx.tp_reduce.broadcast(x.clone(), root=rank == 0))
+        out["gather"].append(ctx.tp_reduce.gather(x, rank, 2))
+    out["seq"] = ctx.tp_reduce.shm.seq
+    torch.save(out, path)
+    dist.destroy_process_group()
+
+
+def test_shm_broadcast_and_gather_carry_rank_0s_and_every_ranks_tensor(tmp_path):
+    """The step's payload and hidden states (broadcast) and the LM head's logits (gather) over shared memory: the
+    broadcast is exact (ints past 2**32 too), the gather puts each rank's tensor in its place, on rank 0 only."""
+    r0, r1 = run_two_ranks(_broadcast_gather_rank, (), tmp_path)
+    for i, (a, b) in enumerate(zip(r0["mine"], r1["mine"])):
+        assert torch.equal(r0["bcast"][i], a) and torch.equal(r1["bcast"][i], a)
+        assert r1["gather"][i] is None and len(r0["gather"][i]) == 2
+        assert torch.equal(r0["gather"][i][0], a) and torch.equal(r0["gather"][i][1], b)
+    assert r0["seq"] == r1["seq"] == 6  # broadcast + gather of the three small cases; the large one took gloo
+
+
 def _peer_rank(rank: int, mode: str, port: int, path: str):
     os.environ["FRONTIERLM_DIST_TIMEOUT_S"] = "10" if mode == "exit" else "2"
     ctx = _context(rank, port)

@@ -24,7 +24,8 @@ import torch.distributed as dist
 
 from frontierlm.distributed import protocol
 from frontierlm.distributed.pipeline import StageQueue
-from frontierlm.distributed.state import ParallelContext, building, collective_timeout_s, init_process_groups
+from frontierlm.distributed.state import (ParallelContext, building, collective_timeout_s, init_process_groups,
+                                         step_broadcast)
 
 logger = logging.getLogger(__name__)
 
@@ -278,7 +279,7 @@ class DriverModel:
 
         def run():
             payload = protocol.pack_step(input_ids, positions, attn_meta)
-            dist.broadcast(payload, 0, group=self.ctx.control_group)
+            step_broadcast(self.ctx, payload, self.ctx.control_group)
             return self.stages.tick((input_ids, positions, attn_meta))
 
         return self.executor.command(protocol.STEP, *fields, then=run)
@@ -297,7 +298,7 @@ class DriverModel:
             return self.model.compute_logits(hidden_states)
 
         def run():
-            dist.broadcast(hidden_states.contiguous(), 0, group=self.ctx.head_group)
+            step_broadcast(self.ctx, hidden_states.contiguous(), self.ctx.head_group)
             return self.model.compute_logits(hidden_states)
 
         return self.executor.command(protocol.LOGITS, *hidden_states.shape, then=run)

@@ -257,6 +257,5 @@ class ParallelLMHead(LMHead):
         logits = super().forward(hidden_states)
         if self.tp_size == 1:
             return logits
-        parts = [torch.empty_like(logits) for _ in range(self.tp_size)] if self.tp_rank == 0 else None
-        dist.gather(logits.contiguous(), parts, group=self.tp_group, group_dst=0)
+        parts = self.tp_reduce.gather(logits, self.tp_rank, self.tp_size)  # shared memory on one host
         return torch.cat(parts, dim=-1)[..., :self.vocab_size] if parts is not None else None

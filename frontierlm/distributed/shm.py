@@ -229,7 +229,33 @@ class TPAllReduce:
         self.group, self.shm = group, shm
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.shm is not None and not self.shm.closed and self.shm.fits(x):
+        if self._fast(x):
             return self.shm.all_reduce(x)
         dist.all_reduce(x, group=self.group)
         return x
+
+    def _fast(self, x: torch.Tensor) -> bool:
+        return self.shm is not None and not self.shm.closed and self.shm.fits(x)
+
+    def broadcast(self, x: torch.Tensor, root: bool) -> torch.Tensor:
+        """Group rank 0's `x` into every rank's `x`: on shared memory a sum to which the others add zeros (exact:
+        v + 0 == v; only a negative zero comes back positive), else dist.broadcast. Every rank decides the same
+        way, since the tensor's shape and dtype are the same on all of them."""
+        if not self._fast(x):
+            dist.broadcast(x, dist.get_global_rank(self.group, 0), group=self.group)
+            return x
+        if not root:
+            x.zero_()
+        return self.shm.all_reduce(x)
+
+    def gather(self, x: torch.Tensor, rank: int, size: int) -> list[torch.Tensor] | None:
+        """Every rank's `x` on group rank 0 (None elsewhere): on shared memory each rank sums its part into its own
+        row of a zero [size, ...] tensor, else dist.gather."""
+        rows = torch.zeros((size,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+        if not self._fast(rows):
+            parts = [torch.empty_like(x) for _ in range(size)] if rank == 0 else None
+            dist.gather(x.contiguous(), parts, group=self.group, group_dst=0)
+            return parts
+        rows[rank].copy_(x)
+        self.shm.all_reduce(rows)
+        return list(rows.unbind(0)) if rank == 0 else None

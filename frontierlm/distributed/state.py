@@ -149,3 +149,13 @@ def tp_reduce(ctx: ParallelContext):
     from frontierlm.distributed.shm import TPAllReduce
 
     return ctx.tp_reduce if ctx.tp_reduce is not None else TPAllReduce(ctx.tp_group)
+
+
+def step_broadcast(ctx: ParallelContext, x: torch.Tensor, group) -> torch.Tensor:
+    """The driver's (global rank 0) `x` into every rank's `x` over `group` (the control or the head group).
+    Without pipeline stages both groups hold exactly the TP ranks in the same order, so the broadcast can take the
+    TP group's shared memory (about 7 us where gloo takes milliseconds on a VM, docs/benchmarks.md)."""
+    if ctx.pp_size == 1 and ctx.tp_reduce is not None:
+        return ctx.tp_reduce.broadcast(x, root=ctx.rank == 0)
+    dist.broadcast(x, 0, group=group)
+    return x

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from frontierlm.distributed import protocol
 from frontierlm.distributed.pipeline import StageQueue
-from frontierlm.distributed.state import ParallelContext, building, init_process_groups
+from frontierlm.distributed.state import ParallelContext, building, init_process_groups, step_broadcast
 
 logger = logging.getLogger("frontierlm.worker")
 
@@ -67,13 +67,13 @@ class Worker:
                 if num_tokens:
                     payload = torch.empty(protocol.payload_size(num_tokens, num_seqs, width), dtype=torch.int64,
                                           device=device)
-                    dist.broadcast(payload, 0, group=self.ctx.control_group)
+                    step_broadcast(self.ctx, payload, self.ctx.control_group)
                     batch = protocol.unpack_step(payload, *f[:6])
                 self.stages.tick(batch)
             elif cmd == protocol.LOGITS:
                 if self.ctx.is_first_stage:
                     hidden = torch.empty(f[0], f[1], dtype=self.mc.dtype, device=device)
-                    dist.broadcast(hidden, 0, group=self.ctx.head_group)
+                    step_broadcast(self.ctx, hidden, self.ctx.head_group)
                     self.model.compute_logits(hidden)
             elif cmd == protocol.MTP:
                 if self.ctx.is_first_stage:
