@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from frontierlm.distributed.state import positive_env
+
 SHM_DIR = "/dev/shm"
 LINE = 64  # bytes: one cache line per rank's counter, so ranks do not write the same line
 DEFAULT_SLOT_MB = 4.0  # per rank and buffer: the prefill activations of a 512-wide model up to 2048 tokens (fp32)
@@ -47,13 +49,7 @@ def enabled() -> bool:
 
 def slot_bytes() -> int:
     """FRONTIERLM_SHM_ALLREDUCE_MB: the largest tensor (MiB) it carries; larger ones go through gloo."""
-    value = os.environ.get("FRONTIERLM_SHM_ALLREDUCE_MB") or DEFAULT_SLOT_MB
-    try:
-        mb = float(value)
-    except ValueError:
-        raise ValueError(f"FRONTIERLM_SHM_ALLREDUCE_MB must be a number of MiB, got {value!r}") from None
-    if not mb > 0:
-        raise ValueError(f"FRONTIERLM_SHM_ALLREDUCE_MB must be > 0, got {value!r}")
+    mb = positive_env("FRONTIERLM_SHM_ALLREDUCE_MB", DEFAULT_SLOT_MB, "MiB")
     return -(-int(mb * 2**20) // LINE) * LINE
 
 

@@ -20,18 +20,23 @@ DEFAULT_TIMEOUT_S = 120.0  # a collective that waits longer than this means a pe
 STARTUP_TIMEOUT_S = 900.0  # joining and loading the shards (imports, reading weights) may take much longer
 
 
+def positive_env(name: str, default: float, unit: str) -> float:
+    """A positive number from environment variable `name` (unset or empty: `default`), else a ValueError naming it."""
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of {unit}, got {value!r}") from None
+    if not number > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return number
+
+
 def collective_timeout_s() -> float:
     """FRONTIERLM_DIST_TIMEOUT_S, else DEFAULT_TIMEOUT_S: how long any rank waits for the others."""
-    value = os.environ.get("FRONTIERLM_DIST_TIMEOUT_S")
-    if not value:
-        return DEFAULT_TIMEOUT_S
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise ValueError(f"FRONTIERLM_DIST_TIMEOUT_S must be a number of seconds, got {value!r}") from None
-    if not seconds > 0:
-        raise ValueError(f"FRONTIERLM_DIST_TIMEOUT_S must be > 0, got {value!r}")
-    return seconds
+    return positive_env("FRONTIERLM_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S, "seconds")
 
 
 @dataclass
