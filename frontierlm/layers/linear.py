@@ -21,6 +21,9 @@ def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor, shar
 
 # Compiled one-row products as a reduction (see `linear`); False keeps the BLAS kernels everywhere.
 ONE_ROW_REDUCTION = True
+# ... and each such product in this many slices of rows, so that its input has several readers (see
+# `_one_row_product`); 1 keeps one product.
+ONE_ROW_SPLIT = 4
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -38,9 +41,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             and torch.compiler.is_compiling()):
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if type(rows) is int and rows == 1:  # a static one-row shape (a symbolic batch stays a GEMM)
-            y = (x.unsqueeze(-2) * weight).sum(-1)
+            y = _one_row_product(x, weight)
             return y if bias is None else y + bias
     return F.linear(x, weight, bias)
+
+
+def _one_row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] times weight [N, K]^T as multiply-and-sum. Inductor inlines a pointwise producer of x (the
+    RMSNorm scaling, the residual adds before it) into the reduction loop, where it is recomputed for every one
+    of the N rows: 28-43% slower than reading a stored x (docs/benchmarks.md, "Norm prologues"). Slices of rows
+    give x several readers, and with `realize_reads_threshold=1` (fast_decode.CPU_INDUCTOR_OPTIONS) inductor then
+    stores x once; it also fuses the slices into one loop that walks ONE_ROW_SPLIT weight rows at a time, each
+    with its own accumulator."""
+    if ONE_ROW_SPLIT < 2 or weight.shape[0] < ONE_ROW_SPLIT:
+        return (x.unsqueeze(-2) * weight).sum(-1)
+    return torch.cat([(x.unsqueeze(-2) * w).sum(-1) for w in weight.chunk(ONE_ROW_SPLIT)], -1)
 
 
 class Linear(nn.Module):
