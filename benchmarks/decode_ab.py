@@ -8,8 +8,8 @@ timed in alternating order every round settle what separate processes cannot. Se
 - fine_widths: block-table widths in powers of two (A) vs with the x1.5 rungs (B), `fast_decode.width_ladder`;
 - one_row: float32 one-row products through F.linear (A) vs inductor's multiply-and-sum (B),
   `layers.linear.ONE_ROW_REDUCTION`;
-- one_row_split: float32 one-row products whole with inductor's default store-vs-recompute rule (A) vs in two
-  halves with `realize_reads_threshold=1` (B), `layers.linear.ONE_ROW_SPLIT`;
+- one_row_split: float32 one-row products whole with inductor's default store-vs-recompute rule (A) vs in row
+  slices with `realize_reads_threshold=1` (B), `layers.linear.ONE_ROW_SPLIT`;
 - option: the decode compile's inductor options as they are (A) vs with `--option KEY=VALUE` added (B).
 Each round runs the anchor workload's four batch-1 requests (`anchor.batch1_decode`) on both engines.
 """
@@ -73,7 +73,8 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--quantization", default=None, help="int8 | int4 | fp8: quantize the weights on load")
-    p.add_argument("--setting", choices=["cpp_wrapper", "fine_widths", "one_row", "one_row_split", "option"], required=True)
+    p.add_argument("--setting", required=True,
+                   choices=["cpp_wrapper", "fine_widths", "one_row", "one_row_split", "option"])
     p.add_argument("--option", metavar="KEY=VALUE", help="with --setting option: an inductor config entry for B "
                                                         "(VALUE read as a Python literal)")
     a = p.parse_args(argv)
@@ -98,7 +99,8 @@ def main(argv=None) -> dict:
     late = {v: len(engines[v].runner.fast_decode.compile_seconds) - compiled[v] for v in "AB"}
     if any(late.values()):
         print(f"warning: shapes compiled during the rounds (A/B not clean): {late}", file=sys.stderr)
-    result = {"setting": a.setting, "late_compiles": late, "option": a.option, "dtype": a.dtype, "quantization": a.quantization, "threads": a.threads, "warmup_s": warm, "runs": runs,
+    result = {"setting": a.setting, "option": a.option, "late_compiles": late, "dtype": a.dtype,
+              "quantization": a.quantization, "threads": a.threads, "warmup_s": warm, "runs": runs,
               "median": {v: statistics.median(x) for v, x in runs.items()}}
     print(json.dumps(result))
     return result

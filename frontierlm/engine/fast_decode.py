@@ -46,7 +46,7 @@ CPU_DYNAMIC_SHAPES = True
 # ATen's. At batch 1 on the 33.6M benchmark Llama (2 threads, docs/benchmarks.md) these two took decode from 140 to
 # 175 tok/s in float32 and from 132 to 329 in bfloat16, for a longer first compile (about 100 s cold, cached after).
 # realize_reads_threshold=1: a pointwise result read by two or more ops is stored rather than recomputed by each
-# (the residual stream, and the norm output that layers.linear's one-row products read twice).
+# (the residual stream, and the norm output that layers.linear's one-row products read once per row slice).
 CPU_INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
                         "cpp_wrapper": True, "realize_reads_threshold": 1}
 # Larger decode batches take the eager path (their per-op overhead is a small share of the step).

@@ -49,10 +49,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def _one_row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., K] times weight [N, K]^T as multiply-and-sum. Inductor inlines a pointwise producer of x (the
     RMSNorm scaling, the residual adds before it) into the reduction loop, where it is recomputed for every one
-    of the N rows: 28-43% slower than reading a stored x (docs/benchmarks.md, "Norm prologues"). Slices of rows
-    give x several readers, and with `realize_reads_threshold=1` (fast_decode.CPU_INDUCTOR_OPTIONS) inductor then
-    stores x once; it also fuses the slices into one loop that walks ONE_ROW_SPLIT weight rows at a time, each
-    with its own accumulator."""
+    of the N rows: 28-43% slower than reading a stored x (docs/benchmarks.md, "Float32 batch 1: the norm
+    prologue inside every weight row"). Slices of rows give x several readers, and with
+    `realize_reads_threshold=1` (fast_decode.CPU_INDUCTOR_OPTIONS) inductor then stores x once; it also fuses the
+    slices into one loop that walks ONE_ROW_SPLIT weight rows at a time, each with its own accumulator."""
     if ONE_ROW_SPLIT < 2 or weight.shape[0] < ONE_ROW_SPLIT:
         return (x.unsqueeze(-2) * weight).sum(-1)
     return torch.cat([(x.unsqueeze(-2) * w).sum(-1) for w in weight.chunk(ONE_ROW_SPLIT)], -1)
