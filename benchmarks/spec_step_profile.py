@@ -74,9 +74,15 @@ def main(argv=None) -> dict:
     p.add_argument("--workload", default="edit", choices=["edit", "docs"])
     p.add_argument("--eager", action="store_true")
     p.add_argument("--static-rows", type=int, default=None, help="fast_verify.STATIC_ROWS for these engines")
+    p.add_argument("--padded-rows", action="store_true", help="pad verification rows to the batch ladder "
+                   "(fast_verify.EXACT_ROWS off), as before exact rows")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     fdm.WARMUP_DECODE_STEPS = 0
+    if a.padded_rows:
+        import frontierlm.spec.fast_verify as fv
+
+        fv.EXACT_ROWS = False
     if a.static_rows is not None:
         import frontierlm.spec.fast_verify as fv
 

@@ -74,6 +74,12 @@ def width_ladder(max_blocks: int, smallest: int = 8, fine: bool = False) -> list
     return widths + [max_blocks]
 
 
+def exact_ladder(max_batch: int) -> list[int]:
+    """Every size from 1 to max_batch: for CPU graphs whose batch is a symbol, where a padding row costs its
+    full share of the step (its attention runs over the whole block-table width) and buys no compile."""
+    return list(range(1, max_batch + 1))
+
+
 def rung(ladder: list[int], n: int) -> int | None:
     """The smallest ladder size >= n, or None when n is past the top."""
     i = bisect.bisect_left(ladder, n)
