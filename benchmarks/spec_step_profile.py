@@ -53,6 +53,10 @@ def instrument(eng) -> dict:
         sp = eng.spec
         timed(sp, "propose", sink, "spec.propose")
         timed(sp.proposer, "propose", sink, "proposer")
+        if hasattr(sp.proposer, "_forward"):  # the model proposers' forwards (one per chained position)
+            timed(sp.proposer, "_forward", sink, "proposer.forward")
+        if getattr(sp.proposer, "fast", None) is not None:
+            timed(sp.proposer.fast, "run", sink, "proposer.fast.run")
         timed(sp, "verify", sink, "spec.verify")
         if sp.fast is not None:
             timed(sp.fast, "step", sink, "fast_verify.step")
@@ -65,7 +69,7 @@ def main(argv=None) -> dict:
     from frontierlm import LLM, SamplingParams
     from frontierlm.assets import default_model
     import frontierlm.engine.fast_decode as fdm
-    from benchmarks.spec_decode import docs_prompts, edit_prompts
+    from benchmarks.spec_decode import docs_prompts, edit_prompts, spec_config
 
     p = argparse.ArgumentParser()
     p.add_argument("--ks", default="1,2,3,4")
@@ -73,6 +77,7 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--workload", default="edit", choices=["edit", "docs"])
     p.add_argument("--eager", action="store_true")
+    p.add_argument("--method", default="ngram", choices=["ngram", "mtp", "draft"])
     p.add_argument("--static-rows", type=int, default=None, help="fast_verify.STATIC_ROWS for these engines")
     p.add_argument("--padded-rows", action="store_true", help="pad verification rows to the batch ladder "
                    "(fast_verify.EXACT_ROWS off), as before exact rows")
@@ -89,7 +94,7 @@ def main(argv=None) -> dict:
         fv.STATIC_ROWS = a.static_rows
     engines = {}
     for k in [0] + [int(x) for x in a.ks.split(",")]:
-        spec = {"method": "ngram", "num_speculative_tokens": k, "adaptive": False} if k else None
+        spec = spec_config(a.method, k, adaptive=False) if k else None
         engines[k] = LLM(default_model(), dtype="float32", max_num_seqs=4, speculative_config=spec,
                          enforce_eager=a.eager)
     tok = engines[0].get_tokenizer()

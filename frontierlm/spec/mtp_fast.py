@@ -37,6 +37,9 @@ class FastMTP:
         self.max_model_len, self.block_size, self.scratch_block = max_model_len, block_size, scratch_block
         max_blocks = -(-max_model_len // block_size)
         self.batch_sizes = fd.batch_ladder(min(max_rows, fd.MAX_FAST_BATCH))
+        if fd.CPU_DYNAMIC_SHAPES:  # one symbolic-batch graph: a catch-up round's a + 1 rows run unpadded
+            self.batch_sizes = fd.exact_ladder(self.batch_sizes[-1])
+        self._seen: set[tuple[int, int]] = set()
         self.widths = fd.width_ladder(max_blocks)
         shapes = {k: (max_rows * max_blocks,) if k == "block_tables" else (max_rows,) for k in _LONG}
         self.host = {k: torch.zeros(s, dtype=torch.long) for k, s in shapes.items()}
@@ -98,17 +101,15 @@ class FastMTP:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
             self._compiled = torch.compile(self._forward, dynamic=None if fd.CPU_DYNAMIC_SHAPES else False,
                                            fullgraph=True)
-        if fd.CPU_DYNAMIC_SHAPES:
-            for t in args:
-                torch._dynamo.maybe_mark_dynamic(t, 0)
-            torch._dynamo.maybe_mark_dynamic(args[4], 1)
-        try:
-            logits, nxt = self._compiled(*args)
+        first = (batch, width) not in self._seen
+        try:  # the target's inductor options (freezing, C++ GEMMs, the C++ wrapper) and guard handling
+            logits, nxt = fd.call_compiled(self._compiled, args, first, table_arg=4)
         except Exception as e:  # a module this path cannot trace: stay eager from now on
             if self.fast_steps:
                 raise
             logger.warning("MTP fast path turned off: %s: %s", type(e).__name__, e)
             self.disabled = True
             return None
+        self._seen.add((batch, width))
         self.fast_steps += 1
         return logits[:len(rows)], nxt[:len(rows)]
