@@ -79,8 +79,14 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--figures", default="b1,seqs8,default")
     p.add_argument("--json-out")
+    p.add_argument("--padded-batch", action="store_true",
+                   help="pad decode batches to the ladder (fast_decode.CPU_EXACT_BATCH off), for an A/B")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.padded_batch:
+        import frontierlm.engine.fast_decode as fd
+
+        fd.CPU_EXACT_BATCH = False
     from frontierlm import LLM, SamplingParams
 
     figures = a.figures.split(",")

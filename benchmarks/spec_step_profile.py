@@ -79,15 +79,13 @@ def main(argv=None) -> dict:
     p.add_argument("--eager", action="store_true")
     p.add_argument("--method", default="ngram", choices=["ngram", "mtp", "draft"])
     p.add_argument("--static-rows", type=int, default=None, help="fast_verify.STATIC_ROWS for these engines")
-    p.add_argument("--padded-rows", action="store_true", help="pad verification rows to the batch ladder "
-                   "(fast_verify.EXACT_ROWS off), as before exact rows")
+    p.add_argument("--padded-rows", action="store_true", help="pad rows to the batch ladder "
+                   "(fast_decode.CPU_EXACT_BATCH off), as before unpadded rows")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     fdm.WARMUP_DECODE_STEPS = 0
     if a.padded_rows:
-        import frontierlm.spec.fast_verify as fv
-
-        fv.EXACT_ROWS = False
+        fdm.CPU_EXACT_BATCH = False
     if a.static_rows is not None:
         import frontierlm.spec.fast_verify as fv
 

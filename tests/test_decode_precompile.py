@@ -31,7 +31,7 @@ def test_startup_compile_touches_no_engine_state(pair):
     assert n == len(f.startup_shapes()) and set(f.startup_shapes()) <= f._seen  # every shape went through
     assert seconds > 0 and (cache == "warm" or cache.startswith("cold"))
     assert not f.disabled and f.warmup_steps == 0
-    assert {b for b, _ in f._seen} == set(f.batch_sizes) and {w for _, w in f._seen} == set(f.widths)
+    assert {b for b, _ in f._seen} == set(f.ladder) and {w for _, w in f._seen} == set(f.widths)
     # the scheduler and the cache manager never saw a request
     assert engine.kv.pool.num_free_blocks == engine.kv.num_blocks == eager.llm_engine.kv.num_blocks
     assert not engine.scheduler.waiting and not engine.scheduler.running and not engine.groups
@@ -47,13 +47,15 @@ def test_outputs_equal_eager_with_no_recompile(pair):
     eager, fast = pair
     f = fast.llm_engine.runner.fast_decode
     frames = torch._dynamo.utils.counters["frames"]["ok"]
-    # 3 and 1 running requests (batch rungs 4 and 1), prompts and decodes crossing block-table widths 8 -> 16
+    # 3 and 1 running requests (CPU: batches 3 and 1 unpadded, both graphs already compiled at start-up), prompts
+    # and decodes crossing block-table widths 8 -> 16
     prompts = _prompts(3, length=60) + _prompts(1, start=201, length=5)
     params = [_greedy(12 + 4 * i) for i in range(4)]
     outs = [llm.generate(prompts, params, use_tqdm=False) for llm in (eager, fast)]
     _same(*outs)
     assert f.fast_steps >= 12  # the fast path from the first decode step on: no eager warm-up after start-up
     assert torch._dynamo.utils.counters["frames"]["ok"] == frames  # nothing compiled during the run
+    assert 3 in {b for b, _ in f._seen} and 3 not in f.ladder  # the symbolic-batch graph ran 3 rows, no padding
 
 
 def test_lazy_by_default_and_serve_default():

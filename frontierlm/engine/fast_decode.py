@@ -49,6 +49,9 @@ CPU_DYNAMIC_SHAPES = True
 # (the residual stream, and the norm output that layers.linear's one-row products read once per row slice).
 CPU_INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
                         "cpp_wrapper": True, "realize_reads_threshold": 1}
+# CPU, symbolic-batch graphs: a step runs its rows unpadded (the batch ladder then only names the shapes that
+# start-up compiles). A padding row costs a full row there: its attention runs over the whole block-table width.
+CPU_EXACT_BATCH = True
 # Larger decode batches take the eager path (their per-op overhead is a small share of the step).
 MAX_FAST_BATCH = 256
 
@@ -78,6 +81,12 @@ def exact_ladder(max_batch: int) -> list[int]:
     """Every size from 1 to max_batch: for CPU graphs whose batch is a symbol, where a padding row costs its
     full share of the step (its attention runs over the whole block-table width) and buys no compile."""
     return list(range(1, max_batch + 1))
+
+
+def unpadded_or(ladder: list[int], device: torch.device) -> list[int]:
+    """The sizes a step's rows are padded to: every size on CPU with symbolic-batch graphs, else the ladder."""
+    exact = device.type == "cpu" and CPU_DYNAMIC_SHAPES and CPU_EXACT_BATCH
+    return exact_ladder(ladder[-1]) if exact else ladder
 
 
 def rung(ladder: list[int], n: int) -> int | None:
@@ -217,7 +226,8 @@ class FastDecode:
         self.model, self.device = model, device
         self.max_model_len, self.block_size = max_model_len, block_size
         max_blocks = -(-max_model_len // block_size)
-        self.batch_sizes = batch_ladder(min(max_num_seqs, MAX_FAST_BATCH))
+        self.ladder = batch_ladder(min(max_num_seqs, MAX_FAST_BATCH))  # the shapes compiled or captured
+        self.batch_sizes = unpadded_or(self.ladder, device)  # what a step's rows are padded to
         # CPU: the compiled attention loops over every padded position, and its graphs take the width as a symbol
         # (no compile per rung), so the finer ladder cuts the padding (x2 -> x1.5 at most; batch 1 bf16 on a Zen 4:
         # +6% in an in-process A/B). CUDA captures one graph per shape and its kernel stops at each row's length.
@@ -242,7 +252,8 @@ class FastDecode:
 
     def describe(self) -> str:
         how = "CUDA graphs" if self._graphs is not None else "torch.compile (inductor)"
-        head = f"decode fast path: {how}, batch ladder {self.batch_sizes}, block-table widths {self.widths}, "
+        unpadded = " (batches run unpadded)" if self.batch_sizes != self.ladder else ""
+        head = f"decode fast path: {how}, batch ladder {self.ladder}{unpadded}, block-table widths {self.widths}, "
         if self.disabled:
             return head + "turned off (the model could not be compiled; decode runs eager)"
         if self.startup_compile is None:
@@ -257,10 +268,10 @@ class FastDecode:
         finds its guards already passed. CUDA: every shape (one graph each), largest first so the smaller graphs
         reuse the pool's memory."""
         if self._graphs is not None:
-            return sorted(((b, w) for b in self.batch_sizes for w in self.widths), reverse=True)
-        batches = self.batch_sizes[:2]
+            return sorted(((b, w) for b in self.ladder for w in self.widths), reverse=True)
+        batches = self.ladder[:2]
         shapes = [(b, w) for b in batches for w in self.widths[:1]]  # the two graphs' first compiles
-        shapes += [(b, self.widths[0]) for b in self.batch_sizes[2:]]
+        shapes += [(b, self.widths[0]) for b in self.ladder[2:]]
         shapes += [(b, w) for b in batches for w in self.widths[1:]]
         return shapes
 
@@ -291,7 +302,7 @@ class FastDecode:
     def _ensure_compiled(self) -> None:
         if self._compiled is None:
             # at most one graph per ladder shape, all from the same code object
-            limit = len(self.batch_sizes) * len(self.widths) + 8
+            limit = len(self.ladder) * len(self.widths) + 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
             self._compiled = torch.compile(self._forward, dynamic=None if CPU_DYNAMIC_SHAPES else False,
                                            fullgraph=True)
@@ -343,6 +354,7 @@ class FastDecode:
         if first:
             self._seen.add(shape)
             self.compile_seconds[shape] = time.perf_counter() - t0
-            logger.info("decode fast path: compiled batch %d x %d blocks in %.1fs", batch, width,
-                        self.compile_seconds[shape])
+            seconds = self.compile_seconds[shape]  # (a shape an existing graph covers only passes its guards)
+            (logger.info if seconds > 0.5 else logger.debug)(
+                "decode fast path: first step of batch %d x %d blocks in %.1fs", batch, width, seconds)
         return logits

@@ -15,8 +15,7 @@ import itertools
 import numpy as np
 import torch
 
-import frontierlm.engine.fast_decode as fd_module
-from frontierlm.engine.fast_decode import DecodeInputs, DecodeMeta, FastDecode, exact_ladder, rung
+from frontierlm.engine.fast_decode import DecodeInputs, DecodeMeta, FastDecode, rung
 from frontierlm.layers.paged_decode import PagedDecodePlan
 
 
@@ -98,8 +97,6 @@ class VerifyInputs(DecodeInputs):
 # CPU: verification steps of up to this many rows get a graph specialised on the row count (symbolic block-table
 # width only), like the plain step's batch-1 graph; larger ones share the symbolic-batch graph. 0 turns it off.
 STATIC_ROWS = 0
-# CPU, symbolic-batch graphs: verification steps run exactly their rows, no padding to the batch ladder.
-EXACT_ROWS = True
 
 
 class FastVerify(FastDecode):
@@ -107,10 +104,8 @@ class FastVerify(FastDecode):
         super().__init__(model, device, max_rows, max_model_len, block_size, scratch_block)
         self.inputs = VerifyInputs(max_rows, -(-max_model_len // block_size), scratch_block, block_size, device)
         self.static_rows = STATIC_ROWS
-        if device.type == "cpu" and EXACT_ROWS and fd_module.CPU_DYNAMIC_SHAPES:
-            # a request's K + 1 rows rarely land on a power of two: at batch 1 with K = 4, padding 5 rows to 8
-            # made the graph 1.4x slower
-            self.batch_sizes = exact_ladder(self.batch_sizes[-1])
+        # (CPU: the K + 1 rows run unpadded, fast_decode.CPU_EXACT_BATCH; they rarely land on a rung, and
+        # padding batch 1's 5 rows at K = 4 to 8 made the graph 1.4x slower)
 
     def _run_compiled(self, args: tuple, first: bool) -> torch.Tensor:
         import frontierlm.engine.fast_decode as fd

@@ -36,9 +36,8 @@ class FastMTP:
         self.model, self.device = model, device
         self.max_model_len, self.block_size, self.scratch_block = max_model_len, block_size, scratch_block
         max_blocks = -(-max_model_len // block_size)
-        self.batch_sizes = fd.batch_ladder(min(max_rows, fd.MAX_FAST_BATCH))
-        if fd.CPU_DYNAMIC_SHAPES:  # one symbolic-batch graph: a catch-up round's a + 1 rows run unpadded
-            self.batch_sizes = fd.exact_ladder(self.batch_sizes[-1])
+        self.ladder = fd.batch_ladder(min(max_rows, fd.MAX_FAST_BATCH))
+        self.batch_sizes = fd.unpadded_or(self.ladder, device)  # a catch-up round's a + 1 rows run unpadded
         self._seen: set[tuple[int, int]] = set()
         self.widths = fd.width_ladder(max_blocks)
         shapes = {k: (max_rows * max_blocks,) if k == "block_tables" else (max_rows,) for k in _LONG}
@@ -97,7 +96,7 @@ class FastMTP:
             return None
         args = self._fill(rows, previous, batch, width)
         if self._compiled is None:
-            limit = len(self.batch_sizes) * len(self.widths) + 8
+            limit = len(self.ladder) * len(self.widths) + 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
             self._compiled = torch.compile(self._forward, dynamic=None if fd.CPU_DYNAMIC_SHAPES else False,
                                            fullgraph=True)
