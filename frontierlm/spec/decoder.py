@@ -99,6 +99,10 @@ def placement(cfg: SpeculativeConfig, parallel) -> str:
         "the MTP module on rank 0 (stage 0)"
 
 
+# Steps that keep an all-zero adaptive choice for an unchanged batch size before it is made again.
+IDLE_RECHECK_STEPS = 8
+
+
 class SpecDecoder:
     def __init__(self, cfg: SpeculativeConfig, engine):
         self.config = cfg
@@ -129,6 +133,7 @@ class SpecDecoder:
         self.max_num_batched_tokens = engine.config.max_num_batched_tokens
         self._q: dict[str, torch.Tensor | None] = {}
         self._idle = False  # the last choice was K = 0 for the whole batch
+        self._idle_batch, self._idle_left = 0, 0  # its decoding batch size, steps before asking again
         self._spec_step = False  # the step being run verifies proposals
 
     def _profile(self, engine) -> None:
@@ -183,9 +188,16 @@ class SpecDecoder:
         if not decoding:
             self._idle = False
             return
+        if self._idle and not waiting and len(decoding) == self._idle_batch and self._idle_left > 0:
+            # speculation is off for this batch: keep it off without pricing every step again (the choice
+            # costs 4-10% of a compiled batch-4 step on this CPU); a new batch size or every
+            # IDLE_RECHECK_STEPS steps asks again
+            self._idle_left -= 1
+            return
         ks = self.adaptive.choose(decoding, caps, pinned, min(other, self.max_num_batched_tokens), self.proposer)
         # adaptive K = 0 for every request, nothing kept: the next step is the plain decode step (see wants_spec_step)
         self._idle = self.config.adaptive and not any(ks) and not waiting
+        self._idle_batch, self._idle_left = len(decoding), IDLE_RECHECK_STEPS
         for r, prop in zip(decoding, self.proposer.propose(decoding, ks)):
             r.spec_token_ids = list(prop.tokens)
             if prop.tokens:
