@@ -70,3 +70,33 @@ def test_a_costly_verifying_step_turns_speculation_off():
         for _ in range(8):
             ak.spec_cost.observe(tokens, 0.0030)
     assert ak.choose([req], [3], [False], 0, _FreeProposer()) == [0]
+
+
+class _Path:
+    """What LinearCost.observe_on reads of a fast path."""
+
+    def __init__(self):
+        self.disabled, self.fast_steps, self._seen = False, 0, set()
+
+
+def test_the_cost_model_keeps_only_steady_compiled_steps():
+    cost, path = LinearCost(), _Path()
+    cost.seed(1, 0.004)  # a start-up (eager) sample
+    for _ in range(5):  # the path's eager warm-up steps: not kept
+        cost.observe_on(path, 3, 0.004)
+    assert not cost.obs and cost.seeds
+    path.fast_steps, path._seen = 1, {(3, 8)}
+    cost.observe_on(path, 3, 20.0)  # the first compiled step (it compiled): starts the model afresh
+    assert not cost.obs and not cost.seeds and cost.compiled
+    for _ in range(4):
+        cost.observe_on(path, 3, 0.0015)
+    path._seen.add((5, 8))
+    cost.observe_on(path, 5, 0.004)  # a shape met for the first time: its guards cost the step, not kept
+    cost.observe_on(path, 5, 0.0018)
+    assert [t for _, t in cost.obs] == [0.0015] * 4 + [0.0018]
+    cost.observe_on(path, 5, 9.0)  # a later compile inside a step (50x its prediction): left out
+    assert len(cost.obs) == 5 and cost.num_outliers == 1
+    assert abs(cost.predict(3) - 0.0015) < 0.0003
+    eager = LinearCost()  # an engine without a fast path keeps every step
+    eager.observe_on(None, 1, 0.004)
+    assert len(eager.obs) == 1

@@ -22,6 +22,10 @@ def cost_clock(device) -> callable:
     return time.process_time if str(device).startswith("cpu") else time.perf_counter
 
 
+# An observation this many times its prediction is not a step's cost but something inside it (a compile).
+OUTLIER_RATIO = 50.0
+
+
 class LinearCost:
     """seconds ~ a + b * x over the last `window` observations; a ridge prior (a = `prior_ratio` * b, the fixed
     cost of a step worth that many units of x) keeps the fit sane while x has barely varied."""
@@ -32,12 +36,42 @@ class LinearCost:
         self.prior_ratio, self.prior_weight = prior_ratio, prior_weight
         self._fit: tuple[float, float] | None = None
         self._since_fit = 0
+        self.num_outliers = 0  # observations left out (see observe)
+        self.compiled = False  # a compiled step has been observed (see observe_on)
+        self._shapes = 0  # shapes the observed path had run by the last observation
 
     def observe(self, x: float, seconds: float) -> None:
+        if self.num_observations >= 4 and seconds > OUTLIER_RATIO * self.predict(x):
+            # a step that compiled a graph (seconds where steps take milliseconds): one such observation
+            # made verifying look 100x dearer than it is, and since verifying steps are only measured when
+            # speculation runs, K stayed 0 for good
+            self.num_outliers += 1
+            return
         self.obs.append((float(x), float(seconds)))
         self._since_fit += 1
         if self._fit is None or self._since_fit >= 16:  # refit now and then: a step must stay cheap
             self._fit, self._since_fit = None, 0
+
+    def observe_on(self, path, x: float, seconds: float) -> None:
+        """observe a step that ran on `path` (a fast path with `fast_steps` and `disabled`, or None for an
+        eager-only engine). While that path is still warming up its eager steps are not kept: they are not
+        what later steps cost (a compiled verifying step took 1 ms where its eager warm-up steps took 3.5-5,
+        which kept K at 0 once the plain step had compiled, so the verifying path never warmed up). The
+        first compiled step, which compiled, is not kept either, and starts the model afresh; nor is a step
+        that met a shape the path had not run (its first call checks every guard: 3-5 ms, vs 1.5 after)."""
+        if path is None or path.disabled:
+            return self.observe(x, seconds)
+        if not path.fast_steps:
+            return
+        shapes, self._shapes = self._shapes, len(path._seen)
+        if not self.compiled:
+            self.compiled = True
+            self.obs.clear()
+            self.seeds.clear()
+            self._fit = None
+            return
+        if shapes == self._shapes:
+            self.observe(x, seconds)
 
     def seed(self, x: float, seconds: float) -> None:
         """A start-up sample: it may come from another path than the steps that will run (the eager forward

@@ -120,6 +120,7 @@ class SpecDecoder:
         self.clock = cost_clock(engine.runner.device)
         self.fast = None  # verification steps through the static-shape decode path (fast_verify.py)
         runner = engine.runner
+        self._plain_fast = runner.fast_decode
         if runner.fast_decode is not None and runner.parallel is None:
             from frontierlm.spec.fast_verify import FastVerify
 
@@ -214,10 +215,11 @@ class SpecDecoder:
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         """The step just run: a verifying step feeds the cost of speculating, any other the plain one."""
+        # (a mixed step after the path has compiled runs eager: it counts, as what such steps cost)
         if self._spec_step:
-            self.adaptive.spec_cost.observe(num_tokens, seconds)
+            self.adaptive.spec_cost.observe_on(self.fast, num_tokens, seconds)
         else:
-            self.adaptive.step_cost.observe(num_tokens, seconds)
+            self.adaptive.step_cost.observe_on(self._plain_fast, num_tokens, seconds)
             self.adaptive.rounds_without_plain = 0
 
     # ---- inside the runner's step --------------------------------------------------------------------

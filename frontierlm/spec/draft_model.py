@@ -119,7 +119,7 @@ class DraftModelProposer(PagedProposer):
             logits = self.model.compute_logits(hidden.index_select(0, last_rows(meta)))
         for seq, toks in chunks:
             seq.num_computed_tokens += len(toks)
-        self.cost.observe(len(chunks), self.clock() - t0)
+        self.cost.observe_on(self.fast, len(chunks), self.clock() - t0)
         return logits
 
     def propose(self, requests, ks):

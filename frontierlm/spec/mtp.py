@@ -129,7 +129,7 @@ class MTPProposer(PagedProposer):
             last = last_rows(meta)
             logits, nxt = self.model.mtp_logits(head.index_select(0, last)), nxt.index_select(0, last)
         self.num_forward_positions += prev.shape[0]
-        self.cost.observe(len(chunks), self.clock() - t0)
+        self.cost.observe_on(self.fast, len(chunks), self.clock() - t0)
         return logits, nxt
 
     def propose(self, requests, ks):
