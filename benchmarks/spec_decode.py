@@ -251,6 +251,7 @@ def plot(results, out: Path, ks, batches, methods) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
     for ax, w in zip(axes, ("docs", "edit")):
         for m in methods:

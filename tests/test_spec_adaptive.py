@@ -100,3 +100,32 @@ def test_the_cost_model_keeps_only_steady_compiled_steps():
     eager = LinearCost()  # an engine without a fast path keeps every step
     eager.observe_on(None, 1, 0.004)
     assert len(eager.obs) == 1
+
+
+def test_plain_steps_run_until_the_plain_path_is_measured_compiled():
+    """Verifying steps compiled, the plain step known only from its eager warm-up: plain steps run (they compile
+    the plain path, then measure it), a bounded number of times."""
+    from frontierlm.spec import adaptive as adaptive_module
+
+    ak = AdaptiveK(num_speculative_tokens=3, adaptive=True)
+    ak.plain_path = _Path()
+    reqs = [SimpleNamespace(request_id="a")]
+    ak.step_cost.seed(1, 0.003)  # eager: 3x what the compiled step will cost
+    verify = _Path()
+    verify.fast_steps, verify._seen = 1, {(4, 8)}
+    ak.spec_cost.observe_on(verify, 4, 5.0)  # compiled now
+    for _ in range(5):
+        ak.spec_cost.observe_on(verify, 4, 0.0012)
+    assert ak.choose(reqs, [3], [False], 0, _FreeProposer()) == [0] and ak.forced_plain == 1
+    plain = ak.plain_path
+    plain.fast_steps, plain._seen = 1, {(1, 8)}
+    ak.step_cost.observe_on(plain, 1, 4.0)  # the plain step that compiled: still unmeasured
+    assert ak.choose(reqs, [3], [False], 0, _FreeProposer()) == [0] and ak.forced_plain == 2
+    ak.step_cost.observe_on(plain, 1, 0.001)
+    assert ak.choose(reqs, [3], [False], 0, _FreeProposer()) != [0] and ak.forced_plain == 2
+    stuck = AdaptiveK(num_speculative_tokens=3, adaptive=True)  # a plain path that never compiles
+    stuck.plain_path, stuck.spec_cost = _Path(), ak.spec_cost
+    stuck.step_cost.seed(1, 0.003)
+    for _ in range(adaptive_module.MAX_FORCED_PLAIN + 3):
+        stuck.choose(reqs, [3], [False], 0, _FreeProposer())
+    assert stuck.forced_plain == adaptive_module.MAX_FORCED_PLAIN

@@ -41,7 +41,7 @@ class LinearCost:
         self._shapes = 0  # shapes the observed path had run by the last observation
 
     def observe(self, x: float, seconds: float) -> None:
-        if self.num_observations >= 4 and seconds > OUTLIER_RATIO * self.predict(x):
+        if self.num_observations >= 4 and seconds > OUTLIER_RATIO * max(self.predict(x), 1e-9):
             # a step that compiled a graph (seconds where steps take milliseconds): one such observation
             # made verifying look 100x dearer than it is, and since verifying steps are only measured when
             # speculation runs, K stayed 0 for good
@@ -49,7 +49,8 @@ class LinearCost:
             return
         self.obs.append((float(x), float(seconds)))
         self._since_fit += 1
-        if self._fit is None or self._since_fit >= 16:  # refit now and then: a step must stay cheap
+        if self._fit is None or self._since_fit >= min(16, len(self.obs)):  # refit now and then: a step must
+            # stay cheap (and at once while there are few observations)
             self._fit, self._since_fit = None, 0
 
     def observe_on(self, path, x: float, seconds: float) -> None:
@@ -111,6 +112,9 @@ class LinearCost:
 PLAIN_PROBE_ROUNDS = 64
 
 
+MAX_FORCED_PLAIN = 16
+
+
 class AdaptiveK:
     def __init__(self, num_speculative_tokens: int, adaptive: bool, prior: float = 0.6, prior_weight: float = 2.0,
                  decay: float = 0.8):
@@ -123,6 +127,8 @@ class AdaptiveK:
         # (another graph, the rows' host work), which one line through both kinds of step would not see
         self.spec_cost = LinearCost()
         self.rounds_without_plain = 0  # speculating rounds since a plain step was last measured
+        self.plain_path = None  # the engine's plain decode fast path (SpecDecoder sets it), see plain_unmeasured
+        self.forced_plain = 0  # plain steps run because of plain_unmeasured
 
     def acceptance(self, request_id: str) -> float:
         acc, trials = self.counts.get(request_id, (0.0, 0.0))
@@ -148,10 +154,23 @@ class AdaptiveK:
         for rid in [r for r in self.counts if r not in live]:
             del self.counts[rid]
 
+    def plain_unmeasured(self) -> bool:
+        """The verifying steps run compiled while the plain step has no compiled measurement: run plain steps
+        (they compile the plain path, then measure it) rather than price it by its eager warm-up, which is
+        3x a compiled step here and made MTP speculate at 0.6x. A few at most: a plain step that is never a
+        pure decode (a prefill in every step) never compiles."""
+        p = self.plain_path
+        if p is None or p.disabled or not self.spec_cost.compiled or self.forced_plain >= MAX_FORCED_PLAIN:
+            return False
+        return not (self.step_cost.compiled and self.step_cost.obs)
+
     def choose(self, requests: list, caps: list[int], pinned: list[bool], other_tokens: int, proposer) -> list[int]:
         """K per request. caps: the most each may propose (K, max_tokens, context); pinned: requests whose K
         must not depend on the batch (seeded sampling stays reproducible); other_tokens: prefill tokens
         expected in the step besides these decodes."""
+        if self.adaptive and self.plain_unmeasured():
+            self.forced_plain += 1
+            return [c if p else 0 for c, p in zip(caps, pinned)]
         if not self.adaptive or not self.step_cost.num_observations:  # no cost model yet: measure with full K
             return list(caps)
         ks = [c if p else 0 for c, p in zip(caps, pinned)]

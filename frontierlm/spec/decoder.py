@@ -117,6 +117,7 @@ class SpecDecoder:
             self.processors = LogitsProcessors(specs, engine.config, device)
             self.proposer.processors = LogitsProcessors(specs, engine.config, device)
         self.adaptive = AdaptiveK(cfg.num_speculative_tokens, cfg.adaptive)
+        self.adaptive.plain_path = engine.runner.fast_decode
         self.clock = cost_clock(engine.runner.device)
         self.fast = None  # verification steps through the static-shape decode path (fast_verify.py)
         runner = engine.runner
@@ -215,6 +216,11 @@ class SpecDecoder:
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         """The step just run: a verifying step feeds the cost of speculating, any other the plain one."""
+        # one warm-up for both decode paths: once either runs compiled, the other compiles on its next step
+        paths = [p for p in (self.fast, self._plain_fast) if p is not None]
+        if any(p.fast_steps for p in paths):
+            for p in paths:
+                p.warmup_steps = min(p.warmup_steps, p.decode_steps)
         # (a mixed step after the path has compiled runs eager: it counts, as what such steps cost)
         if self._spec_step:
             self.adaptive.spec_cost.observe_on(self.fast, num_tokens, seconds)
