@@ -73,10 +73,16 @@ def test_a_costly_verifying_step_turns_speculation_off():
 
 
 class _Path:
-    """What LinearCost.observe_on reads of a fast path."""
+    """What LinearCost.observe_on reads of a fast path; `ran` is one compiled step on it."""
 
     def __init__(self):
         self.disabled, self.fast_steps, self._seen = False, 0, set()
+
+    def ran(self, shape=None):
+        self.fast_steps += 1
+        if shape is not None:
+            self._seen.add(shape)
+        return self
 
 
 def test_the_cost_model_keeps_only_steady_compiled_steps():
@@ -85,16 +91,15 @@ def test_the_cost_model_keeps_only_steady_compiled_steps():
     for _ in range(5):  # the path's eager warm-up steps: not kept
         cost.observe_on(path, 3, 0.004)
     assert not cost.obs and cost.seeds
-    path.fast_steps, path._seen = 1, {(3, 8)}
-    cost.observe_on(path, 3, 20.0)  # the first compiled step (it compiled): starts the model afresh
+    cost.observe_on(path.ran((3, 8)), 3, 20.0)  # the first compiled step (it compiled): starts the model afresh
     assert not cost.obs and not cost.seeds and cost.compiled
     for _ in range(4):
-        cost.observe_on(path, 3, 0.0015)
-    path._seen.add((5, 8))
-    cost.observe_on(path, 5, 0.004)  # a shape met for the first time: its guards cost the step, not kept
-    cost.observe_on(path, 5, 0.0018)
+        cost.observe_on(path.ran(), 3, 0.0015)
+    cost.observe_on(path, 40, 0.006)  # a mixed step, eager: not kept
+    cost.observe_on(path.ran((5, 8)), 5, 0.004)  # a shape met for the first time: its guards cost the step
+    cost.observe_on(path.ran(), 5, 0.0018)
     assert [t for _, t in cost.obs] == [0.0015] * 4 + [0.0018]
-    cost.observe_on(path, 5, 9.0)  # a later compile inside a step (50x its prediction): left out
+    cost.observe_on(path.ran(), 5, 9.0)  # a later compile inside a step (50x its prediction): left out
     assert len(cost.obs) == 5 and cost.num_outliers == 1
     assert abs(cost.predict(3) - 0.0015) < 0.0003
     eager = LinearCost()  # an engine without a fast path keeps every step
@@ -108,20 +113,17 @@ def test_plain_steps_run_until_the_plain_path_is_measured_compiled():
     from frontierlm.spec import adaptive as adaptive_module
 
     ak = AdaptiveK(num_speculative_tokens=3, adaptive=True)
-    ak.plain_path = _Path()
+    ak.plain_path = plain = _Path()
     reqs = [SimpleNamespace(request_id="a")]
     ak.step_cost.seed(1, 0.003)  # eager: 3x what the compiled step will cost
     verify = _Path()
-    verify.fast_steps, verify._seen = 1, {(4, 8)}
-    ak.spec_cost.observe_on(verify, 4, 5.0)  # compiled now
+    ak.spec_cost.observe_on(verify.ran((4, 8)), 4, 5.0)  # compiled now
     for _ in range(5):
-        ak.spec_cost.observe_on(verify, 4, 0.0012)
+        ak.spec_cost.observe_on(verify.ran(), 4, 0.0012)
     assert ak.choose(reqs, [3], [False], 0, _FreeProposer()) == [0] and ak.forced_plain == 1
-    plain = ak.plain_path
-    plain.fast_steps, plain._seen = 1, {(1, 8)}
-    ak.step_cost.observe_on(plain, 1, 4.0)  # the plain step that compiled: still unmeasured
+    ak.step_cost.observe_on(plain.ran((1, 8)), 1, 4.0)  # the plain step that compiled: still unmeasured
     assert ak.choose(reqs, [3], [False], 0, _FreeProposer()) == [0] and ak.forced_plain == 2
-    ak.step_cost.observe_on(plain, 1, 0.001)
+    ak.step_cost.observe_on(plain.ran(), 1, 0.001)
     assert ak.choose(reqs, [3], [False], 0, _FreeProposer()) != [0] and ak.forced_plain == 2
     stuck = AdaptiveK(num_speculative_tokens=3, adaptive=True)  # a plain path that never compiles
     stuck.plain_path, stuck.spec_cost = _Path(), ak.spec_cost

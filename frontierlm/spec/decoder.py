@@ -221,7 +221,6 @@ class SpecDecoder:
         if any(p.fast_steps for p in paths):
             for p in paths:
                 p.warmup_steps = min(p.warmup_steps, p.decode_steps)
-        # (a mixed step after the path has compiled runs eager: it counts, as what such steps cost)
         if self._spec_step:
             self.adaptive.spec_cost.observe_on(self.fast, num_tokens, seconds)
         else:
