@@ -136,6 +136,8 @@ class SpecDecoder:
         self._q: dict[str, torch.Tensor | None] = {}
         self._idle = False  # the last choice was K = 0 for the whole batch
         self._idle_batch, self._idle_left = 0, 0  # its decoding batch size, steps before asking again
+        self._idle_steps_seen = 0
+        self._warmups_shared = False
         self._spec_step = False  # the step being run verifies proposals
 
     def _profile(self, engine) -> None:
@@ -216,11 +218,16 @@ class SpecDecoder:
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         """The step just run: a verifying step feeds the cost of speculating, any other the plain one."""
-        # one warm-up for both decode paths: once either runs compiled, the other compiles on its next step
-        paths = [p for p in (self.fast, self._plain_fast) if p is not None]
-        if any(p.fast_steps for p in paths):
-            for p in paths:
-                p.warmup_steps = min(p.warmup_steps, p.decode_steps)
+        if not self._spec_step and self._idle and len(self.adaptive.step_cost.obs) >= 64:
+            self._idle_steps_seen += 1  # speculation off and the plain step well measured: sample 1 step in 8
+            if self._idle_steps_seen % 8:  # (the Python of pricing was 4-5% of a compiled batch-1 step)
+                return
+        if not self._warmups_shared:  # one warm-up for both decode paths: once either runs compiled, the
+            paths = [p for p in (self.fast, self._plain_fast) if p is not None]  # other compiles next time
+            if any(p.fast_steps for p in paths):
+                for p in paths:
+                    p.warmup_steps = min(p.warmup_steps, p.decode_steps)
+                self._warmups_shared = True
         if self._spec_step:
             self.adaptive.spec_cost.observe_on(self.fast, num_tokens, seconds)
         else:
