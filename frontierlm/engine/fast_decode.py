@@ -77,16 +77,17 @@ def width_ladder(max_blocks: int, smallest: int = 8, fine: bool = False) -> list
     return widths + [max_blocks]
 
 
-def exact_ladder(max_batch: int) -> list[int]:
-    """Every size from 1 to max_batch: for CPU graphs whose batch is a symbol, where a padding row costs its
-    full share of the step (its attention runs over the whole block-table width) and buys no compile."""
-    return list(range(1, max_batch + 1))
-
-
 def unpadded_or(ladder: list[int], device: torch.device) -> list[int]:
-    """The sizes a step's rows are padded to: every size on CPU with symbolic-batch graphs, else the ladder."""
+    """The sizes a step's rows are padded to: every size up to the top rung on CPU with symbolic-batch graphs
+    (a padding row costs its full share there and buys no compile), else the ladder."""
     exact = device.type == "cpu" and CPU_DYNAMIC_SHAPES and CPU_EXACT_BATCH
-    return exact_ladder(ladder[-1]) if exact else ladder
+    return list(range(1, ladder[-1] + 1)) if exact else ladder
+
+
+def compile_decode_graph(forward, num_shapes: int):
+    """torch.compile of a decode-style forward, allowing one graph per ladder shape from its code object."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, num_shapes + 8)
+    return torch.compile(forward, dynamic=None if CPU_DYNAMIC_SHAPES else False, fullgraph=True)
 
 
 def rung(ladder: list[int], n: int) -> int | None:
@@ -301,11 +302,7 @@ class FastDecode:
 
     def _ensure_compiled(self) -> None:
         if self._compiled is None:
-            # at most one graph per ladder shape, all from the same code object
-            limit = len(self.ladder) * len(self.widths) + 8
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
-            self._compiled = torch.compile(self._forward, dynamic=None if CPU_DYNAMIC_SHAPES else False,
-                                           fullgraph=True)
+            self._compiled = compile_decode_graph(self._forward, len(self.ladder) * len(self.widths))
 
     def _run_compiled(self, args: tuple, first: bool) -> torch.Tensor:
         self._ensure_compiled()

@@ -115,6 +115,7 @@ class LinearCost:
 PLAIN_PROBE_ROUNDS = 64
 
 
+# The most plain steps plain_unmeasured asks for (a plain path that never compiles must not stop speculation).
 MAX_FORCED_PLAIN = 16
 
 

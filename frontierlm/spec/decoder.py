@@ -121,7 +121,6 @@ class SpecDecoder:
         self.clock = cost_clock(engine.runner.device)
         self.fast = None  # verification steps through the static-shape decode path (fast_verify.py)
         runner = engine.runner
-        self._plain_fast = runner.fast_decode
         if runner.fast_decode is not None and runner.parallel is None:
             from frontierlm.spec.fast_verify import FastVerify
 
@@ -222,8 +221,9 @@ class SpecDecoder:
             self._idle_steps_seen += 1  # speculation off and the plain step well measured: sample 1 step in 8
             if self._idle_steps_seen % 8:  # (the Python of pricing was 4-5% of a compiled batch-1 step)
                 return
-        if not self._warmups_shared:  # one warm-up for both decode paths: once either runs compiled, the
-            paths = [p for p in (self.fast, self._plain_fast) if p is not None]  # other compiles next time
+        if not self._warmups_shared:
+            # one warm-up for both decode paths: once either runs compiled, the other compiles on its next step
+            paths = [p for p in (self.fast, self.adaptive.plain_path) if p is not None]
             if any(p.fast_steps for p in paths):
                 for p in paths:
                     p.warmup_steps = min(p.warmup_steps, p.decode_steps)
@@ -231,7 +231,7 @@ class SpecDecoder:
         if self._spec_step:
             self.adaptive.spec_cost.observe_on(self.fast, num_tokens, seconds)
         else:
-            self.adaptive.step_cost.observe_on(self._plain_fast, num_tokens, seconds)
+            self.adaptive.step_cost.observe_on(self.adaptive.plain_path, num_tokens, seconds)
             self.adaptive.rounds_without_plain = 0
 
     # ---- inside the runner's step --------------------------------------------------------------------

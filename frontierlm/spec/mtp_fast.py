@@ -96,10 +96,7 @@ class FastMTP:
             return None
         args = self._fill(rows, previous, batch, width)
         if self._compiled is None:
-            limit = len(self.ladder) * len(self.widths) + 8
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
-            self._compiled = torch.compile(self._forward, dynamic=None if fd.CPU_DYNAMIC_SHAPES else False,
-                                           fullgraph=True)
+            self._compiled = fd.compile_decode_graph(self._forward, len(self.ladder) * len(self.widths))
         first = (batch, width) not in self._seen
         try:  # the target's inductor options (freezing, C++ GEMMs, the C++ wrapper) and guard handling
             logits, nxt = fd.call_compiled(self._compiled, args, first, table_arg=4)
