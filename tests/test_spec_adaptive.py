@@ -131,3 +131,19 @@ def test_plain_steps_run_until_the_plain_path_is_measured_compiled():
     for _ in range(adaptive_module.MAX_FORCED_PLAIN + 3):
         stuck.choose(reqs, [3], [False], 0, _FreeProposer())
     assert stuck.forced_plain == adaptive_module.MAX_FORCED_PLAIN
+
+
+def test_the_cost_line_prices_the_steps_it_measured_at_their_cost():
+    """Verifying steps measured only near one size (9 rows at 2.2-2.6 ms) are priced there at what they cost:
+    the prior shapes the slope, not the level (a prior in the intercept priced them at 3.5 ms)."""
+    cost = LinearCost()
+    for i in range(8):
+        cost.observe(9 - i % 2, 0.0022 + 0.0001 * (i % 5))
+    assert abs(cost.predict(8.5) - 0.0024) < 0.0002
+    a, b = cost.coefficients()
+    assert a > 0 and 0 < b < a / 8  # a step's fixed cost dominates, as the prior says
+    wide = LinearCost()
+    for tokens in range(1, 60):
+        wide.observe(tokens, 0.001 + 0.0002 * tokens)
+    a, b = wide.coefficients()
+    assert abs(a - 0.001) < 1e-4 and abs(b - 0.0002) < 1e-5  # varied x: the data decide

@@ -181,7 +181,7 @@ class LLMEngine(RequestAdmission, EngineStats):
         t0 = self.spec.clock() if self.spec is not None else 0.0
         result = self.runner.execute(sched)
         if self.spec is not None:  # the cost model behind the adaptive draft length
-            self.spec.observe_step(sched.num_tokens, self.spec.clock() - t0)
+            self.spec.observe_step(sched, self.spec.clock() - t0)
         return self._finish_step(sched, result, failed)
 
     def _finish_step(self, sched, result, failed: list[RequestOutput]) -> list[RequestOutput]:

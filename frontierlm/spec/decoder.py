@@ -18,6 +18,7 @@ import torch
 
 from frontierlm.spec.adaptive import AdaptiveK, cost_clock
 from frontierlm.spec.config import SpeculativeConfig
+from frontierlm.spec.guard import PayoffGuard
 from frontierlm.spec.verify import Proposal, Verified, verify
 
 
@@ -99,7 +100,7 @@ def placement(cfg: SpeculativeConfig, parallel) -> str:
         "the MTP module on rank 0 (stage 0)"
 
 
-# Steps that keep an all-zero adaptive choice for an unchanged batch size before it is made again.
+# Steps that keep an all-zero adaptive choice for an unchanged batch before it is made again.
 IDLE_RECHECK_STEPS = 8
 
 
@@ -134,7 +135,12 @@ class SpecDecoder:
         self.max_num_batched_tokens = engine.config.max_num_batched_tokens
         self._q: dict[str, torch.Tensor | None] = {}
         self._idle = False  # the last choice was K = 0 for the whole batch
-        self._idle_batch, self._idle_left = 0, 0  # its decoding batch size, steps before asking again
+        self._idle_ids: list[str] = []  # its running requests (all decoding), or [] where that did not hold
+        self._idle_left = 0  # steps before asking again
+        self.guard = PayoffGuard()
+        self._propose_s = 0.0  # seconds of the proposal round before the next step
+        self._seen_drafts = self._seen_accepted = 0  # stats as of the last step observed
+        self._fast_counts: tuple = ((), 0)  # the fast paths' compiled steps and shapes seen, as of the last step
         self._idle_steps_seen = 0
         self._warmups_shared = False
         self._spec_step = False  # the step being run verifies proposals
@@ -165,6 +171,18 @@ class SpecDecoder:
         verified and their state is not final yet, so they get none now. A request that still holds
         proposals (it was not scheduled since they were made, so they still follow its last token) keeps
         them: proposals are only replaced once verified."""
+        t0 = self.clock()
+        self._propose(running, busy)
+        self._propose_s = self.clock() - t0  # the next step's proposer time (PayoffGuard)
+
+    def _propose(self, running: list, busy) -> None:
+        if self._idle and self._idle_left > 0 and not busy and len(running) == len(self._idle_ids) \
+                and [r.request_id for r in running] == self._idle_ids:
+            # speculation is off for this batch, whose requests were all decoding: keep it off without
+            # pricing every step again (on this CPU the choice cost 4-10% of a compiled batch-4 step, and the
+            # bookkeeping below 2-3% of a batch-1 step); every IDLE_RECHECK_STEPS steps ask again
+            self._idle_left -= 1
+            return
         live = {r.request_id: r for r in running}
         self.proposer.release(live)
         self.adaptive.forget(live)
@@ -191,16 +209,20 @@ class SpecDecoder:
         if not decoding:
             self._idle = False
             return
-        if self._idle and not waiting and len(decoding) == self._idle_batch and self._idle_left > 0:
-            # speculation is off for this batch: keep it off without pricing every step again (the choice
-            # costs 4-10% of a compiled batch-4 step on this CPU); a new batch size or every
-            # IDLE_RECHECK_STEPS steps asks again
-            self._idle_left -= 1
-            return
-        ks = self.adaptive.choose(decoding, caps, pinned, min(other, self.max_num_batched_tokens), self.proposer)
+        vetoed = self.guard.steps_off(len(decoding)) if self.config.adaptive else 0
+        if not self.config.adaptive:
+            ks = caps
+        elif vetoed or self.guard.wants_plain(len(decoding)):
+            ks = [c if p else 0 for c, p in zip(caps, pinned)]  # speculating has not paid at this batch size
+        else:
+            ks = self.adaptive.choose(decoding, caps, pinned, min(other, self.max_num_batched_tokens), self.proposer)
         # adaptive K = 0 for every request, nothing kept: the next step is the plain decode step (see wants_spec_step)
-        self._idle = self.config.adaptive and not any(ks) and not waiting
-        self._idle_batch, self._idle_left = len(decoding), IDLE_RECHECK_STEPS
+        idle = self.config.adaptive and not any(ks) and not waiting
+        # (not longer while it stays off: at batch 1 a choice costs ~0.5% of a step spread over 8 steps, and an
+        # interval doubled while a request's acceptance hovered near the line lost it 60 steps of n-gram runs)
+        self._idle, self._idle_left = idle, min(IDLE_RECHECK_STEPS, vetoed or IDLE_RECHECK_STEPS)
+        # the fast path above needs every running request among the decoding ones (none prefilling, none Mirostat)
+        self._idle_ids = [r.request_id for r in running] if idle and len(decoding) == len(running) else []
         for r, prop in zip(decoding, self.proposer.propose(decoding, ks)):
             r.spec_token_ids = list(prop.tokens)
             if prop.tokens:
@@ -215,12 +237,27 @@ class SpecDecoder:
         self._spec_step = any(s.spec_token_ids for s in sched.scheduled)
         return self._spec_step or (self.proposer.uses_hidden and not self._idle)
 
-    def observe_step(self, num_tokens: int, seconds: float) -> None:
-        """The step just run: a verifying step feeds the cost of speculating, any other the plain one."""
+    def observe_step(self, sched, seconds: float) -> None:
+        """The step just run: a verifying step feeds the cost of speculating, any other the plain one; a pure
+        decode step also feeds the payoff guard with what it yielded."""
+        guard, st = self.guard, self.stats
+        guard.tick()
+        drafts, accepted = st.num_draft_tokens - self._seen_drafts, st.num_accepted_tokens - self._seen_accepted
+        self._seen_drafts, self._seen_accepted = st.num_draft_tokens, st.num_accepted_tokens
+        # the guard compares steady compiled steps (not a path's eager warm-up, 2-3x dearer; not the step that
+        # compiled a graph, seconds; not a shape's first call, which checks every guard: 3-5 ms vs 1.5)
+        paths = [p for p in (self.fast, self.adaptive.plain_path) if p is not None and not p.disabled]
+        steps, shapes = tuple(p.fast_steps for p in paths), sum(len(p._seen) for p in paths)
+        steady = not paths or (steps != self._fast_counts[0] and shapes == self._fast_counts[1])
+        self._fast_counts = steps, shapes
         if not self._spec_step and self._idle and len(self.adaptive.step_cost.obs) >= 64:
             self._idle_steps_seen += 1  # speculation off and the plain step well measured: sample 1 step in 8
             if self._idle_steps_seen % 8:  # (the Python of pricing was 4-5% of a compiled batch-1 step)
+                self.adaptive.step_cost.skip_on(self.adaptive.plain_path)
                 return
+        n = len(sched.scheduled)
+        if self.config.adaptive and steady and sched.num_tokens == n + drafts:  # every request decoded
+            guard.record(n, n + accepted, seconds + self._propose_s, drafts > 0)
         if not self._warmups_shared:
             # one warm-up for both decode paths: once either runs compiled, the other compiles on its next step
             paths = [p for p in (self.fast, self.adaptive.plain_path) if p is not None]
@@ -229,9 +266,9 @@ class SpecDecoder:
                     p.warmup_steps = min(p.warmup_steps, p.decode_steps)
                 self._warmups_shared = True
         if self._spec_step:
-            self.adaptive.spec_cost.observe_on(self.fast, num_tokens, seconds)
+            self.adaptive.spec_cost.observe_on(self.fast, sched.num_tokens, seconds)
         else:
-            self.adaptive.step_cost.observe_on(self.adaptive.plain_path, num_tokens, seconds)
+            self.adaptive.step_cost.observe_on(self.adaptive.plain_path, sched.num_tokens, seconds)
             self.adaptive.rounds_without_plain = 0
 
     # ---- inside the runner's step --------------------------------------------------------------------
